@@ -1,0 +1,32 @@
+"""lorakit: LoRA (Low-Rank Adaptation) for any PyTorch model, PEFT-compatible on disk.
+
+    import lorakit as lk
+    cfg = lk.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
+    lk.inject(model, cfg)            # base frozen; y = W0·x + (α/r)·B·A·x with B = 0 at start
+    ...train...
+    lk.merge_and_unload(model)       # plain base architecture, ΔW folded in
+"""
+
+from lorakit.adapters import (
+    active_adapters,
+    adapter_names,
+    delete_adapter,
+    disable_adapters,
+    mixed_batch,
+    print_trainable_parameters,
+    set_adapter,
+    summary,
+    trainable_parameters,
+)
+from lorakit.config import LoraConfig
+from lorakit.inject import find_targets, inject, unload
+from lorakit.merge import combine_adapters, merge, merge_and_unload, unmerge
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LoraConfig", "inject", "find_targets", "unload",
+    "adapter_names", "active_adapters", "set_adapter", "delete_adapter", "disable_adapters", "mixed_batch",
+    "trainable_parameters", "summary", "print_trainable_parameters",
+    "merge", "unmerge", "merge_and_unload", "combine_adapters",
+]

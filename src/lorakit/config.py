@@ -1,0 +1,268 @@
+"""LoraConfig: what to adapt and how, validated on construction, PEFT-json compatible.
+
+Field names and meanings follow Hugging Face PEFT's ``LoraConfig`` so that a PEFT user's code
+and ``adapter_config.json`` files carry over unchanged.
+
+The update a targeted layer learns is ``ΔW = scaling · B·A`` with ``A: (r, in)``, ``B: (out, r)``
+and ``scaling = lora_alpha / r`` (or ``lora_alpha / √r`` with ``use_rslora``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+TargetSpec = Union[list[str], str, None]
+
+BIAS_MODES = ("none", "all", "lora_only")
+INIT_MODES = (True, False, "gaussian", "pissa", "olora")
+ALL_LINEAR = "all-linear"
+
+# Keys of PEFT's adapter_config.json that describe the file, not the numbers: skipped on read.
+_PEFT_METADATA = {"peft_type", "task_type", "inference_mode", "base_model_name_or_path", "revision",
+                  "auto_mapping", "peft_version", "megatron_core", "runtime_config", "qalora_group_size"}
+# PEFT features lorakit does not implement, with the value that means "off". A file that switches
+# one on is refused: loading it would give different outputs from PEFT's.
+_PEFT_FEATURES_OFF = {
+    "layer_replication": None, "loftq_config": {}, "megatron_config": None, "use_qalora": False,
+    "lora_bias": False, "eva_config": None, "corda_config": None, "trainable_token_indices": None,
+    "target_parameters": None, "alora_invocation_tokens": None, "arrow_config": None,
+    "ensure_weight_tying": False, "use_bdlora": None, "velora_config": None, "kasa_config": None,
+    "lora_ga_config": None, "mica_config": None,
+}
+
+
+@dataclass
+class LoraConfig:
+    """Configuration of one LoRA adapter.
+
+    Args:
+        r: Rank of the update, a positive int.
+        lora_alpha: Numerator of the scaling ``lora_alpha / r`` (``/ √r`` with ``use_rslora``).
+        lora_dropout: Dropout probability applied to the adapter's input, in ``[0, 1)``.
+        target_modules: Which modules to adapt: a list of names matched exactly or as a dotted
+            suffix (``"q_proj"`` matches ``model.layers.0.self_attn.q_proj``), a regex string
+            matched against the full module name with ``re.fullmatch``, or ``"all-linear"``
+            (every Linear / GPT-2 Conv1D except the output head).
+        exclude_modules: Modules never adapted, in the same forms as ``target_modules``.
+        layers_to_transform: Layer index or indices to adapt (list targets only); the index is
+            the number after ``layers_pattern`` (or after any ``.<name>.`` if that is unset).
+        layers_pattern: Name(s) of the module list holding the layers, e.g. ``"layers"``, ``"h"``.
+        rank_pattern: ``{pattern: r}`` overriding ``r`` for modules whose name ends in a match
+            of ``pattern`` (regex, PEFT's ``(.*\\.)?(pattern)$`` rule).
+        alpha_pattern: Same, for ``lora_alpha``.
+        bias: ``"none"``, ``"all"`` (every bias trains) or ``"lora_only"`` (biases of adapted
+            layers train).
+        modules_to_save: Modules trained in full (a trainable copy per adapter), e.g. a
+            classifier head; names or dotted suffixes.
+        init_lora_weights: ``True`` (A Kaiming-uniform, B = 0), ``False`` (random B: the adapter
+            is not a no-op; for tests), ``"gaussian"`` (A ~ N(0, 1/r), B = 0), ``"pissa"``
+            (A, B from the top-r SVD of W; W keeps the residual) or ``"olora"`` (from a QR of W).
+        use_rslora: Rank-stabilised scaling ``lora_alpha / √r``.
+        use_dora: Weight-decomposed LoRA: ``W' = m · (W + ΔW) / ‖W + ΔW‖_row`` (Linear only).
+        fan_in_fan_out: The base weight is stored ``(in, out)`` (GPT-2's Conv1D); set
+            automatically for Conv1D layers.
+
+    Raises:
+        ValueError / TypeError: naming the field, the bad value and what is valid.
+    """
+
+    r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    target_modules: TargetSpec = None
+    exclude_modules: TargetSpec = None
+    layers_to_transform: Union[int, list[int], None] = None
+    layers_pattern: Union[str, list[str], None] = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    bias: str = "none"
+    modules_to_save: Union[list[str], None] = None
+    init_lora_weights: Union[bool, str] = True
+    use_rslora: bool = False
+    use_dora: bool = False
+    fan_in_fan_out: bool = False
+
+    def __post_init__(self) -> None:
+        _check_positive_int("r", self.r)
+        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)):
+            raise TypeError(f"lora_alpha must be a number, got {self.lora_alpha!r}")
+        if not math.isfinite(self.lora_alpha) or self.lora_alpha <= 0:
+            raise ValueError(f"lora_alpha must be a finite number > 0, got {self.lora_alpha!r}")
+        if isinstance(self.lora_dropout, bool) or not isinstance(self.lora_dropout, (int, float)):
+            raise TypeError(f"lora_dropout must be a float in [0, 1), got {self.lora_dropout!r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        self.target_modules = _check_targets("target_modules", self.target_modules)
+        self.exclude_modules = _check_targets("exclude_modules", self.exclude_modules)
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise ValueError(
+                "layers_to_transform cannot be combined with a regex target_modules string "
+                f"({self.target_modules!r}); write the layer indices into the regex instead"
+            )
+        self.layers_to_transform = _check_layers(self.layers_to_transform)
+        if self.layers_pattern is not None:
+            pats = [self.layers_pattern] if isinstance(self.layers_pattern, str) else self.layers_pattern
+            if not isinstance(pats, (list, tuple)) or not all(isinstance(p, str) and p for p in pats):
+                raise TypeError(f"layers_pattern must be a non-empty str or list of str, got {self.layers_pattern!r}")
+            if self.layers_to_transform is None:
+                raise ValueError("layers_pattern is only used together with layers_to_transform; set both")
+        for name, pattern, kind in (("rank_pattern", self.rank_pattern, "r"), ("alpha_pattern", self.alpha_pattern, "alpha")):
+            _check_pattern_dict(name, pattern, kind)
+        if self.bias not in BIAS_MODES:
+            raise ValueError(f"bias must be one of {BIAS_MODES}, got {self.bias!r}")
+        if self.modules_to_save is not None:
+            if isinstance(self.modules_to_save, str):
+                self.modules_to_save = [self.modules_to_save]
+            if not isinstance(self.modules_to_save, (list, tuple, set)) or not all(
+                isinstance(m, str) and m for m in self.modules_to_save
+            ):
+                raise TypeError(f"modules_to_save must be a list of module names, got {self.modules_to_save!r}")
+            self.modules_to_save = list(self.modules_to_save)
+        if not (isinstance(self.init_lora_weights, bool) or self.init_lora_weights in INIT_MODES[2:]):
+            raise ValueError(f"init_lora_weights must be one of {INIT_MODES}, got {self.init_lora_weights!r}")
+        for flag in ("use_rslora", "use_dora", "fan_in_fan_out"):
+            if not isinstance(getattr(self, flag), bool):
+                raise TypeError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
+
+    # ------------------------------------------------------------------ per-module values
+    def rank_for(self, module_name: str) -> int:
+        """The rank for ``module_name``: the first matching ``rank_pattern`` key, else ``r``."""
+        key = _pattern_key(self.rank_pattern, module_name)
+        return self.rank_pattern[key] if key is not None else self.r
+
+    def alpha_for(self, module_name: str) -> float:
+        """The alpha for ``module_name``: the first matching ``alpha_pattern`` key, else ``lora_alpha``."""
+        key = _pattern_key(self.alpha_pattern, module_name)
+        return self.alpha_pattern[key] if key is not None else self.lora_alpha
+
+    def scaling(self, r: int, alpha: float) -> float:
+        """``alpha / r``, or ``alpha / √r`` with rsLoRA."""
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+    # ------------------------------------------------------------------ PEFT json
+    def to_peft_dict(self, base_model_name_or_path: str | None = None, task_type: str | None = None) -> dict[str, Any]:
+        """The ``adapter_config.json`` content PEFT (>= 0.10) reads."""
+        d = dataclasses.asdict(self)
+        if isinstance(d["target_modules"], list):
+            d["target_modules"] = sorted(set(d["target_modules"]))
+        d.update(peft_type="LORA", task_type=task_type, inference_mode=True,
+                 base_model_name_or_path=base_model_name_or_path, revision=None)
+        return d
+
+    @classmethod
+    def from_peft_dict(cls, d: dict[str, Any], source: str = "adapter_config.json") -> "LoraConfig":
+        """Build from a PEFT config dict.
+
+        Unknown keys from newer PEFT versions are ignored with a warning when they hold their
+        neutral value; a feature we do not implement (another ``peft_type``, LoftQ, a LoRA bias,
+        ...) raises rather than silently loading wrong numbers.
+
+        Raises:
+            ValueError: another PEFT method, or an unsupported feature is switched on.
+        """
+        if not isinstance(d, dict):
+            raise ValueError(f"{source}: expected a JSON object, got {type(d).__name__}")
+        peft_type = d.get("peft_type", "LORA")
+        if str(peft_type).upper() != "LORA":
+            raise ValueError(f"{source}: peft_type is {peft_type!r}; lorakit reads LoRA adapters only (peft_type 'LORA')")
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in d.items() if k in known}
+        unsupported, unknown = [], []
+        for k, v in d.items():
+            if k in known or k in _PEFT_METADATA:
+                continue
+            if k in _PEFT_FEATURES_OFF:
+                if v not in (None, False, {}, [], _PEFT_FEATURES_OFF[k]):
+                    unsupported.append(f"{k}={v!r}")
+            else:
+                unknown.append(k)
+        init = kwargs.get("init_lora_weights", True)
+        if not (isinstance(init, bool) or init in INIT_MODES[2:]):
+            unsupported.append(f"init_lora_weights={init!r}")
+        if unsupported:
+            raise ValueError(f"{source}: lorakit does not implement {', '.join(unsupported)}; refusing to load "
+                             "an adapter whose outputs it cannot reproduce")
+        if unknown:
+            warnings.warn(f"{source}: ignoring config keys lorakit does not know: {unknown}", stacklevel=2)
+        if kwargs.get("target_modules") is None and "target_modules" in d:
+            raise ValueError(f"{source}: target_modules is null; the file does not say which modules it adapts")
+        if isinstance(kwargs.get("layers_pattern"), str) and not kwargs.get("layers_pattern"):
+            kwargs["layers_pattern"] = None
+        if kwargs.get("layers_pattern") is not None and kwargs.get("layers_to_transform") is None:
+            kwargs["layers_pattern"] = None
+        return cls(**kwargs)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_peft_dict(), indent=2, sort_keys=True)
+
+
+def _check_positive_int(name: str, v: Any) -> None:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{name} must be a positive int, got {v!r}")
+    if v <= 0:
+        raise ValueError(f"{name} must be a positive int, got {v!r}")
+
+
+def _check_targets(name: str, v: Any) -> TargetSpec:
+    if v is None:
+        return None
+    if isinstance(v, str):
+        if not v:
+            raise ValueError(f"{name} must not be an empty string; give names, a regex or 'all-linear'")
+        if v != ALL_LINEAR:
+            try:
+                re.compile(v)
+            except re.error as e:
+                raise ValueError(f"{name}={v!r} is not a valid regular expression: {e}") from None
+        return v
+    if isinstance(v, (list, tuple, set, frozenset)):
+        items = list(v)
+        bad = [x for x in items if not isinstance(x, str) or not x]
+        if bad:
+            raise TypeError(f"{name} entries must be non-empty strings, got {bad!r}")
+        if not items:
+            raise ValueError(f"{name} must not be an empty list; give names, a regex or 'all-linear'")
+        return sorted(set(items)) if isinstance(v, (set, frozenset)) else items
+    raise TypeError(f"{name} must be a list of module names, a regex string or 'all-linear', got {type(v).__name__} {v!r}")
+
+
+def _check_layers(v: Any) -> Union[int, list[int], None]:
+    if v is None:
+        return None
+    items = [v] if isinstance(v, int) and not isinstance(v, bool) else v
+    if not isinstance(items, (list, tuple)) or not items or not all(
+        isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in items
+    ):
+        raise ValueError(f"layers_to_transform must be a non-negative int or a non-empty list of them, got {v!r}")
+    return v if isinstance(v, int) else list(items)
+
+
+def _check_pattern_dict(name: str, d: Any, kind: str) -> None:
+    if not isinstance(d, dict):
+        raise TypeError(f"{name} must be a dict {{pattern: {kind}}}, got {type(d).__name__}")
+    for k, v in d.items():
+        if not isinstance(k, str) or not k:
+            raise TypeError(f"{name} keys must be non-empty module-name patterns, got {k!r}")
+        try:
+            re.compile(k)
+        except re.error as e:
+            raise ValueError(f"{name} key {k!r} is not a valid regular expression: {e}") from None
+        if kind == "r":
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{name}[{k!r}] must be a positive int rank, got {v!r}")
+        elif isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+            raise ValueError(f"{name}[{k!r}] must be a positive number, got {v!r}")
+
+
+def _pattern_key(patterns: dict[str, Any], module_name: str) -> str | None:
+    """PEFT's rule: the first key ``k`` with ``re.match(rf"(.*\\.)?({k})$", module_name)``."""
+    for k in patterns:
+        if re.match(rf"(.*\.)?({k})$", module_name):
+            return k
+    return None

@@ -1,0 +1,42 @@
+"""LoRA wrappers around existing layers, and the dispatch from a module to its wrapper."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from lorakit.layers.base import BASE_ROW, LoraLayer
+from lorakit.layers.conv import CONV_TYPES, Conv
+from lorakit.layers.embedding import Embedding
+from lorakit.layers.linear import Linear, is_conv1d
+from lorakit.layers.mha import MultiheadAttention
+
+__all__ = ["BASE_ROW", "LoraLayer", "Linear", "Embedding", "Conv", "MultiheadAttention",
+           "wrap", "is_supported", "is_linear_like"]
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """nn.Linear (and subclasses) or transformers' GPT-2 Conv1D."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def is_supported(module: nn.Module) -> bool:
+    return (is_linear_like(module) or isinstance(module, (nn.Embedding, nn.MultiheadAttention, *CONV_TYPES))
+            or isinstance(module, LoraLayer))
+
+
+def wrap(module: nn.Module, fan_in_fan_out: bool = False) -> LoraLayer:
+    """A new LoRA wrapper around ``module`` (no adapters yet).
+
+    Raises:
+        TypeError: the module's type has no LoRA wrapper.
+    """
+    if isinstance(module, nn.MultiheadAttention):
+        return MultiheadAttention(module)
+    if is_linear_like(module):
+        return Linear(module, fan_in_fan_out=fan_in_fan_out)
+    if isinstance(module, nn.Embedding):
+        return Embedding(module)
+    if isinstance(module, CONV_TYPES):
+        return Conv(module)
+    raise TypeError(f"lorakit cannot adapt a {type(module).__name__}; supported: nn.Linear, transformers Conv1D, "
+                    "nn.Embedding, nn.Conv1d/2d/3d, nn.MultiheadAttention")

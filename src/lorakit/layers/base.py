@@ -1,0 +1,224 @@
+"""Adapter bookkeeping shared by every LoRA wrapper.
+
+A wrapper holds the original module as ``base_layer`` (never a subclass of it) and, per named
+adapter, its low-rank factors in ``nn.ModuleDict``/``nn.ParameterDict`` attributes keyed by the
+adapter name — the same attribute names as PEFT (``lora_A``, ``lora_B``, ``lora_embedding_A``,
+``lora_magnitude_vector``...), so state-dict keys map one to one onto PEFT's.
+
+The output of an unmerged wrapper is ``y = base(x) + Σ_a scaling_a · B_a·A_a·dropout(x)`` over the
+active adapters ``a``; a merged adapter lives inside the base weight instead:
+``W ← W + scaling·B·A`` and is taken out again, in reverse order, by ``unmerge``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator, Union
+
+import torch
+from torch import nn
+
+from lorakit.config import LoraConfig
+
+BASE_ROW = "__base__"  # a mixed-batch row that uses no adapter
+
+
+def init_lora_pair(A: torch.Tensor, B: torch.Tensor, init: Union[bool, str], r: int) -> None:
+    """PEFT's default inits: ``True`` A Kaiming-uniform (a=√5), B = 0; ``"gaussian"`` A ~ N(0, 1/r),
+    B = 0. Either way ``B·A = 0``: the adapted model starts exactly at the base model.
+    ``False`` (and the SVD/QR inits, handled by the layer) leave the tensors as they are."""
+    with torch.no_grad():
+        if init is True:
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+            nn.init.zeros_(B)
+        elif init == "gaussian":
+            nn.init.normal_(A, std=1 / r)
+            nn.init.zeros_(B)
+
+
+class LoraLayer(nn.Module):
+    """Base class of the wrappers: adapter names, activity, merging, mixed-batch routing.
+
+    Subclasses implement ``_create(name, r, cfg)`` (allocate the factors), ``_init(name, cfg)``,
+    ``delta_weight(name)`` (ΔW in the base weight's layout) and ``_lora_out(x, name)`` (the
+    adapter's additive output for input ``x``).
+    """
+
+    # attributes holding per-adapter parameters, keyed by adapter name (subclasses extend)
+    adapter_attrs: tuple[str, ...] = ("lora_A", "lora_B")
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.lora_dropout = nn.ModuleDict()
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.active_adapters: list[str] = []
+        self.disabled: bool = False
+        self.merged_adapters: list[str] = []  # a stack: unmerge pops in reverse order
+        self.row_adapters: list[str] | None = None  # set by lorakit.mixed_batch
+        self._merge_cache: dict[str, torch.Tensor] = {}  # per merged adapter, what unmerge needs (DoRA norms)
+
+    def __getattr__(self, name: str):
+        """Fall back to the base layer's attributes (``weight``, ``in_features``...), so code that
+        reads them off a wrapped module (tied embeddings, nn.MultiheadAttention) keeps working."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            base = self.__dict__.get("_modules", {}).get("base_layer")
+            if base is None or name == "base_layer":
+                raise
+            return getattr(base, name)
+
+    # ------------------------------------------------------------------ adapters
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.r)
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    def add_adapter(self, name: str, r: int, lora_alpha: float, cfg: LoraConfig, *, dtype: torch.dtype | None = None) -> None:
+        """Create adapter ``name`` with rank ``r``; initialise it per ``cfg.init_lora_weights``."""
+        self.r[name] = r
+        self.lora_alpha[name] = lora_alpha
+        self.scaling[name] = cfg.scaling(r, lora_alpha)
+        self.lora_dropout[name] = nn.Dropout(cfg.lora_dropout) if cfg.lora_dropout > 0 else nn.Identity()
+        self._create(name, r, cfg)
+        weight = self.base_weight()
+        device = weight.device if weight.device.type != "meta" else None
+        if dtype is None:  # fp32 adapters on a half-precision base, as PEFT's autocast_adapter_dtype
+            dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+        for attr in self.adapter_attrs:
+            holder = getattr(self, attr)
+            if name in holder:
+                holder[name] = holder[name].to(device=device, dtype=dtype) if isinstance(holder, nn.ModuleDict) else \
+                    nn.Parameter(holder[name].detach().to(device=device, dtype=dtype))
+        self._init(name, cfg)
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.merged_adapters:
+            raise ValueError(f"adapter {name!r} is merged into the base weights; unmerge before deleting it")
+        for attr in (*self.adapter_attrs, "lora_dropout"):
+            holder = getattr(self, attr)
+            if name in holder:
+                del holder[name]
+        for d in (self.r, self.lora_alpha, self.scaling):
+            d.pop(name, None)
+        self.active_adapters = [a for a in self.active_adapters if a != name]
+
+    def set_active(self, names: list[str]) -> None:
+        self.active_adapters = [n for n in names if n in self.r]
+
+    def adapter_parameters(self, name: str) -> Iterator[nn.Parameter]:
+        """The trainable parameters of adapter ``name`` in this layer."""
+        for attr in self.adapter_attrs:
+            holder = getattr(self, attr)
+            if name in holder:
+                item = holder[name]
+                yield from (item.parameters() if isinstance(item, nn.Module) else [item])
+
+    def base_weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    # ------------------------------------------------------------------ merging
+    def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Fold ``scaling·B·A`` of each adapter into the base weight (skips already-merged ones).
+
+        Raises:
+            ValueError: with ``safe_merge``, if the merged weight would hold NaN or inf.
+        """
+        names = self.active_adapters if adapter_names is None else adapter_names
+        for name in names:
+            if name not in self.r or name in self.merged_adapters:
+                continue
+            weight = self.base_weight()
+            with torch.no_grad():
+                new = self._merged_weight(weight, name)
+                if safe_merge and not torch.isfinite(new).all():
+                    self._merge_cache.pop(name, None)
+                    raise ValueError(f"merging adapter {name!r} into {type(self.base_layer).__name__} gives non-finite "
+                                     "weights; the adapter is broken. The base weights were left unchanged.")
+                weight.copy_(new)
+            self.merged_adapters.append(name)
+
+    def merged_weight_is_finite(self, name: str) -> bool:
+        """Would merging ``name`` keep the base weight finite? Changes nothing."""
+        with torch.no_grad():
+            ok = bool(torch.isfinite(self._merged_weight(self.base_weight(), name)).all())
+        self._merge_cache.pop(name, None)
+        return ok
+
+    def unmerge(self) -> None:
+        """Take every merged adapter out of the base weight, last merged first."""
+        weight = self.base_weight()
+        with torch.no_grad():
+            while self.merged_adapters:
+                name = self.merged_adapters.pop()
+                weight.copy_(self._unmerged_weight(weight, name))
+
+    def _merged_weight(self, weight: torch.Tensor, name: str) -> torch.Tensor:
+        """``W + ΔW``, summed in at least fp32, returned in W's dtype (overridden by DoRA)."""
+        acc = torch.promote_types(weight.dtype, torch.float32)
+        return (weight.to(acc) + self.delta_weight(name).to(acc)).to(weight.dtype)
+
+    def _unmerged_weight(self, weight: torch.Tensor, name: str) -> torch.Tensor:
+        """``W - ΔW``, the inverse of ``_merged_weight``."""
+        acc = torch.promote_types(weight.dtype, torch.float32)
+        return (weight.to(acc) - self.delta_weight(name).to(acc)).to(weight.dtype)
+
+    # ------------------------------------------------------------------ forward
+    def unmerged_active(self) -> list[str]:
+        """Active adapters of this layer whose update is not already inside the base weight."""
+        return [a for a in self.active_adapters if a in self.r and a not in self.merged_adapters]
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disabled:
+            return result
+        if self.row_adapters is not None:
+            return self._mixed_forward(x, result)
+        out_dtype = result.dtype
+        for name in self.unmerged_active():
+            result = result + self._lora_out(x, name, result)
+        return result.to(out_dtype)
+
+    def _mixed_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """One adapter per batch row: rows sharing an adapter go through it together.
+
+        x: (N, ...) with ``len(self.row_adapters) == N``; result: base(x), (N, ...).
+        """
+        if self.merged_adapters:
+            raise ValueError("mixed_batch needs unmerged adapters; call lorakit.unmerge(model) first")
+        rows = self.row_adapters
+        if x.shape[0] != len(rows):
+            raise ValueError(f"mixed_batch was given {len(rows)} adapter names but the batch has {x.shape[0]} rows")
+        out = result.clone()
+        for name in dict.fromkeys(rows):
+            if name == BASE_ROW or name not in self.r:
+                continue
+            idx = torch.tensor([i for i, n in enumerate(rows) if n == name], device=x.device)
+            sub = x.index_select(0, idx)
+            out.index_add_(0, idx, self._lora_out(sub, name, result.index_select(0, idx)).to(out.dtype))
+        return out
+
+    # ------------------------------------------------------------------ subclass hooks
+    def _create(self, name: str, r: int, cfg: LoraConfig) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _init(self, name: str, cfg: LoraConfig) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def delta_weight(self, name: str) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _lora_out(self, x: torch.Tensor, name: str, base_out: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        parts = [f"{a}(r={self.r[a]}, alpha={self.lora_alpha[a]:g})" for a in self.r]
+        state = "disabled" if self.disabled else f"active={self.active_adapters}"
+        merged = f", merged={self.merged_adapters}" if self.merged_adapters else ""
+        return f"adapters=[{', '.join(parts)}], {state}{merged}"

@@ -1,0 +1,54 @@
+"""LoRA around ``nn.Embedding``.
+
+    y = E0[x] + scaling · (A^T)[x] · B^T        A: (r, num_embeddings), B: (embedding_dim, r)
+
+so ΔE = scaling · (B·A)^T, shape (num_embeddings, embedding_dim). As in PEFT, A starts at zero and
+B ~ N(0, 1) (the transpose of the Linear convention), and no dropout is applied to token ids.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorakit.config import LoraConfig
+from lorakit.layers.base import LoraLayer
+
+
+class Embedding(LoraLayer):
+    """LoRA wrapper of an ``nn.Embedding``; factors in ``lora_embedding_A/B`` (PEFT's names)."""
+
+    adapter_attrs = ("lora_embedding_A", "lora_embedding_B")
+
+    def __init__(self, base_layer: nn.Embedding) -> None:
+        super().__init__(base_layer)
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+
+    def _create(self, name: str, r: int, cfg: LoraConfig) -> None:
+        if cfg.use_dora:
+            raise ValueError("use_dora is implemented for Linear and Conv1D layers only, not nn.Embedding; "
+                             "exclude the embedding or set use_dora=False")
+        if cfg.init_lora_weights in ("pissa", "olora"):
+            raise ValueError(f"init_lora_weights={cfg.init_lora_weights!r} is implemented for Linear layers only, "
+                             "not nn.Embedding")
+        num, dim = self.base_layer.num_embeddings, self.base_layer.embedding_dim
+        self.lora_embedding_A[name] = nn.Parameter(torch.randn(r, num))
+        self.lora_embedding_B[name] = nn.Parameter(torch.randn(dim, r))
+
+    def _init(self, name: str, cfg: LoraConfig) -> None:
+        if cfg.init_lora_weights is not False:
+            with torch.no_grad():
+                nn.init.zeros_(self.lora_embedding_A[name])
+                nn.init.normal_(self.lora_embedding_B[name])
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        A, B = self.lora_embedding_A[name], self.lora_embedding_B[name]  # (r, num), (dim, r)
+        return (B @ A).T * self.scaling[name]  # (num, dim)
+
+    def _lora_out(self, x: torch.Tensor, name: str, base_out: torch.Tensor) -> torch.Tensor:
+        A, B = self.lora_embedding_A[name], self.lora_embedding_B[name]
+        e = self.base_layer
+        after_a = F.embedding(x, A.T, e.padding_idx, e.max_norm, e.norm_type, e.scale_grad_by_freq, e.sparse)  # (..., r)
+        return (after_a @ B.T) * self.scaling[name]  # (..., dim)

@@ -1,0 +1,81 @@
+"""``modules_to_save``: a module trained in full, one trainable copy per adapter.
+
+Structure and state-dict keys follow PEFT's ``ModulesToSaveWrapper``: the frozen original in
+``original_module`` and a copy per adapter in ``modules_to_save[adapter]``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from lorakit.layers.base import BASE_ROW
+
+
+class ModulesToSave(nn.Module):
+    """Routes calls to the active adapter's copy; to the original when disabled or no copy is active."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.original_module = module
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapters: list[str] = []
+        self.disabled = False
+        self.row_adapters: list[str] | None = None
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            orig = self.__dict__.get("_modules", {}).get("original_module")
+            if orig is None or name == "original_module":
+                raise
+            return getattr(self._current(), name)
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.modules_to_save)
+
+    def add_adapter(self, name: str) -> None:
+        copied = copy.deepcopy(self.original_module)
+        for p in copied.parameters():
+            p.requires_grad_(True)
+        self.modules_to_save[name] = copied
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.modules_to_save:
+            del self.modules_to_save[name]
+        self.active_adapters = [a for a in self.active_adapters if a != name]
+
+    def set_active(self, names: list[str]) -> None:
+        self.active_adapters = [n for n in names if n in self.modules_to_save]
+
+    def adapter_parameters(self, name: str):
+        if name in self.modules_to_save:
+            yield from self.modules_to_save[name].parameters()
+
+    def _current(self) -> nn.Module:
+        if self.disabled or not self.active_adapters:
+            return self.original_module
+        return self.modules_to_save[self.active_adapters[0]]
+
+    def forward(self, x: torch.Tensor, *args, **kwargs):
+        if self.row_adapters is None or self.disabled:
+            return self._current()(x, *args, **kwargs)
+        rows = self.row_adapters
+        if x.shape[0] != len(rows):
+            raise ValueError(f"mixed_batch was given {len(rows)} adapter names but the batch has {x.shape[0]} rows")
+        out = None
+        for name in dict.fromkeys(rows):
+            module = self.modules_to_save[name] if name in self.modules_to_save else self.original_module
+            idx = torch.tensor([i for i, n in enumerate(rows) if n == name], device=x.device)
+            part = module(x.index_select(0, idx), *args, **kwargs)
+            if out is None:
+                out = part.new_empty((x.shape[0], *part.shape[1:]))
+            out.index_copy_(0, idx, part)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"adapters={self.adapter_names}, active={self.active_adapters}, base_row={BASE_ROW!r}"

@@ -1,0 +1,127 @@
+"""Merging adapters into the base weights, and combining adapters.
+
+``merge`` folds ``W ← W + scaling·B·A`` into each adapted layer (a stack per layer, so ``unmerge``
+takes them out in reverse order, restoring W to dtype tolerance). Nothing here ever runs as a
+side effect of ``train()``/``eval()``.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from lorakit.adapters import _check_names, wrappers
+from lorakit.config import LoraConfig
+from lorakit.inject import _set_submodule, candidate_modules
+from lorakit.layers import Embedding, LoraLayer
+from lorakit.layers.saved import ModulesToSave
+from lorakit.state import require_state
+
+
+def _lora_layers(model: nn.Module) -> list[LoraLayer]:
+    return [w for _, w in wrappers(model) if isinstance(w, LoraLayer)]
+
+
+def merge(model: nn.Module, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
+    """Fold the given adapters (default: the active ones) into the base weights.
+
+    Adapters already merged are skipped, so merging twice changes nothing.
+
+    Args:
+        safe_merge: first check, for every layer, that the merged weights are finite; if any is
+            not, raise before any weight is touched.
+
+    Raises:
+        ValueError: an unknown adapter name, or (safe_merge) non-finite merged weights.
+    """
+    state = require_state(model)
+    names = list(state.active if adapter_names is None else adapter_names)
+    _check_names(model, names, "merge")
+    layers = _lora_layers(model)
+    if safe_merge:
+        for layer in layers:
+            for name in names:
+                if name in layer.r and name not in layer.merged_adapters and not layer.merged_weight_is_finite(name):
+                    raise ValueError(f"merging adapter {name!r} gives non-finite weights in "
+                                     f"{type(layer.base_layer).__name__}; the adapter is broken. "
+                                     "No weight was changed.")
+    for layer in layers:
+        layer.merge(names)
+
+
+def unmerge(model: nn.Module) -> None:
+    """Take every merged adapter back out of the base weights (a no-op when nothing is merged)."""
+    require_state(model)
+    for layer in _lora_layers(model):
+        layer.unmerge()
+
+
+def merge_and_unload(model: nn.Module, adapter_names: Sequence[str] | None = None,
+                     safe_merge: bool = False) -> nn.Module:
+    """Merge, then replace each wrapper by its base module: the plain base architecture with ΔW
+    folded in (an HF model stays an HF model: ``save_pretrained`` and ``generate`` work).
+
+    ``modules_to_save`` are replaced by the active adapter's trained copy.
+    """
+    state = require_state(model)
+    merge(model, adapter_names, safe_merge)
+    active = state.active[0]
+    for name, module in list(candidate_modules(model)):
+        if isinstance(module, LoraLayer):
+            base = module.base_layer
+            if isinstance(base, nn.MultiheadAttention) and isinstance(base.out_proj, LoraLayer):
+                base.out_proj = base.out_proj.base_layer
+            _set_submodule(model, name, base)
+        elif isinstance(module, ModulesToSave):
+            keep = module.modules_to_save[active] if active in module.modules_to_save else module.original_module
+            _set_submodule(model, name, keep)
+    del model._lorakit
+    return model
+
+
+def combine_adapters(model: nn.Module, names: Sequence[str], weights: Sequence[float], new_name: str) -> None:
+    """Add adapter ``new_name`` with ``ΔW_new = Σ_i w_i·ΔW_i`` exactly, by concatenating ranks:
+
+        A_new = [A_1; A_2; ...] (Σr, in),  B_new = [w_1 s_1 B_1, w_2 s_2 B_2, ...] (out, Σr),  scaling 1.
+
+    The new adapter is added inactive; ``set_adapter(model, new_name)`` uses it.
+
+    Raises:
+        ValueError: unknown names, mismatched lengths, an existing ``new_name``, or DoRA adapters.
+    """
+    state = require_state(model)
+    names = list(names)
+    _check_names(model, names, "combine_adapters")
+    if len(weights) != len(names) or not names:
+        raise ValueError(f"combine_adapters needs one weight per adapter: got {len(names)} names, {len(weights)} weights")
+    if new_name in state.configs:
+        raise ValueError(f"adapter {new_name!r} already exists")
+    if any(state.configs[n].use_dora for n in names):
+        raise ValueError("DoRA adapters cannot be combined linearly (their magnitudes do not add)")
+    targets = list(dict.fromkeys(t for n in names for t in state.targets[n]))
+    total_r = sum(state.configs[n].r for n in names)
+    cfg = LoraConfig(r=total_r, lora_alpha=total_r, target_modules=targets, init_lora_weights=False)
+    for _, layer in wrappers(model):
+        if not isinstance(layer, LoraLayer):
+            continue
+        parts = [(n, w) for n, w in zip(names, weights) if n in layer.r]
+        if not parts:
+            continue
+        r_new = sum(layer.r[n] for n, _ in parts)
+        layer.add_adapter(new_name, r_new, r_new, cfg)  # scaling = 1
+        with torch.no_grad():
+            if isinstance(layer, Embedding):
+                layer.lora_embedding_A[new_name].copy_(torch.cat([layer.lora_embedding_A[n] for n, _ in parts], 0))
+                layer.lora_embedding_B[new_name].copy_(
+                    torch.cat([w * layer.scaling[n] * layer.lora_embedding_B[n] for n, w in parts], 1))
+            else:
+                layer.lora_A[new_name].weight.copy_(torch.cat([layer.lora_A[n].weight for n, _ in parts], 0))
+                layer.lora_B[new_name].weight.copy_(
+                    torch.cat([w * layer.scaling[n] * layer.lora_B[n].weight for n, w in parts], 1))
+    state.configs[new_name] = cfg
+    state.targets[new_name] = targets
+    for _, w in wrappers(model):
+        if isinstance(w, LoraLayer):
+            w.set_active(state.active)
