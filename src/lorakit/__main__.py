@@ -1,0 +1,5 @@
+import sys
+
+from lorakit.cli import main
+
+sys.exit(main())

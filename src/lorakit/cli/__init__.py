@@ -1,0 +1,44 @@
+"""The ``lorakit`` command line: one sub-command per module of this package.
+
+Each sub-command module defines ``add_parser(subparsers)`` (registering its flags and help) and
+``run(args) -> int``; heavy imports (transformers, matplotlib) happen inside ``run`` so that
+``lorakit --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# sub-command -> module defining add_parser() and run()
+COMMANDS: dict[str, str] = {
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lorakit",
+        description="LoRA fine-tuning for PyTorch models: train, compare methods, merge and inspect adapters.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module in COMMANDS.items():
+        importlib.import_module(module).add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(importlib.import_module(COMMANDS[args.command]).run(args) or 0)
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError) as e:
+        print(f"lorakit {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
