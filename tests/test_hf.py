@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import copy
 
-import models
 import pytest
 import torch
 
 import lorakit as lk
+
+import models
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

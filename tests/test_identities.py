@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 
-import models
 import pytest
 import torch
 from torch import nn
@@ -17,6 +16,8 @@ from torch import nn
 import lorakit as lk
 from lorakit.adapters import wrappers
 from lorakit.layers import LoraLayer
+
+import models
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 2e-2, torch.float16: 3e-3}
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import copy
 
-import models
 import pytest
 import torch
 from torch import nn
 
 import lorakit as lk
 from lorakit.layers import LoraLayer
+
+import models
 
 
 def _adapted(model: nn.Module) -> list[str]:

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import copy
 
-import models
 import peft
 import pytest
 import torch
 from peft.tuners.lora import LoraLayer as PeftLoraLayer
 
 import lorakit as lk
+
+import models
 
 ATOL = 1e-5
 
@@ -120,8 +121,9 @@ def test_same_gradients(kind):
     for m in (ours, ref):  # same seed: the base model's own dropout draws the same masks
         torch.manual_seed(1)
         models.run(m, kind, x).square().mean().backward()
-    ref_grads = {n.removeprefix("base_model.model.").replace("lora_magnitude_vector.default.weight",
-                                                              "lora_magnitude_vector.default"): p.grad for n, p in ref.named_parameters() if p.requires_grad}
+    dora_key = ("lora_magnitude_vector.default.weight", "lora_magnitude_vector.default")
+    ref_grads = {n.removeprefix("base_model.model.").replace(*dora_key): p.grad
+                 for n, p in ref.named_parameters() if p.requires_grad}
     ours_grads = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
     assert ref_grads.keys() == ours_grads.keys()
     for n, g in ours_grads.items():

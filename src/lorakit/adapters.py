@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Sequence, Union
+from collections.abc import Iterator, Sequence
+from typing import Union
 
 from torch import nn
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Iterator
+from collections.abc import Iterator
 
 from torch import nn
 
@@ -206,7 +206,8 @@ def _find_modules_to_save(model: nn.Module, cfg: LoraConfig) -> list[str]:
 def _enable_checkpointing_grads(model: nn.Module) -> None:
     """With reentrant gradient checkpointing, a block whose inputs need no grad gives its LoRA
     factors no grad either; make the embeddings' output require grad, as PEFT does."""
-    flag = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else "is_gradient_checkpointing"
+    new_name = hasattr(type(model), "is_activation_checkpointing")  # transformers >= 5 renamed the flag
+    flag = "is_activation_checkpointing" if new_name else "is_gradient_checkpointing"
     if getattr(model, flag, False) and hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
 

@@ -8,7 +8,7 @@ side effect of ``train()``/``eval()``.
 from __future__ import annotations
 
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -117,7 +117,8 @@ def combine_adapters(model: nn.Module, names: Sequence[str], weights: Sequence[f
     names = list(names)
     _check_names(model, names, "combine_adapters")
     if len(weights) != len(names) or not names:
-        raise ValueError(f"combine_adapters needs one weight per adapter: got {len(names)} names, {len(weights)} weights")
+        raise ValueError(f"combine_adapters needs one weight per adapter: got {len(names)} names, "
+                         f"{len(weights)} weights")
     if new_name in state.configs:
         raise ValueError(f"adapter {new_name!r} already exists")
     if any(state.configs[n].use_dora for n in names):
