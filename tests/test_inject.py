@@ -145,3 +145,11 @@ def test_trainable_summary_line():
     # per layer: q_proj 32->32 gives A 4x32 + B 32x4; v_proj 32->16 (2 kv heads of 8) gives A 4x32 + B 16x4
     assert t == 2 * ((4 * 32 + 32 * 4) + (4 * 32 + 16 * 4))
     assert lk.summary(model) == f"trainable params: {t:,d} || all params: {n:,d} || trainable%: {100 * t / n:.4f}"
+
+
+def test_wrappers_follow_the_model_mode():
+    model = models.llama().eval()
+    lk.inject(model, lk.LoraConfig(target_modules=["q_proj"], lora_dropout=0.5, modules_to_save=["lm_head"]))
+    assert not any(m.training for m in model.modules())
+    model.train()
+    assert all(m.training for m in model.modules())

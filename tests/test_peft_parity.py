@@ -193,3 +193,37 @@ def test_second_adapter_and_switch():
         with torch.no_grad():
             torch.testing.assert_close(ours(input_ids=x).logits, ref(input_ids=x).logits, atol=ATOL, rtol=0)
         assert lk.trainable_parameters(ours) == ref.get_nb_trainable_parameters()
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_dora_outputs_and_gradients(kind, dropout):
+    """DoRA on Linear and on GPT-2's transposed Conv1D, in eval and training mode (same dropout masks)."""
+    ours, ref = _pair(kind, use_dora=True, lora_dropout=dropout)
+    ours.eval(), ref.eval()
+    x = models.ids()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=x).logits, ref(input_ids=x).logits, atol=ATOL, rtol=0)
+    ours.train(), ref.train()
+    for m in (ours, ref):
+        torch.manual_seed(3)
+        m(input_ids=x).logits.square().mean().backward()
+    dora_key = ("lora_magnitude_vector.default.weight", "lora_magnitude_vector.default")
+    ref_grads = {n.removeprefix("base_model.model.").replace(*dora_key): p.grad
+                 for n, p in ref.named_parameters() if p.requires_grad}
+    for n, p in ours.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, ref_grads[n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_dora_merge_matches_peft(kind):
+    ours, ref = _pair(kind, use_dora=True)
+    x = models.ids()
+    lk.merge(ours)
+    ref.merge_adapter()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=x).logits, ref(input_ids=x).logits, atol=ATOL, rtol=0)
+        lk.unmerge(ours)
+        ref.unmerge_adapter()
+        torch.testing.assert_close(ours(input_ids=x).logits, ref(input_ids=x).logits, atol=ATOL, rtol=0)
