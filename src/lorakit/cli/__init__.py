@@ -13,6 +13,8 @@ import sys
 
 # sub-command -> module defining add_parser() and run()
 COMMANDS: dict[str, str] = {
+    "inspect": "lorakit.cli.inspect",
+    "merge": "lorakit.cli.merge",
 }
 
 

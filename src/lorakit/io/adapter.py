@@ -125,7 +125,10 @@ def load_adapter(model: nn.Module, directory: PathLike, adapter_name: str = "def
         raise ValueError(f"adapter {adapter_name!r} already exists (adapters: {list(state.configs)}); "
                          "load under another adapter_name or delete it first")
     try:
-        inject(model, cfg, adapter_name)
+        try:
+            inject(model, cfg, adapter_name)
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"cannot apply the adapter in {str(d)!r} to this {type(model).__name__}: {e}") from e
         _load_tensors(model, adapter_name, tensors, source=str(weights_path(d)))
     except BaseException:
         _rollback(model, adapter_name, fresh)
