@@ -10,10 +10,10 @@ import pytest
 import torch
 import transformers as tf
 from safetensors.torch import load_file, save_file
-from test_io_models import base_model, logits, perturb_trainable
 
 import lorakit as lk
 from lorakit.layers import LoraLayer
+from test_io_models import base_model, logits, perturb_trainable
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,10 @@ import pytest
 import torch
 import transformers as tf
 from safetensors.torch import load_file
-from test_io_models import base_model, logits, perturb_adapters, perturb_trainable
 from torch import nn
 
 import lorakit as lk
+from test_io_models import base_model, logits, perturb_adapters, perturb_trainable
 
 ATOL = 1e-5
 

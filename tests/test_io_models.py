@@ -17,7 +17,7 @@ torch.set_num_threads(2)
 VOCAB = 64
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _base(kind: str):
     import transformers as tf
 

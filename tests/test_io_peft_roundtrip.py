@@ -9,9 +9,9 @@ import peft
 import pytest
 import torch
 from safetensors import safe_open
-from test_io_models import base_model, logits, perturb_adapters, perturb_trainable
 
 import lorakit as lk
+from test_io_models import base_model, logits, perturb_adapters, perturb_trainable
 
 ATOL = 1e-5  # fp32
 

@@ -44,8 +44,9 @@ PathLike = Union[str, os.PathLike]
 
 
 def remove_adapter_name(key: str, name: str) -> str:
-    """PEFT's rule: ``a.lora_A.<name>.weight`` -> ``a.lora_A.weight``; ``a.lora_embedding_A.<name>`` -> ``a.lora_embedding_A``.
-    Only the adapter-name position is touched, never a module that happens to share the name."""
+    """PEFT's rule: ``a.lora_A.<name>.weight`` -> ``a.lora_A.weight``; ``a.lora_embedding_A.<name>``
+    -> ``a.lora_embedding_A``. Only the adapter-name position is touched, never a module that
+    happens to share the name."""
     if "." not in key:
         return key
     if key.endswith(f".{name}"):
@@ -125,7 +126,8 @@ def _embedding_keys(model: nn.Module, cfg: LoraConfig, save_embedding_layers: Un
     return keys
 
 
-def adapter_state_dict(model: nn.Module, name: str, save_embedding_layers: Union[bool, str] = "auto") -> dict[str, torch.Tensor]:
+def adapter_state_dict(model: nn.Module, name: str,
+                       save_embedding_layers: Union[bool, str] = "auto") -> dict[str, torch.Tensor]:
     """The tensors PEFT's ``save_pretrained`` writes for adapter ``name``, under PEFT's keys.
 
     Tensors are detached, contiguous, and never share storage (safetensors refuses aliases; a

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Callable, Mapping, Union
+from typing import Union
 
 PathLike = Union[str, os.PathLike]
 Writer = Callable[[str], None]  # writes the whole file at the given (temporary) path
