@@ -23,6 +23,8 @@ CASES = {
                                       fan_in_fan_out=True, bias="lora_only"), {}),
     "bert_cls_head": ("bert_cls", dict(r=4, lora_alpha=8, target_modules=["query", "value"],
                                        modules_to_save=["classifier"]), {"task_type": "SEQ_CLS"}),
+    "bert_bias_all": ("bert_cls", dict(r=4, lora_alpha=8, target_modules=["query"], bias="all",
+                                       modules_to_save=["classifier"]), {}),
     "t5": ("t5", dict(r=4, lora_alpha=8, target_modules=["q", "v", "wi", "wo"]), {}),
     "embed_lm_head": ("llama", dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "lm_head", "q_proj"]), {}),
     "embed_lm_head_tied": ("llama_tied", dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "lm_head"]), {}),
@@ -144,4 +146,43 @@ def test_is_trainable(is_trainable, tmp_path):
     trainable, _ = lk.trainable_parameters(model)
     n_adapter = sum(p.numel() for _, w in lk.adapters.wrappers(model) for p in w.adapter_parameters("default"))
     assert trainable == (n_adapter if is_trainable else 0)
-    assert model.training == is_trainable or is_trainable  # inference load puts the model in eval mode
+    assert model.training is is_trainable  # an inference load puts the model in eval mode, as PEFT does
+
+
+def test_overlapping_rank_patterns_keep_their_order(tmp_path):
+    """The first matching pattern wins, so the file must keep the patterns' order: here the
+    generic "q_proj" comes before (and shadows) the layer-1 entry, which sorting would reverse."""
+    kw = dict(r=4, target_modules=["q_proj"], rank_pattern={"q_proj": 2, "layers.1.self_attn.q_proj": 6},
+              init_lora_weights=False)
+    ours = lk.inject(base_model("llama"), lk.LoraConfig(**kw))
+    perturb_trainable(ours)
+    lk.save_adapter(ours, tmp_path)
+    back = peft.PeftModel.from_pretrained(base_model("llama"), tmp_path)
+    torch.testing.assert_close(logits(back, "llama"), logits(ours, "llama"), atol=ATOL, rtol=0)
+    again = lk.load_adapter(base_model("llama"), tmp_path)
+    torch.testing.assert_close(logits(again, "llama"), logits(ours, "llama"), atol=ATOL, rtol=0)
+
+
+def test_half_precision_base_same_file_as_peft(tmp_path):
+    """On a bf16 base both keep fp32 adapter weights (PEFT's autocast_adapter_dtype): same file."""
+    kw = dict(r=4, lora_alpha=8, target_modules=["q_proj", "embed_tokens"])
+    ours = lk.inject(base_model("llama").to(torch.bfloat16), lk.LoraConfig(**kw))
+    lk.save_adapter(ours, tmp_path / "lk")
+    _save_peft(peft.get_peft_model(base_model("llama").to(torch.bfloat16), peft.LoraConfig(**kw)), tmp_path / "peft")
+    ours_file, peft_file = tmp_path / "lk/adapter_model.safetensors", tmp_path / "peft/adapter_model.safetensors"
+    layout = _file_layout(ours_file)
+    assert layout == _file_layout(peft_file)
+    assert {dtype for _, dtype in layout[0].values()} == {"F32", "BF16"}  # factors fp32, embedding base bf16
+    assert ours_file.stat().st_size == peft_file.stat().st_size
+
+
+def test_base_model_name_or_path_recorded(tmp_path):
+    import transformers as tf
+
+    base_model("llama").save_pretrained(tmp_path / "base")
+    model = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    lk.inject(model, lk.LoraConfig(r=2, target_modules=["q_proj"]))
+    lk.save_adapter(model, tmp_path / "adapter")
+    cfg = peft.PeftConfig.from_pretrained(str(tmp_path / "adapter"))
+    assert cfg.base_model_name_or_path == str(tmp_path / "base")
+    assert cfg.task_type == "CAUSAL_LM"

@@ -83,7 +83,8 @@ def save_adapter(model: nn.Module, directory: PathLike, adapter_name: str = "def
 
     write_files_atomically(out, {
         WEIGHTS_NAME: write_weights,
-        CONFIG_NAME: lambda path: write_text_file(path, json.dumps(config, indent=2, sort_keys=True)),
+        # top-level keys sorted like PEFT's; rank/alpha_pattern keep their order (the first match wins)
+        CONFIG_NAME: lambda path: write_text_file(path, json.dumps(dict(sorted(config.items())), indent=2)),
     })
     return out
 

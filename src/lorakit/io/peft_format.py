@@ -136,7 +136,7 @@ def adapter_state_dict(model: nn.Module, name: str,
     cfg = require_state(model).configs[name]
     others = [a for a in require_state(model).configs if a != name]
     state = {k: v for k, v in model.state_dict().items() if not _other_adapter_key(k, others)}
-    chosen: dict[str, str] = _adapter_keys(model, name)
+    chosen = {fk: mk for mk, fk in _adapter_keys(model, name).items()}  # file key -> model key
     extra: list[str] = []
     if cfg.bias == "all":
         extra += [k for k in state if k == "bias" or k.endswith(".bias")]
@@ -144,11 +144,11 @@ def adapter_state_dict(model: nn.Module, name: str,
         extra += [f"{p}.base_layer.bias" for p, w in wrappers(model)
                   if isinstance(w, LoraLayer) and f"{p}.base_layer.bias" in state]
     extra += _embedding_keys(model, cfg, save_embedding_layers)
-    for k in extra:
-        chosen.setdefault(k, remove_adapter_name(k, name))
+    for k in extra:  # under bias="all" a saved head's bias is written twice, as PEFT does
+        chosen.setdefault(remove_adapter_name(k, name), k)
     out: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
-    for mk, fk in chosen.items():
+    for fk, mk in chosen.items():
         t = state[mk].detach()
         ptr = t.untyped_storage().data_ptr() if t.numel() else -id(t)
         t = t.clone() if ptr in seen else t  # no aliasing inside one file
@@ -167,10 +167,9 @@ def load_plan(model: nn.Module, name: str) -> tuple[dict[str, str], dict[str, st
     """
     others = [a for a in require_state(model).configs if a != name]
     required = {fk: mk for mk, fk in _adapter_keys(model, name).items()}
-    taken = set(required.values())
     optional: dict[str, str] = {}
-    for mk in model.state_dict():
-        if mk not in taken and not _other_adapter_key(mk, others):
+    for mk in model.state_dict():  # incl. PEFT's duplicate "<head>.modules_to_save.bias" under bias="all"
+        if not _other_adapter_key(mk, others):
             optional.setdefault(remove_adapter_name(mk, name), mk)
     return required, optional
 
