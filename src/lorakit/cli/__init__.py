@@ -16,6 +16,8 @@ INPUT_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError,
 
 # sub-command -> module defining add_parser() and run()
 COMMANDS: dict[str, str] = {
+    "inspect": "lorakit.cli.inspect",
+    "merge": "lorakit.cli.merge",
 }
 
 
