@@ -16,6 +16,7 @@ from torch import nn
 import lorakit as lk
 from lorakit.adapters import wrappers
 from lorakit.layers import LoraLayer
+from lorakit.state import require_state
 
 import models
 
@@ -251,3 +252,17 @@ def test_repr_shows_adapters():
     _inject(model, ["lin"], 2)
     text = repr(model.lin)
     assert "a0(r=2, alpha=4)" in text and "a1(r=3, alpha=4)" in text and "active=['a0']" in text
+
+
+def test_combined_config_rebuilds_the_same_shapes():
+    """The recorded config of a combined adapter, injected into a fresh model, gives the same ranks."""
+    model = _model(torch.float32)
+    lk.inject(model, lk.LoraConfig(r=2, target_modules=["lin", "attn"]), adapter_name="a0")
+    lk.inject(model, lk.LoraConfig(r=3, target_modules=["lin", "emb"]), adapter_name="a1")
+    lk.combine_adapters(model, ["a0", "a1"], [1.0, 1.0], "mix")
+    cfg = require_state(model).configs["mix"]
+    fresh = lk.inject(_model(torch.float32), cfg)
+    for path in ("lin", "attn", "emb"):
+        assert fresh.get_submodule(path).r["default"] == model.get_submodule(path).r["mix"], path
+        assert fresh.get_submodule(path).scaling["default"] == 1.0
+    assert model.lin.r["mix"] == 5 and model.attn.r["mix"] == 2 and model.emb.r["mix"] == 3

@@ -161,9 +161,9 @@ class LoraConfig:
     def from_peft_dict(cls, d: dict[str, Any], source: str = "adapter_config.json") -> LoraConfig:
         """Build from a PEFT config dict.
 
-        Unknown keys from newer PEFT versions are ignored with a warning when they hold their
-        neutral value; a feature we do not implement (another ``peft_type``, LoftQ, a LoRA bias,
-        ...) raises rather than silently loading wrong numbers.
+        Unknown keys from newer PEFT versions are ignored with a warning; a feature we do not
+        implement (another ``peft_type``, LoftQ, a LoRA bias, ...) raises rather than silently
+        loading wrong numbers.
 
         Raises:
             ValueError: another PEFT method, or an unsupported feature is switched on.
@@ -202,7 +202,8 @@ class LoraConfig:
         return cls(**kwargs)
 
     def to_json(self) -> str:
-        return json.dumps(self.to_peft_dict(), indent=2, sort_keys=True)
+        """The PEFT json text; key order is kept (rank/alpha patterns: the first match wins)."""
+        return json.dumps(self.to_peft_dict(), indent=2)
 
 
 def _check_positive_int(name: str, v: Any) -> None:

@@ -24,7 +24,6 @@ import json
 import os
 import shutil
 import tempfile
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -37,7 +36,7 @@ from lorakit.inject import inject, unload
 from lorakit.io.peft_format import PathLike, effective_config, read_tensors
 from lorakit.io.safe_write import ensure_dir, write_files_atomically, write_text_file
 from lorakit.layers import LoraLayer
-from lorakit.merge import merge_and_unload
+from lorakit.merge import merge_and_unload, untie_adapted_weights
 from lorakit.state import get_state, require_state
 
 MERGED_WEIGHTS_NAME = "model.safetensors"
@@ -49,36 +48,6 @@ FULL_FORMAT_VERSION = 1
 
 def _is_hf(model: nn.Module) -> bool:
     return hasattr(model, "save_pretrained") and hasattr(model, "config")
-
-
-def _untie_merged_weights(model: nn.Module, names: Sequence[str]) -> list[str]:
-    """Give each adapted layer whose base weight is shared with another module (and which an
-    adapter in ``names`` will change) a private copy of it. Returns the untied layers' names."""
-    users: dict[int, int] = {}
-    for m in model.modules():
-        for p in m._parameters.values():
-            if p is not None:
-                users[id(p)] = users.get(id(p), 0) + 1
-    untied = []
-    for path, w in wrappers(model):
-        if not isinstance(w, LoraLayer) or not any(n in w.r and n not in w.merged_adapters for n in names):
-            continue
-        base = w.base_layer
-        weight = base._parameters.get("weight")
-        if weight is not None and users.get(id(weight), 0) > 1:
-            base.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
-            untied.append(path)
-    return untied
-
-
-def _mark_untied(model: nn.Module) -> None:
-    configs = [model.config]
-    text = getattr(model.config, "get_text_config", None)
-    if callable(text):
-        configs.append(text())
-    for c in configs:
-        if getattr(c, "tie_word_embeddings", False):
-            c.tie_word_embeddings = False
 
 
 def save_merged(model: nn.Module, directory: PathLike, adapter_names: Sequence[str] | None = None,
@@ -100,7 +69,7 @@ def save_merged(model: nn.Module, directory: PathLike, adapter_names: Sequence[s
     names = list(state.active if adapter_names is None else adapter_names)
     out = ensure_dir(directory)
     merged = copy.deepcopy(model)
-    untied = _untie_merged_weights(merged, names)
+    untied = untie_adapted_weights(merged, names)
     merged = merge_and_unload(merged, names, safe_merge)
     if not _is_hf(merged):
         if untied:
@@ -116,11 +85,6 @@ def save_merged(model: nn.Module, directory: PathLike, adapter_names: Sequence[s
 
         write_files_atomically(out, {MERGED_WEIGHTS_NAME: write})
         return out
-    if untied:
-        _mark_untied(merged)
-        warnings.warn(f"adapters change tied weights in {untied}: the merged model stores them untied "
-                      "(tie_word_embeddings=False) so that it computes exactly what the adapted model does",
-                      stacklevel=2)
     tmp = tempfile.mkdtemp(dir=out, prefix=".lorakit-merged-")
     try:
         merged.save_pretrained(tmp)
