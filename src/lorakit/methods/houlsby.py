@@ -57,6 +57,7 @@ class AdapterAfter(nn.Module):
         super().__init__()
         self.base_layer = base_layer
         self.adapter = adapter
+        self.train(base_layer.training)  # a new module starts in training mode; follow the model's mode
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return self.adapter(self.base_layer(x, *args, **kwargs))

@@ -73,6 +73,7 @@ class PrefixSelfAttention(nn.Module):
         weight = base_layer.query.weight
         self.prefix_key = nn.Parameter(torch.randn(shape, device=weight.device, dtype=weight.dtype) * init_std)
         self.prefix_value = nn.Parameter(torch.randn(shape, device=weight.device, dtype=weight.dtype) * init_std)
+        self.train(base_layer.training)  # a new module starts in training mode; follow the model's mode
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 past_key_values=None, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
