@@ -176,12 +176,14 @@ def inject(model: nn.Module, cfg: LoraConfig, adapter_name: str = "default", *,
         weight = module.base_weight()
         module.add_adapter(adapter_name, cfg.rank_for(name), cfg.alpha_for(name), cfg,
                            dtype=weight.dtype if dtype == "base" else None)
+        module.train(module.base_layer.training)  # new submodules start in training mode; follow the model
     for name in saved:
         module = model.get_submodule(name)
         if not isinstance(module, ModulesToSave):
             module = ModulesToSave(module)
             _set_submodule(model, name, module)
         module.add_adapter(adapter_name)
+        module.train(module.original_module.training)
     state.configs[adapter_name] = cfg
     state.targets[adapter_name] = targets
     if not state.active:
