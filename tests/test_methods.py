@@ -106,7 +106,7 @@ def test_lora_served_merged_equals_unmerged_after_an_update():
     method = get_method("lora", r=4, target_modules="all-linear")
     method.apply(model)
     with torch.no_grad():
-        for n, p in model.named_parameters():
+        for p in model.parameters():
             if p.requires_grad:
                 p.add_(0.1 * torch.randn_like(p))
         trained = model(**b).logits

@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from lorakit.methods import PrefixSelfAttention, extend_mask, get_method
-
 from test_methods import D, H, L, tiny_bert
 
 torch.set_num_threads(1)
