@@ -112,8 +112,8 @@ class LoraConfig:
                 raise TypeError(f"layers_pattern must be a non-empty str or list of str, got {self.layers_pattern!r}")
             if self.layers_to_transform is None:
                 raise ValueError("layers_pattern is only used together with layers_to_transform; set both")
-        for name, pattern, kind in (("rank_pattern", self.rank_pattern, "r"), ("alpha_pattern", self.alpha_pattern, "alpha")):
-            _check_pattern_dict(name, pattern, kind)
+        _check_pattern_dict("rank_pattern", self.rank_pattern, "r")
+        _check_pattern_dict("alpha_pattern", self.alpha_pattern, "alpha")
         if self.bias not in BIAS_MODES:
             raise ValueError(f"bias must be one of {BIAS_MODES}, got {self.bias!r}")
         if self.modules_to_save is not None:
@@ -156,7 +156,7 @@ class LoraConfig:
         return d
 
     @classmethod
-    def from_peft_dict(cls, d: dict[str, Any], source: str = "adapter_config.json") -> "LoraConfig":
+    def from_peft_dict(cls, d: dict[str, Any], source: str = "adapter_config.json") -> LoraConfig:
         """Build from a PEFT config dict.
 
         Unknown keys from newer PEFT versions are ignored with a warning when they hold their
@@ -170,7 +170,8 @@ class LoraConfig:
             raise ValueError(f"{source}: expected a JSON object, got {type(d).__name__}")
         peft_type = d.get("peft_type", "LORA")
         if str(peft_type).upper() != "LORA":
-            raise ValueError(f"{source}: peft_type is {peft_type!r}; lorakit reads LoRA adapters only (peft_type 'LORA')")
+            raise ValueError(f"{source}: peft_type is {peft_type!r}; lorakit reads LoRA adapters only "
+                             "(peft_type 'LORA')")
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in d.items() if k in known}
         unsupported, unknown = [], []
@@ -229,7 +230,8 @@ def _check_targets(name: str, v: Any) -> TargetSpec:
         if not items:
             raise ValueError(f"{name} must not be an empty list; give names, a regex or 'all-linear'")
         return sorted(set(items)) if isinstance(v, (set, frozenset)) else items
-    raise TypeError(f"{name} must be a list of module names, a regex string or 'all-linear', got {type(v).__name__} {v!r}")
+    raise TypeError(f"{name} must be a list of module names, a regex string or 'all-linear', "
+                    f"got {type(v).__name__} {v!r}")
 
 
 def _check_layers(v: Any) -> Union[int, list[int], None]:

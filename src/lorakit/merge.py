@@ -7,7 +7,8 @@ side effect of ``train()``/``eval()``.
 
 from __future__ import annotations
 
-from typing import Sequence
+import warnings
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -22,6 +23,26 @@ from lorakit.state import require_state
 
 def _lora_layers(model: nn.Module) -> list[LoraLayer]:
     return [w for _, w in wrappers(model) if isinstance(w, LoraLayer)]
+
+
+def _untie(model: nn.Module, layers: list[LoraLayer], names: list[str]) -> None:
+    """Give each layer about to be merged its own weight if that weight is shared (tied) with
+    another module — e.g. lm_head and embed_tokens — so that folding ΔW into one leaves the
+    other as it was. HF configs get ``tie_word_embeddings=False`` so a saved copy reloads untied."""
+    owners: dict[int, int] = {}
+    for m in model.modules():
+        for p in m.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    for layer in layers:
+        weight = layer.base_weight()
+        if owners.get(id(weight), 0) > 1 and any(n in layer.r and n not in layer.merged_adapters for n in names):
+            warnings.warn(f"merging into a {type(layer.base_layer).__name__} whose weight is tied to another module: "
+                          "untying it (the other module keeps the base weight)", stacklevel=3)
+            attr = "in_proj_weight" if isinstance(layer.base_layer, nn.MultiheadAttention) else "weight"
+            setattr(layer.base_layer, attr, nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad))
+            config = getattr(model, "config", None)
+            if config is not None and getattr(config, "tie_word_embeddings", False):
+                config.tie_word_embeddings = False
 
 
 def merge(model: nn.Module, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
@@ -47,6 +68,7 @@ def merge(model: nn.Module, adapter_names: Sequence[str] | None = None, safe_mer
                     raise ValueError(f"merging adapter {name!r} gives non-finite weights in "
                                      f"{type(layer.base_layer).__name__}; the adapter is broken. "
                                      "No weight was changed.")
+    _untie(model, layers, names)
     for layer in layers:
         layer.merge(names)
 
@@ -95,7 +117,8 @@ def combine_adapters(model: nn.Module, names: Sequence[str], weights: Sequence[f
     names = list(names)
     _check_names(model, names, "combine_adapters")
     if len(weights) != len(names) or not names:
-        raise ValueError(f"combine_adapters needs one weight per adapter: got {len(names)} names, {len(weights)} weights")
+        raise ValueError(f"combine_adapters needs one weight per adapter: got {len(names)} names, "
+                         f"{len(weights)} weights")
     if new_name in state.configs:
         raise ValueError(f"adapter {new_name!r} already exists")
     if any(state.configs[n].use_dora for n in names):
