@@ -67,9 +67,29 @@ def compare(out_dir: str, budget: str | Budget = "full", seeds: int | Sequence[i
 
     start = time.perf_counter()
     runs: list[dict[str, Any]] = []
+    by_key = {s.key: s.label for s in unique}
+    env = {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+           "machine": platform.machine()}
+    result: dict[str, Any] = {}
+
+    def report(task) -> None:  # after every run, so that an interrupted comparison leaves its table so far
+        sweep_runs = [{**r, "label": s.label} for s in grid for r in runs if r["label"] == by_key[s.key]]
+        result.clear()
+        result.update({
+            "command": command or f"lorakit.compare.compare({out_dir!r}, budget={budget.name!r}, seeds={seed_list})",
+            "task": "word sentiment from the VADER lexicon (|mean| >= 1), pretrained all-MiniLM-L6-v2 + new 2-way head",
+            "budget": asdict(budget), "seeds": seed_list, "complete": len(runs) == len(unique) * len(seed_list),
+            "train_examples": len(task.train), "test_examples": len(task.eval),
+            "environment": {**env, "device": runs[0]["device"]},
+            "elapsed_seconds": time.perf_counter() - start,
+            "methods": aggregate(runs, [s.label for s in lineup]),
+            "sweep": aggregate(sweep_runs, [s.label for s in grid]),
+            "runs": runs,
+        })
+        result["paths"] = write(result, out_dir)
+
     bar = tqdm(total=len(unique) * len(seed_list), desc="compare", unit="run", disable=not progress,
                dynamic_ncols=True)
-    task = None
     for seed in seed_list:
         task = default_task(seed=seed, train_limit=budget.train_limit, eval_limit=budget.eval_limit)
         task.model.eval()
@@ -78,23 +98,8 @@ def compare(out_dir: str, budget: str | Budget = "full", seeds: int | Sequence[i
             row = run_one(spec, seed, task, budget)
             runs.append(row)
             bar.update(1)
-            bar.write(f"{spec.label:32s} seed={seed} acc={row['accuracy']:.1f}% "
+            bar.write(f"{spec.label:28s} seed={seed} acc={row['accuracy']:.1f}% "
                       f"trainable={row['trainable_params']:,} train={row['train_seconds']:.0f}s")
+            report(task)
     bar.close()
-    by_key = {s.key: s.label for s in unique}
-    sweep_runs = [{**r, "label": s.label} for s in grid for r in runs if r["label"] == by_key[s.key]]
-    result = {
-        "command": command or f"lorakit.compare.compare({out_dir!r}, budget={budget.name!r}, seeds={seed_list})",
-        "task": "word sentiment from the VADER lexicon (|mean| >= 1), pretrained all-MiniLM-L6-v2 + new 2-way head",
-        "budget": asdict(budget), "seeds": seed_list,
-        "train_examples": len(task.train), "test_examples": len(task.eval),
-        "environment": {"python": platform.python_version(), "torch": torch.__version__,
-                        "threads": torch.get_num_threads(), "device": runs[0]["device"] if runs else "cpu",
-                        "machine": platform.machine()},
-        "elapsed_seconds": time.perf_counter() - start,
-        "methods": aggregate(runs, [s.label for s in lineup]),
-        "sweep": aggregate(sweep_runs, [s.label for s in grid]),
-        "runs": runs,
-    }
-    result["paths"] = write(result, out_dir)
     return result

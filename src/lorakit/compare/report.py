@@ -82,6 +82,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"torch {result['environment']['torch']}, {result['environment']['threads']} thread(s). "
         f"Total time {result['elapsed_seconds'] / 60:.1f} min.",
         "",
+        *([] if result.get("complete", True) else
+          [f"**Partial results: {len(result.get('runs', []))} runs finished when this was written.**", ""]),
         "| Method | LR | Trainable params | % of base | Test acc. (%) | Train s | Train memory (MiB) "
         "| Stored (MiB) | Latency (ms) | vs base | Served as |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
@@ -182,7 +184,8 @@ def write(result: dict[str, Any], out_dir: str) -> dict[str, str]:
         json.dump(result, f, indent=1)
     with open(paths["md"], "w", encoding="utf-8") as f:
         f.write(markdown(result))
-    plot_methods(result["methods"], paths["methods_png"])
+    if result["methods"]:
+        plot_methods(result["methods"], paths["methods_png"])
     if result["sweep"]:
         paths["sweep_png"] = os.path.join(out_dir, "sweep.png")
         plot_sweep(result["sweep"], paths["sweep_png"])

@@ -79,10 +79,10 @@ class Budget:
 
 
 BUDGETS: dict[str, Budget] = {
-    "small": Budget("small", 600, 300, 1, (1, 8), ("query", "all-linear"), latency_reps=10,
-                    notes="CI smoke run: 600 training words, 300 test words, 1 epoch, 4 sweep points"),
-    "medium": Budget("medium", None, None, 3, (1, 4, 16, 64), ("query", "query,value", "all-linear"),
-                     notes="all data, 3 epochs, 12 sweep points"),
+    "small": Budget("small", 256, 200, 1, (1, 8), ("query", "all-linear"), latency_reps=5,
+                    notes="CI smoke run: 256 training words, 200 test words, 1 epoch, 4 sweep points"),
+    "medium": Budget("medium", None, None, 1, (1, 8, 64), ("query", "query,value", "all-linear"), latency_reps=10,
+                     notes="all data, 1 epoch, 9 sweep points"),
     "full": Budget("full", None, None, 5, (1, 2, 4, 8, 16, 64), ("query", "query,value", "all-linear"),
                    notes="all data, 5 epochs, 18 sweep points"),
 }
