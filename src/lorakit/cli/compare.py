@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import sys
 
 
 def add_parser(subparsers) -> None:
@@ -16,8 +15,10 @@ def add_parser(subparsers) -> None:
             "built-in task (word sentiment from the VADER lexicon on the pretrained all-MiniLM-L6-v2), same split, "
             "seeds and epochs, each at its usual learning rate; then a LoRA sweep over rank r and target modules. "
             "Writes results.json, results.md (the table), methods.png and sweep.png. "
-            "Budgets: small = CI smoke run (a few minutes on 2 cores), medium = all data, 3 epochs, 12 sweep "
-            "points, full = all data, 5 epochs, 18 sweep points."),
+            "Budgets: small = CI smoke run (256 training words, 1 epoch, 4 sweep points; minutes on 2 cores), "
+            "medium = all data, 1 epoch, 9 sweep points, full = all data, 5 epochs, 18 sweep points "
+            "(r in 1,2,4,8,16,64 x query | query,value | all-linear). The results are rewritten after every "
+            "run, so an interrupted comparison keeps its table so far."),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--out", default="compare-results", help="directory for the result files")
@@ -25,9 +26,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--seeds", type=int, default=1,
                    help="number of seeds (0..N-1); with more than one the table shows mean ± std")
     p.add_argument("--methods", default=None,
-                   help="comma-separated subset of full,bitfit,prefix,adapter,lora,head (default: all)")
+                   help="comma-separated subset of full,bitfit,prefix,adapter,lora,head; all if omitted")
     p.add_argument("--no-sweep", action="store_true", help="skip the LoRA rank × target sweep")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads; torch's choice if omitted (1 is often fastest on a busy machine)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -41,9 +43,21 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.compare import compare
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
-    command = "lorakit " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["compare"] else None
+    command = _command_line(args)
     result = compare(args.out, budget=args.budget, seeds=args.seeds, methods=methods, sweep=not args.no_sweep,
                      progress=not args.no_progress, command=command)
     for path in result["paths"].values():
         print(path)
     return 0
+
+
+def _command_line(args: argparse.Namespace) -> str:
+    """The ``lorakit compare`` command that reproduces this run (recorded in results.md)."""
+    parts = ["lorakit", "compare", "--budget", args.budget, "--seeds", str(args.seeds), "--out", args.out]
+    if args.methods:
+        parts += ["--methods", args.methods]
+    if args.no_sweep:
+        parts.append("--no-sweep")
+    if args.threads:
+        parts += ["--threads", str(args.threads)]
+    return shlex.join(parts)
