@@ -13,6 +13,9 @@ import sys
 
 # sub-command -> module defining add_parser() and run()
 COMMANDS: dict[str, str] = {
+    "train": "lorakit.cli.train",
+    "predict": "lorakit.cli.predict",
+    "generate": "lorakit.cli.generate",
 }
 
 
