@@ -16,6 +16,8 @@ COMMANDS: dict[str, str] = {
     "train": "lorakit.cli.train",
     "predict": "lorakit.cli.predict",
     "generate": "lorakit.cli.generate",
+    "inspect": "lorakit.cli.inspect",
+    "merge": "lorakit.cli.merge",
 }
 
 
