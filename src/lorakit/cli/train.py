@@ -99,8 +99,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     from lorakit.train.job import DEFAULTS  # light: no torch model code runs at import
 
     p = subparsers.add_parser("train", help="fine-tune with LoRA (no arguments: the embedded default job)",
-                              description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", metavar="FILE", help="TOML or YAML file of settings (keys = flag names); flags override it")
+                              description=DESCRIPTION, epilog=EPILOG,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", metavar="FILE",
+                   help="TOML or YAML file of settings (keys = flag names); flags override it")
     p.add_argument("--resume", metavar="OUT", help="continue the interrupted run in OUT from its newest checkpoint")
     groups = {"data": p.add_argument_group("data"), "lora": p.add_argument_group("LoRA (as PEFT's LoraConfig)"),
               "train": p.add_argument_group("training"), "output": p.add_argument_group("output")}
