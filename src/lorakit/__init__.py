@@ -20,7 +20,9 @@ from lorakit.adapters import (
 )
 from lorakit.config import LoraConfig
 from lorakit.inject import find_targets, inject, unload
+from lorakit.io import load_adapter, load_full, save_adapter, save_full, save_merged
 from lorakit.merge import combine_adapters, merge, merge_and_unload, unmerge
+from lorakit.train import TrainConfig, fit
 
 __version__ = "0.1.0"
 
@@ -29,4 +31,6 @@ __all__ = [
     "adapter_names", "active_adapters", "set_adapter", "delete_adapter", "disable_adapters", "mixed_batch",
     "trainable_parameters", "summary", "print_trainable_parameters",
     "merge", "unmerge", "merge_and_unload", "combine_adapters",
+    "save_adapter", "load_adapter", "save_merged", "save_full", "load_full",
+    "TrainConfig", "fit",
 ]

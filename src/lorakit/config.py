@@ -33,7 +33,7 @@ _PEFT_FEATURES_OFF = {
     "lora_bias": False, "eva_config": None, "corda_config": None, "trainable_token_indices": None,
     "target_parameters": None, "alora_invocation_tokens": None, "arrow_config": None,
     "ensure_weight_tying": False, "use_bdlora": None, "velora_config": None, "kasa_config": None,
-    "lora_ga_config": None, "mica_config": None,
+    "lora_ga_config": None, "mica_config": None, "monteclora_config": None,
 }
 
 
@@ -151,6 +151,8 @@ class LoraConfig:
         d = dataclasses.asdict(self)
         if isinstance(d["target_modules"], list):
             d["target_modules"] = sorted(set(d["target_modules"]))
+        if d["exclude_modules"] is None:
+            del d["exclude_modules"]  # a PEFT >= 0.14 key; left out when unset so PEFT 0.10-0.13 read the file
         d.update(peft_type="LORA", task_type=task_type, inference_mode=True,
                  base_model_name_or_path=base_model_name_or_path, revision=None)
         return d

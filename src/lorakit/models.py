@@ -93,6 +93,19 @@ def resolve(name_or_path: str) -> str:
     return name_or_path
 
 
+def load_tokenizer(name_or_path: str):
+    """The tokenizer of a built-in name or local model directory (offline); pad = eos if unset."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if name_or_path == "tiny-llama":
+        return char_tokenizer()
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve(name_or_path))
+    if tok.pad_token_id is None and tok.eos_token_id is not None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
 def load_model(name_or_path: str, task: str, *, num_labels: int = 2, label_names: list[str] | None = None,
                seed: int = 0, dtype: torch.dtype | None = None):
     """Load ``(model, tokenizer)`` for ``task`` from a built-in name or a local directory, offline.
@@ -111,12 +124,12 @@ def load_model(name_or_path: str, task: str, *, num_labels: int = 2, label_names
             raise ValueError("the built-in 'tiny-llama' is a causal LM; use --task causal-lm")
         return tiny_llama(seed=seed)
     path = resolve(name_or_path)
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # "some weights were newly initialized" is expected for a new head
     hf_logging.disable_progress_bar()
-    tok = AutoTokenizer.from_pretrained(path)
+    tok = load_tokenizer(path)
     torch.manual_seed(seed)
     kwargs = {"dtype": dtype} if dtype is not None else {}
     if task == "seq-cls":
@@ -129,8 +142,6 @@ def load_model(name_or_path: str, task: str, *, num_labels: int = 2, label_names
         model.config.use_cache = False
     else:
         raise ValueError(f"task must be 'seq-cls' or 'causal-lm', got {task!r}")
-    if tok.pad_token_id is None and tok.eos_token_id is not None:
-        tok.pad_token = tok.eos_token
     if task == "seq-cls" and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tok.pad_token_id
     return model, tok
