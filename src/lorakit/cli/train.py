@@ -48,6 +48,9 @@ def _int_list(v: str) -> list[int]:
 
 # (flag, type / action, help); defaults live in lorakit.train.job.DEFAULTS and are shown in --help
 OPTIONS: list[tuple[str, str, Any, str]] = [
+    ("train", "--method", ["lora", "full", "bitfit", "adapter", "prefix", "head"],
+     "what trains: LoRA (the --r/--lora-* flags apply), full fine-tuning, BitFit (biases), Houlsby adapters, "
+     "prefix tuning, or the head only; non-LoRA runs store trainable.safetensors instead of adapter/"),
     ("data", "--model", str, "built-in name (minilm, tiny-llama) or a local Hugging Face model directory"),
     ("data", "--data", str, "training file (.jsonl/.csv), or 'vader' for the built-in word-sentiment data"),
     ("data", "--eval-data", str, "evaluation file; if absent, --eval-split of --data is held out"),
@@ -185,5 +188,6 @@ def run(args: argparse.Namespace) -> int:
     keys = ("eval_accuracy", "eval_loss", "perplexity", "train_seconds", "tokens_per_second", "peak_memory_mb")
     shown = ", ".join(f"{k}={metrics[k]:.4g}" for k in keys if k in metrics)
     print(f"done: {shown}, trainable {metrics['trainable_params']:,} of {metrics['total_params']:,} params")
-    print(f"outputs in {metrics['out']}: adapter/, metrics.json, curves.png, checkpoints/")
+    stored = "adapter/" if metrics["method"] == "lora" else "trainable.safetensors"
+    print(f"outputs in {metrics['out']}: {stored}, metrics.json, curves.png, checkpoints/")
     return 0

@@ -33,8 +33,8 @@ RUN_CONFIG = "run_config.json"
 
 # every setting of a job and its default; TrainConfig and LoraConfig fields keep their own names
 DEFAULTS: dict[str, Any] = {
-    "model": "minilm", "data": BUILTIN_DATA, "eval_data": None, "eval_split": 0.1, "task": None, "labels": None,
-    "max_length": None,
+    "method": "lora", "model": "minilm", "data": BUILTIN_DATA, "eval_data": None, "eval_split": 0.1, "task": None,
+    "labels": None, "max_length": None,
     "r": 8, "lora_alpha": 16.0, "lora_dropout": 0.0, "target_modules": None, "exclude_modules": None,
     "layers_to_transform": None, "layers_pattern": None, "modules_to_save": None, "bias": "none",
     "use_rslora": False, "use_dora": False, "init_lora_weights": True,
@@ -154,8 +154,14 @@ def run_job(settings: dict[str, Any], resume: str | None = None, callbacks=()) -
         out = new_run_dir(s["out"], s["overwrite"])
         s["out"] = out
     model, tok = load_model(s["model"], s["task"], label_names=s["labels"], seed=s["seed"])
-    cfg = lora_config(s, model)
-    inject(model, cfg)
+    method = None
+    if s["method"] == "lora":
+        inject(model, lora_config(s, model))
+    else:  # a baseline of lorakit.methods (full, bitfit, adapter, prefix, head): it decides what trains
+        from lorakit.methods import get_method
+
+        method = get_method(s["method"], head=head_modules(model) if s["task"] == "seq-cls" else [])
+        method.apply(model)
     if resume is None:
         with open(os.path.join(out, RUN_CONFIG), "w", encoding="utf-8") as f:
             json.dump(s, f, indent=2)
@@ -169,8 +175,13 @@ def run_job(settings: dict[str, Any], resume: str | None = None, callbacks=()) -
     from lorakit import save_adapter
 
     model.to("cpu")
-    save_adapter(model, os.path.join(out, "adapter"))
-    metrics = {"method": "lora", "model": s["model"], "data": s["data"], "task": s["task"], **metrics}
+    if method is None:
+        save_adapter(model, os.path.join(out, "adapter"))
+    else:  # what the method must store beside the base model
+        from safetensors.torch import save_file
+
+        save_file(method.stored_state(model), os.path.join(out, "trainable.safetensors"))
+    metrics = {"method": s["method"], "model": s["model"], "data": s["data"], "task": s["task"], **metrics}
     with open(os.path.join(out, "metrics.json"), "w", encoding="utf-8") as f:
         json.dump(metrics, f, indent=2)
     with open(os.path.join(out, "history.json"), "w", encoding="utf-8") as f:
