@@ -136,7 +136,9 @@ def plot_methods(methods: list[dict[str, Any]], path: str) -> None:
     ax.bar(xs, [r["accuracy_mean"] for r in methods], yerr=[r["accuracy_std"] for r in methods],
            color=["#c44e52" if r["method"] == "lora" else "#4c72b0" for r in methods], capsize=4)
     for x, r in zip(xs, methods):
-        ax.text(x, r["accuracy_mean"] + 0.5, f"{r['trainable_pct']:.2g}%", ha="center", va="bottom", fontsize=8)
+        pct = r["trainable_pct"]
+        ax.text(x, r["accuracy_mean"] + 0.5, f"{pct:.2g}%" if pct < 10 else f"{pct:.0f}%", ha="center",
+                va="bottom", fontsize=8)
     ax.set_xticks(list(xs), [r["label"] for r in methods], rotation=20, ha="right", fontsize=8)
     low = min(r["accuracy_mean"] for r in methods)
     ax.set_ylim(max(0.0, low - 10), 100)
