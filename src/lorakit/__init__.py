@@ -22,6 +22,8 @@ from lorakit.config import LoraConfig
 from lorakit.inject import find_targets, inject, unload
 from lorakit.io import load_adapter, load_full, save_adapter, save_full, save_merged
 from lorakit.merge import combine_adapters, merge, merge_and_unload, unmerge
+from lorakit.methods import METHODS, Method, get_method
+from lorakit.train import TrainConfig, fit
 
 __version__ = "0.1.0"
 
@@ -31,4 +33,6 @@ __all__ = [
     "trainable_parameters", "summary", "print_trainable_parameters",
     "merge", "unmerge", "merge_and_unload", "combine_adapters",
     "save_adapter", "load_adapter", "save_merged", "save_full", "load_full",
+    "TrainConfig", "fit",
+    "Method", "METHODS", "get_method",  # baselines for lorakit compare: full, bitfit, adapter, prefix, lora, head
 ]

@@ -16,8 +16,12 @@ INPUT_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError,
 
 # sub-command -> module defining add_parser() and run()
 COMMANDS: dict[str, str] = {
+    "train": "lorakit.cli.train",
+    "predict": "lorakit.cli.predict",
+    "generate": "lorakit.cli.generate",
     "inspect": "lorakit.cli.inspect",
     "merge": "lorakit.cli.merge",
+    "compare": "lorakit.cli.compare",
 }
 
 

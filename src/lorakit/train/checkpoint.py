@@ -1,0 +1,118 @@
+"""Checkpoints that survive a crash mid-write, and resuming from them.
+
+A checkpoint is a directory ``<run>/checkpoints/step-000123/`` holding
+
+* ``trainable.safetensors`` — every parameter with ``requires_grad`` (by its name in the model);
+* ``state.pt`` — optimizer and scheduler state, the RNG states (torch CPU/CUDA, Python), the
+  step, the loss/eval history and the training time so far.
+
+It is written into a temporary sibling directory and moved into place with ``os.replace``, so
+a reader sees either the whole previous checkpoint or the whole new one, never half a write.
+The data position is implied by the step (batches are a pure function of seed and epoch).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import tempfile
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+_STEP_DIR = re.compile(r"step-(\d+)$")
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_as_tuple(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(x):
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def save_checkpoint(run_dir: str, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
+                    rng: dict[str, Any], extra: dict[str, Any], keep: int = 2) -> str:
+    """Write ``<run_dir>/checkpoints/step-<step>`` atomically; prune all but the ``keep`` newest.
+
+    Returns:
+        The checkpoint directory.
+    """
+    root = os.path.join(run_dir, "checkpoints")
+    os.makedirs(root, exist_ok=True)
+    final = os.path.join(root, f"step-{step:06d}")
+    tmp = tempfile.mkdtemp(prefix=f".step-{step:06d}-", dir=root)
+    try:
+        tensors = {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
+        save_file(tensors, os.path.join(tmp, "trainable.safetensors"))
+        torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "rng": rng, **extra}, os.path.join(tmp, "state.pt"))
+        if os.path.exists(final):  # the same step saved again (e.g. interrupted right after a periodic save)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(run_dir: str) -> list[str]:
+    """Complete checkpoint directories of a run, oldest first."""
+    root = os.path.join(run_dir, "checkpoints")
+    if not os.path.isdir(root):
+        return []
+    found = [(int(m.group(1)), os.path.join(root, d)) for d in os.listdir(root) if (m := _STEP_DIR.match(d))]
+    return [p for _, p in sorted(found) if os.path.isfile(os.path.join(p, "state.pt"))]
+
+
+def find_checkpoint(path: str) -> str:
+    """The checkpoint to resume from: ``path`` itself if it is one, else the run's newest.
+
+    Raises:
+        FileNotFoundError: no checkpoint at or under ``path``.
+    """
+    if os.path.isfile(os.path.join(path, "state.pt")):
+        return path
+    found = list_checkpoints(path)
+    if not found:
+        raise FileNotFoundError(f"no checkpoint in {path!r} (expected {path}/checkpoints/step-*/state.pt); "
+                                "was the run started with this --out?")
+    return found[-1]
+
+
+def load_checkpoint(ckpt: str, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> dict[str, Any]:
+    """Restore the trainable parameters, optimizer and scheduler from ``ckpt``; returns the state
+    dict (``step``, ``rng``, history...). The caller restores the RNG when it resumes the loop.
+
+    Raises:
+        ValueError: the checkpoint's parameters do not match the model's trainable ones.
+    """
+    tensors = load_file(os.path.join(ckpt, "trainable.safetensors"))
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(tensors) != set(params):
+        missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
+        raise ValueError(f"checkpoint {ckpt} does not match the model: missing {missing[:4]}, unexpected "
+                         f"{unexpected[:4]}; resume with the same model and adapter settings")
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(tensors[n])
+    state = torch.load(os.path.join(ckpt, "state.pt"), map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return state

@@ -1,0 +1,88 @@
+"""TrainConfig: the hyperparameters of one run of :func:`lorakit.train.fit`."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class TrainConfig:
+    """Hyperparameters of a training run (method-agnostic: it trains whatever requires grad).
+
+    Args:
+        epochs: passes over the training set (ignored when ``max_steps`` is set).
+        max_steps: optimizer steps in total; overrides ``epochs``.
+        lr: peak learning rate (AdamW).
+        batch_size: examples per micro-batch.
+        grad_accum: micro-batches per optimizer step (effective batch = batch_size · grad_accum).
+        weight_decay: AdamW decoupled weight decay.
+        warmup_ratio: fraction of the steps with a linear warm-up from 0 (or ``warmup_steps``).
+        warmup_steps: warm-up steps; overrides ``warmup_ratio`` when > 0.
+        schedule: ``"cosine"`` (to 0 after warm-up), ``"linear"`` or ``"constant"``.
+        loraplus_lr_ratio: LoRA+ (Hayou et al., 2024): the ``lora_B`` factors learn at
+            ``lr · ratio``; ``None`` = same lr for all.
+        max_grad_norm: clip the global gradient norm to this (``0``/``None``: no clipping).
+        gradient_checkpointing: recompute activations in backward (less memory, ~30% slower).
+        bf16: bfloat16 autocast for the forward pass (weights and optimizer stay fp32).
+        seed: seeds data order, dropout and any random init done by ``fit``.
+        eval_every: evaluate every N optimizer steps (``0``: only at the end).
+        eval_batch_size: micro-batch size for evaluation.
+        log_every: record the training loss every N steps.
+        checkpoint_every: write a checkpoint every N steps (``0``: only on interrupt and at the end).
+        keep_checkpoints: how many step checkpoints to keep.
+        group_by_length: batch examples of similar length together (less padding).
+        loss_chunk_size: causal LM: compute the vocabulary projection and cross-entropy for this
+            many answer tokens at a time (bounds the logits' memory).
+        device: ``"auto"`` (cuda if available), ``"cpu"``, ``"cuda"``...
+        progress: show a tqdm progress bar.
+    """
+
+    epochs: float = 3.0
+    max_steps: int | None = None
+    lr: float = 1e-3
+    batch_size: int = 32
+    grad_accum: int = 1
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.06
+    warmup_steps: int = 0
+    schedule: str = "cosine"
+    loraplus_lr_ratio: float | None = None
+    max_grad_norm: float | None = 1.0
+    gradient_checkpointing: bool = False
+    bf16: bool = False
+    seed: int = 0
+    eval_every: int = 0
+    eval_batch_size: int = 64
+    log_every: int = 1
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
+    group_by_length: bool = True
+    loss_chunk_size: int = 1024
+    device: str = "auto"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "grad_accum", "eval_batch_size", "log_every", "keep_checkpoints", "loss_chunk_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps <= 0):
+            raise ValueError(f"max_steps must be a positive int or None, got {self.max_steps!r}")
+        if not self.epochs > 0:
+            raise ValueError(f"epochs must be > 0, got {self.epochs!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        if self.schedule not in ("cosine", "linear", "constant"):
+            raise ValueError(f"schedule must be 'cosine', 'linear' or 'constant', got {self.schedule!r}")
+        if self.loraplus_lr_ratio is not None and not self.loraplus_lr_ratio > 0:
+            raise ValueError(f"loraplus_lr_ratio must be > 0, got {self.loraplus_lr_ratio!r}")
+        for name in ("eval_every", "checkpoint_every", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

@@ -1,0 +1,245 @@
+"""``fit``: one readable training loop for any parameter-efficient method.
+
+It trains exactly the parameters with ``requires_grad=True`` — LoRA factors after
+``lorakit.inject``, biases for BitFit, everything for full fine-tuning — with AdamW, linear
+warm-up then cosine decay, gradient accumulation and clipping. One optimizer step:
+
+    for each of grad_accum micro-batches b:   loss_b = Σ_{targets in b} CE / N_step ;  backward
+    clip ‖g‖ to max_grad_norm ; AdamW step ; scheduler step
+
+where ``N_step`` counts the loss terms (answer tokens, or examples) of the whole step, so the
+step's gradient is that of the mean over all its targets whatever the split into micro-batches.
+
+Batch order is a pure function of ``(seed, epoch)``; together with the RNG states saved at each
+step boundary, a run resumed from a checkpoint reproduces the uninterrupted run's weights.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from lorakit.data.dataset import TokenDataset, batch_order, collate
+from lorakit.layers import LoraLayer
+from lorakit.train.checkpoint import find_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from lorakit.train.config import TrainConfig
+from lorakit.train.losses import count_targets, loss_sum
+from lorakit.train.measure import evaluate, peak_memory_mb, to_device
+from lorakit.train.schedule import make_scheduler
+
+Callback = Callable[[int, dict[str, Any]], None]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """Optimizer groups over the trainable parameters. With LoRA+ the ``lora_B`` /
+    ``lora_embedding_B`` factors (found by module type, not by name) get ``lr · loraplus_lr_ratio``.
+
+    Raises:
+        ValueError: nothing to train.
+    """
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError("the model has no parameters with requires_grad=True; nothing to train "
+                         "(inject an adapter or unfreeze some parameters first)")
+    if cfg.loraplus_lr_ratio is None:
+        return [{"params": trainable, "lr": cfg.lr}]
+    b_ids = set()
+    for m in model.modules():
+        if isinstance(m, LoraLayer):
+            for attr in ("lora_B", "lora_embedding_B"):
+                holder = getattr(m, attr, None)
+                if holder is not None:
+                    b_ids |= {id(p) for p in holder.parameters()}
+    fast = [p for p in trainable if id(p) in b_ids]
+    slow = [p for p in trainable if id(p) not in b_ids]
+    return [g for g in ({"params": slow, "lr": cfg.lr}, {"params": fast, "lr": cfg.lr * cfg.loraplus_lr_ratio})
+            if g["params"]]
+
+
+class _StopOnSigint:
+    """First Ctrl-C: finish the current optimizer step, then stop (a checkpoint gets saved).
+    Second Ctrl-C: the usual immediate KeyboardInterrupt."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old = None
+
+    def __enter__(self) -> _StopOnSigint:
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\ninterrupt: finishing this step and saving a checkpoint (Ctrl-C again to abort at once)", flush=True)
+
+    def __exit__(self, *exc) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+def plan_steps(n_examples: int, cfg: TrainConfig) -> tuple[int, int, int]:
+    """``(micro-batches per epoch, optimizer steps per epoch, total optimizer steps)``."""
+    n_batches = math.ceil(n_examples / cfg.batch_size)
+    per_epoch = max(1, math.ceil(n_batches / cfg.grad_accum))
+    total = cfg.max_steps if cfg.max_steps is not None else max(1, math.ceil(cfg.epochs * per_epoch))
+    return n_batches, per_epoch, total
+
+
+def fit(model: nn.Module, train_ds: TokenDataset, eval_ds: TokenDataset | None = None,
+        cfg: TrainConfig | None = None, *, out_dir: str | None = None, resume: str | None = None,
+        callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
+    """Train ``model``'s trainable parameters on ``train_ds``; evaluate on ``eval_ds``.
+
+    Args:
+        model: a model whose parameters to train have ``requires_grad=True``.
+        train_ds: a :class:`~lorakit.data.TokenDataset` (its ``task`` picks the loss).
+        eval_ds: evaluated after every epoch (or every ``cfg.eval_every`` steps) and at the end.
+        cfg: hyperparameters; ``TrainConfig()`` if omitted.
+        out_dir: where checkpoints go (``<out_dir>/checkpoints``); ``None``: no checkpoints.
+        resume: a run directory or checkpoint to continue from (same model, data and cfg).
+        callbacks: ``cb(step, logs)`` after every optimizer step; raising KeyboardInterrupt
+            stops the run like Ctrl-C (a checkpoint is saved, then it propagates).
+
+    Returns:
+        ``trainable_params``, ``total_params``, the final eval metrics (``eval_accuracy`` or
+        ``eval_loss``/``perplexity``), ``train_loss``, ``steps``, ``train_seconds`` (optimizer
+        steps only, not eval), ``tokens_per_second`` (non-padding tokens / train_seconds),
+        ``peak_memory_mb`` and ``history`` (``train``: step/loss/lr; ``eval``: step/metrics).
+
+    Raises:
+        ValueError: nothing to train, an empty dataset, or eval data of another task.
+        KeyboardInterrupt: after saving a checkpoint (when ``out_dir`` is set).
+    """
+    cfg = cfg or TrainConfig()
+    if len(train_ds) == 0:
+        raise ValueError("the training set is empty")
+    if eval_ds is not None and eval_ds.task != train_ds.task:
+        raise ValueError(f"eval data is for task {eval_ds.task!r} but training data is for {train_ds.task!r}")
+    device = resolve_device(cfg.device)
+    model.to(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    torch.manual_seed(cfg.seed)
+    if cfg.gradient_checkpointing:
+        if not hasattr(model, "gradient_checkpointing_enable"):
+            raise ValueError(f"gradient_checkpointing needs a Hugging Face model; {type(model).__name__} has no "
+                             "gradient_checkpointing_enable()")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    task, lengths = train_ds.task, train_ds.lengths()
+    groups = param_groups(model, cfg)
+    params = [p for g in groups for p in g["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    n_batches, per_epoch, total = plan_steps(len(train_ds), cfg)
+    warmup = cfg.warmup_steps or int(cfg.warmup_ratio * total)
+    scheduler = make_scheduler(optimizer, total, warmup, cfg.schedule)
+
+    step, train_seconds, tokens = 0, 0.0, 0
+    history: dict[str, list[dict[str, Any]]] = {"train": [], "eval": []}
+    if resume is not None:
+        state = load_checkpoint(find_checkpoint(resume), model, optimizer, scheduler)
+        step, train_seconds, tokens, history = state["step"], state["train_seconds"], state["tokens"], state["history"]
+        set_rng_state(state["rng"])
+    orders: dict[int, list[list[int]]] = {}
+
+    def micro_batch(k: int) -> dict[str, torch.Tensor]:
+        epoch, pos = divmod(k, n_batches)
+        if epoch not in orders:
+            orders.clear()
+            orders[epoch] = batch_order(lengths, cfg.batch_size, cfg.seed, epoch, cfg.group_by_length)
+        return collate([train_ds[i] for i in orders[epoch][pos]], task, train_ds.pad_id)
+
+    def run_eval() -> dict[str, float]:
+        if eval_ds is None:
+            return {}
+        metrics = evaluate(model, eval_ds, cfg.eval_batch_size, device, cfg.bf16, cfg.loss_chunk_size)
+        history["eval"].append({"step": step, **metrics})
+        return metrics
+
+    def checkpoint(rng: dict[str, Any]) -> None:
+        if out_dir is not None:
+            save_checkpoint(out_dir, step, model, optimizer, scheduler, rng,
+                            {"train_seconds": train_seconds, "tokens": tokens, "history": history},
+                            keep=cfg.keep_checkpoints)
+
+    eval_every = cfg.eval_every or per_epoch
+    bar = _progress(cfg, total, step)
+    model.train()
+    rng_at_step: dict[str, Any] | None = None  # RNG at the start of the step in progress
+    try:
+        with _StopOnSigint() as stop:
+            while step < total:
+                rng_at_step = rng_state()
+                t0 = time.perf_counter()
+                batches = [micro_batch(step * cfg.grad_accum + j) for j in range(cfg.grad_accum)]
+                n_targets = max(1, sum(count_targets(b, task) for b in batches))
+                step_loss = 0.0
+                for b in batches:
+                    b = to_device(b, device)
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                        loss = loss_sum(model, b, task, cfg.loss_chunk_size) / n_targets
+                    loss.backward()
+                    step_loss += float(loss.detach())
+                    tokens += int(b["attention_mask"].sum())
+                if cfg.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                train_seconds += time.perf_counter() - t0
+                step += 1
+                rng_at_step = None  # at a step boundary: the current RNG state is the one to save
+                lr = optimizer.param_groups[0]["lr"]
+                if step % cfg.log_every == 0 or step == total:
+                    history["train"].append({"step": step, "loss": step_loss, "lr": lr})
+                logs = {"loss": step_loss, "lr": lr, "tok/s": tokens / max(train_seconds, 1e-9)}
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{logs['tok/s']:.0f}")
+                for cb in callbacks:
+                    cb(step, logs)
+                if stop.requested:
+                    raise KeyboardInterrupt
+                if step % eval_every == 0 and step < total:
+                    run_eval()
+                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
+                    checkpoint(rng_state())
+    except KeyboardInterrupt:
+        if bar is not None:
+            bar.close()
+        optimizer.zero_grad(set_to_none=True)
+        checkpoint(rng_at_step or rng_state())
+        raise
+    if bar is not None:
+        bar.close()
+    final = run_eval()
+    checkpoint(rng_state())
+    trainable, total_params = (sum(p.numel() for p in model.parameters() if p.requires_grad),
+                               sum(p.numel() for p in model.parameters()))
+    last = history["train"][-1]["loss"] if history["train"] else float("nan")
+    return {"trainable_params": trainable, "total_params": total_params, **final, "train_loss": last,
+            "steps": step, "train_seconds": train_seconds, "tokens_per_second": tokens / max(train_seconds, 1e-9),
+            "peak_memory_mb": peak_memory_mb(device), "device": str(device), "history": history}
+
+
+def _progress(cfg: TrainConfig, total: int, start: int):
+    if not cfg.progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)

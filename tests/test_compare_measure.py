@@ -1,0 +1,104 @@
+"""compare's measurements and report, on a tiny BERT and on hand-made rows (fast, no pretrained model)."""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+import torch
+
+from lorakit.compare.measure import paired_latency, size_on_disk, training_memory
+from lorakit.compare.report import aggregate, markdown, verdict
+from lorakit.methods import get_method
+from test_methods import tiny_bert
+
+torch.set_num_threads(1)
+MiB = 2**20
+
+
+def _batch():
+    ids = torch.randint(1, 100, (4, 6), generator=torch.Generator().manual_seed(0))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([0, 1, 0, 1])}
+
+
+def _memory(name: str):
+    model = tiny_bert()
+    get_method(name).apply(model)
+    b = _batch()
+    return model, training_memory(model, lambda m: m(**b).loss)
+
+
+def test_full_finetuning_memory_terms_are_weights_grads_and_two_adam_moments():
+    model, mem = _memory("full")
+    params = list(model.parameters())
+    weights = sum(p.numel() * 4 for p in params)
+    assert mem["weights_mb"] * MiB == weights
+    assert mem["grads_mb"] * MiB == weights
+    # AdamW keeps exp_avg and exp_avg_sq (fp32, like the weight) and a scalar fp32 step per parameter
+    assert mem["optimizer_mb"] * MiB == 2 * weights + 4 * len(params)
+    assert mem["total_mb"] == pytest.approx(sum(v for k, v in mem.items() if k != "total_mb"))
+    assert all(p.grad is None for p in params)  # the measurement leaves nothing behind
+
+
+def test_memory_orders_methods_and_head_only_stores_few_activations():
+    mems = {n: _memory(n)[1] for n in ("head", "lora", "full")}
+    assert mems["head"]["grads_mb"] < mems["lora"]["grads_mb"] < mems["full"]["grads_mb"]
+    assert mems["head"]["activations_mb"] < mems["lora"]["activations_mb"]
+    assert mems["head"]["total_mb"] < mems["lora"]["total_mb"] < mems["full"]["total_mb"]
+
+
+def test_size_on_disk_is_the_tensor_bytes_plus_a_small_header():
+    tensors = {"a": torch.zeros(100, 10), "b": torch.ones(7, dtype=torch.float16)}
+    n = size_on_disk(tensors)
+    assert 100 * 10 * 4 + 7 * 2 < n < 100 * 10 * 4 + 7 * 2 + 1024
+
+
+def test_paired_latency_is_positive_and_restores_modes():
+    base, other = tiny_bert(), tiny_bert()
+    other.train()
+    b = {k: v for k, v in _batch().items() if k != "labels"}
+    base_ms, other_ms = paired_latency(base, other, b, reps=3, warmup=1)
+    assert base_ms > 0 and other_ms > 0
+    assert not base.training and other.training
+
+
+def _row(label, method, seed, acc, params=100):
+    return {"label": label, "method": method, "kwargs": {}, "lr": 1e-3, "trainable_params": params,
+            "base_params": 1000, "trainable_pct": params / 10, "stored_bytes": 4 * params, "stored_tensors": 1,
+            "served_architecture": "M", "inference": "as is", "steps": 1, "seed": seed, "accuracy": acc,
+            "served_accuracy": acc, "train_seconds": 1.0, "memory_total_mb": 1.0, "memory_weights_mb": 1.0,
+            "memory_grads_mb": 0.0, "memory_optimizer_mb": 0.0, "memory_activations_mb": 0.0,
+            "latency_base_ms": 1.0, "latency_ms": 1.0, "latency_overhead_pct": 0.0, "train_loss": 0.5}
+
+
+def test_aggregate_gives_mean_and_sample_std_per_label_in_order():
+    runs = [_row("B", "lora", s, a) for s, a in enumerate([80.0, 82.0, 84.0])] + [_row("A", "full", 0, 90.0)]
+    rows = aggregate(runs, ["A", "B", "missing"])
+    assert [r["label"] for r in rows] == ["A", "B"]
+    assert rows[1]["accuracy_mean"] == 82.0
+    assert rows[1]["accuracy_std"] == pytest.approx(statistics.stdev([80.0, 82.0, 84.0]))
+    assert rows[0]["accuracy_std"] == 0.0 and rows[1]["seeds"] == [0, 1, 2]
+
+
+def test_verdict_checks_the_three_targets_from_the_rows():
+    ok = aggregate([_row("L", "lora", 0, 89.5, 5), _row("F", "full", 0, 90.0, 1000), _row("H", "head", 0, 70.0, 2)],
+                   ["L", "F", "H"])
+    lines = verdict(ok)
+    assert "-0.50 points" in lines[0] and lines[0].endswith("met.") and "not met" not in lines[0]
+    assert "0.50%" in lines[1] and "not met" not in lines[1]
+    assert "+19.50 points" in lines[2] and "not met" not in lines[2]
+    bad = aggregate([_row("L", "lora", 0, 85.0, 50), _row("F", "full", 0, 90.0, 1000), _row("H", "head", 0, 80.0)],
+                    ["L", "F", "H"])
+    assert all("not met" in line for line in verdict(bad)[:3])
+
+
+def test_markdown_has_a_row_per_method_and_the_command():
+    methods = aggregate([_row("L", "lora", 0, 89.5), _row("F", "full", 0, 90.0), _row("H", "head", 0, 70.0)],
+                        ["L", "F", "H"])
+    result = {"command": "lorakit compare --budget small", "budget": {"name": "small", "notes": "n", "epochs": 1,
+              "batch_size": 32}, "seeds": [0], "train_examples": 10, "test_examples": 5, "task": "t",
+              "environment": {"device": "cpu", "torch": "x", "threads": 1}, "elapsed_seconds": 60.0,
+              "methods": methods, "sweep": []}
+    md = markdown(result)
+    assert "`lorakit compare --budget small`" in md
+    assert sum(line.startswith(("| L |", "| F |", "| H |")) for line in md.splitlines()) == 3
