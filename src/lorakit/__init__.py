@@ -19,6 +19,7 @@ from lorakit.adapters import (
     trainable_parameters,
 )
 from lorakit.config import LoraConfig
+from lorakit.hotswap import hotswap_adapter
 from lorakit.inject import find_targets, inject, unload
 from lorakit.merge import combine_adapters, merge, merge_and_unload, unmerge
 
@@ -27,6 +28,7 @@ __version__ = "0.1.0"
 __all__ = [
     "LoraConfig", "inject", "find_targets", "unload",
     "adapter_names", "active_adapters", "set_adapter", "delete_adapter", "disable_adapters", "mixed_batch",
+    "hotswap_adapter",
     "trainable_parameters", "summary", "print_trainable_parameters",
     "merge", "unmerge", "merge_and_unload", "combine_adapters",
 ]

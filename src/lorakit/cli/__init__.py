@@ -13,6 +13,7 @@ import sys
 
 # sub-command -> module defining add_parser() and run()
 COMMANDS: dict[str, str] = {
+    "bench": "lorakit.cli.bench",
 }
 
 
