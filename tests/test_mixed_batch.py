@@ -30,7 +30,8 @@ def tiny_llama(ranks=(4, 4, 4)) -> LlamaForCausalLM:
                       num_key_value_heads=2, vocab_size=64, max_position_embeddings=64)
     model = LlamaForCausalLM(cfg).eval()
     for name, r in zip("abc", ranks):
-        lk.inject(model, lk.LoraConfig(r=r, lora_alpha=2 * r, target_modules=PROJ + ["embed_tokens"]), adapter_name=name)
+        cfg = lk.LoraConfig(r=r, lora_alpha=2 * r, target_modules=PROJ + ["embed_tokens"])
+        lk.inject(model, cfg, adapter_name=name)
     randomise(model, 1)
     return model
 
@@ -73,8 +74,8 @@ def test_generate_one_adapter_per_sequence():
     kw = dict(max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0)
     with torch.no_grad(), lk.mixed_batch(model, rows):
         got = model.generate(prompts, attention_mask=torch.ones_like(prompts), **kw)
-    want = per_row(model, rows, lambda i: model.generate(prompts[i:i + 1], attention_mask=torch.ones_like(prompts[i:i + 1]),
-                                                          **kw)[0])
+    one = [prompts[i:i + 1] for i in range(len(rows))]
+    want = per_row(model, rows, lambda i: model.generate(one[i], attention_mask=torch.ones_like(one[i]), **kw)[0])
     assert [g.tolist() for g in got] == [w.tolist() for w in want]
     assert len({tuple(w.tolist()) for w in want}) > 1  # different adapters produce different text
 
@@ -96,10 +97,12 @@ def test_embedding_linear_conv_rows(use_grad):
     torch.manual_seed(0)
     model = Small()
     for name, r in (("a", 2), ("b", 3)):
-        lk.inject(model, lk.LoraConfig(r=r, lora_alpha=4, target_modules=["emb", "lin", "conv", "conv1"]), adapter_name=name)
+        cfg = lk.LoraConfig(r=r, lora_alpha=4, target_modules=["emb", "lin", "conv", "conv1"])
+        lk.inject(model, cfg, adapter_name=name)
     randomise(model, 4)
     g = torch.Generator().manual_seed(5)
-    ids, img, seq = torch.randint(0, 20, (3, 4), generator=g), torch.randn(3, 3, 5, 5, generator=g), torch.randn(3, 3, 6, generator=g)
+    ids = torch.randint(0, 20, (3, 4), generator=g)  # (N, L)
+    img, seq = torch.randn(3, 3, 5, 5, generator=g), torch.randn(3, 3, 6, generator=g)  # (N, C, H, W), (N, C, L)
     rows = ["b", "a", "__base__"]
     with torch.set_grad_enabled(use_grad), lk.mixed_batch(model, rows):
         got = model(ids, img, seq)

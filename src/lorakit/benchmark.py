@@ -20,7 +20,7 @@ import os
 import subprocess
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -110,9 +110,10 @@ def _randomise_b(model: torch.nn.Module) -> None:
 @torch.no_grad()
 def bench_infer(rounds: int, iters: int, bs: int = 8, seq: int = 128) -> dict[str, float]:
     """Best ms per forward: base, lorakit and PEFT unmerged / 4-adapter mixed / merged."""
+    from peft import LoraConfig
+
     import lorakit as lk
     from lorakit.layers import mixed
-    from peft import LoraConfig
 
     x = torch.randint(0, 8000, (bs, seq), generator=torch.Generator().manual_seed(3))
     names = [["default", "a1", "a2", "a3"][i % 4] for i in range(bs)]

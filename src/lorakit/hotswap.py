@@ -9,15 +9,19 @@ the slot's scalings are updated).
 Accepted state-dict keys, for module path ``P`` of the model lorakit was injected into:
 
 * PEFT files: ``base_model.model.P.lora_A.weight``, ``P.lora_embedding_B``, ``P.lora_magnitude_vector``...
-* lorakit in memory (``model.state_dict()``, one adapter): ``P.lora_A.<any name>.weight``, ``P.lora_embedding_A.<name>``...
-* ``modules_to_save`` copies: ``P.<param>`` or ``P.modules_to_save.<name>.<param>``.
+* lorakit in memory (``model.state_dict()``, one adapter): ``P.lora_A.<any name>.weight``,
+  ``P.lora_embedding_A.<name>``...
+* ``modules_to_save`` copies: ``P.<param>`` or ``P.modules_to_save.<name>.<param>``;
+* base weights PEFT saves beside the adapter (``P.base_layer.weight`` of targeted embeddings) are
+  checked to equal the model's and skipped: they are shared by all adapters.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Mapping, Union
+from collections.abc import Mapping
+from typing import Union
 
 import torch
 from torch import nn
@@ -96,6 +100,19 @@ def _saved_target(model: nn.Module, path: str, name: str) -> torch.Tensor | None
     return None
 
 
+def _check_base_copy(model: nn.Module, key: str, path: str, value: torch.Tensor) -> None:
+    """A base weight in the file (PEFT saves embeddings' when they are targeted) must equal the model's:
+    it is shared by every adapter, so one slot cannot take a different one."""
+    try:
+        current = model.get_parameter(path)
+    except AttributeError:
+        raise ValueError(f"state-dict key {key!r} names no parameter of this model") from None
+    if current.shape != value.shape or not torch.equal(current.detach().cpu(), value.to(current.dtype).cpu()):
+        raise ValueError(f"state-dict key {key!r} carries a base weight different from the model's (e.g. a resized "
+                         "or trained embedding); hot swap only replaces adapter weights. Load it with "
+                         "lorakit.load_adapter into a fresh model instead")
+
+
 def _plan(model: nn.Module, sd: Mapping[str, torch.Tensor], name: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``(destination, source)`` pairs, every key and shape checked before anything is written."""
     pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -105,6 +122,9 @@ def _plan(model: nn.Module, sd: Mapping[str, torch.Tensor], name: str) -> list[t
         path, attr, key_name = _parse(key)
         if key_name is not None:
             named_in_keys.add(key_name)
+        if not attr and ".base_layer." in f".{path}":
+            _check_base_copy(model, key, path, value)  # PEFT's save_embedding_layers: a copy of the base weight
+            continue
         if not attr:
             dest = _saved_target(model, path, name)
             if dest is None:
