@@ -13,9 +13,10 @@ def add_parser(subparsers) -> None:
         description="Run lorakit and Hugging Face PEFT in the same process on a LLaMA-shaped random model "
                     "(hidden 512, 4 layers, LoRA r=16 on all 7 projections) and print ratios as JSON: train step vs "
                     "PEFT and vs a frozen-base floor, unmerged / merged / 4-adapter mixed-batch forward vs the base "
-                    "model, and peak train-step memory vs PEFT. Variants are interleaved and the best of several "
-                    "rounds is kept. Needs peft and transformers installed; takes minutes.")
-    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds; the best round counts (default 5)")
+                    "model, and peak train-step memory vs PEFT (each in a fresh subprocess). Variants are interleaved "
+                    "call by call and each one's fastest call is kept, which is robust on a shared machine. Needs "
+                    "peft and transformers installed; takes several minutes.")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds of timed calls; more rounds, steadier minima (default 5)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     p.add_argument("--output", help="also write the JSON to this file")
 
