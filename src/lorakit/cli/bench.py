@@ -16,7 +16,8 @@ def add_parser(subparsers) -> None:
                     "model, and peak train-step memory vs PEFT (each in a fresh subprocess). Variants are interleaved "
                     "call by call and each one's fastest call is kept, which is robust on a shared machine. Needs "
                     "peft and transformers installed; takes several minutes.")
-    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds of timed calls; more rounds, steadier minima (default 5)")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="interleaved rounds of timed calls; more rounds, steadier minima (default 5)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     p.add_argument("--output", help="also write the JSON to this file")
 
