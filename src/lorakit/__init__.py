@@ -21,6 +21,7 @@ from lorakit.adapters import (
 from lorakit.config import LoraConfig
 from lorakit.hotswap import hotswap_adapter
 from lorakit.inject import find_targets, inject, unload
+from lorakit.io import load_adapter, load_full, save_adapter, save_full, save_merged
 from lorakit.merge import combine_adapters, merge, merge_and_unload, unmerge
 
 __version__ = "0.1.0"
@@ -31,4 +32,5 @@ __all__ = [
     "hotswap_adapter",
     "trainable_parameters", "summary", "print_trainable_parameters",
     "merge", "unmerge", "merge_and_unload", "combine_adapters",
+    "save_adapter", "load_adapter", "save_merged", "save_full", "load_full",
 ]

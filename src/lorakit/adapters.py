@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Sequence, Union
+from collections.abc import Iterator, Sequence
+from typing import Union
 
 from torch import nn
 
@@ -129,9 +130,11 @@ def refresh_trainable(model: nn.Module) -> None:
     """Freeze everything, then unfreeze the active adapters' parameters, their ``modules_to_save``
     copies, and the biases their ``bias`` mode names (``"all"``: every ``*.bias``;
     ``"lora_only"``: biases of adapted layers)."""
-    state = require_state(model)
+    state = get_state(model)
     for p in model.parameters():
         p.requires_grad_(False)
+    if state is None:
+        return
     for _, w in wrappers(model):
         for name in state.active:
             for p in w.adapter_parameters(name):

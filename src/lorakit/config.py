@@ -33,7 +33,7 @@ _PEFT_FEATURES_OFF = {
     "lora_bias": False, "eva_config": None, "corda_config": None, "trainable_token_indices": None,
     "target_parameters": None, "alora_invocation_tokens": None, "arrow_config": None,
     "ensure_weight_tying": False, "use_bdlora": None, "velora_config": None, "kasa_config": None,
-    "lora_ga_config": None, "mica_config": None,
+    "lora_ga_config": None, "mica_config": None, "monteclora_config": None,
 }
 
 
@@ -112,8 +112,8 @@ class LoraConfig:
                 raise TypeError(f"layers_pattern must be a non-empty str or list of str, got {self.layers_pattern!r}")
             if self.layers_to_transform is None:
                 raise ValueError("layers_pattern is only used together with layers_to_transform; set both")
-        for name, pattern, kind in (("rank_pattern", self.rank_pattern, "r"), ("alpha_pattern", self.alpha_pattern, "alpha")):
-            _check_pattern_dict(name, pattern, kind)
+        _check_pattern_dict("rank_pattern", self.rank_pattern, "r")
+        _check_pattern_dict("alpha_pattern", self.alpha_pattern, "alpha")
         if self.bias not in BIAS_MODES:
             raise ValueError(f"bias must be one of {BIAS_MODES}, got {self.bias!r}")
         if self.modules_to_save is not None:
@@ -151,17 +151,19 @@ class LoraConfig:
         d = dataclasses.asdict(self)
         if isinstance(d["target_modules"], list):
             d["target_modules"] = sorted(set(d["target_modules"]))
+        if d["exclude_modules"] is None:
+            del d["exclude_modules"]  # a PEFT >= 0.14 key; left out when unset so PEFT 0.10-0.13 read the file
         d.update(peft_type="LORA", task_type=task_type, inference_mode=True,
                  base_model_name_or_path=base_model_name_or_path, revision=None)
         return d
 
     @classmethod
-    def from_peft_dict(cls, d: dict[str, Any], source: str = "adapter_config.json") -> "LoraConfig":
+    def from_peft_dict(cls, d: dict[str, Any], source: str = "adapter_config.json") -> LoraConfig:
         """Build from a PEFT config dict.
 
-        Unknown keys from newer PEFT versions are ignored with a warning when they hold their
-        neutral value; a feature we do not implement (another ``peft_type``, LoftQ, a LoRA bias,
-        ...) raises rather than silently loading wrong numbers.
+        Unknown keys from newer PEFT versions are ignored with a warning; a feature we do not
+        implement (another ``peft_type``, LoftQ, a LoRA bias, ...) raises rather than silently
+        loading wrong numbers.
 
         Raises:
             ValueError: another PEFT method, or an unsupported feature is switched on.
@@ -170,7 +172,8 @@ class LoraConfig:
             raise ValueError(f"{source}: expected a JSON object, got {type(d).__name__}")
         peft_type = d.get("peft_type", "LORA")
         if str(peft_type).upper() != "LORA":
-            raise ValueError(f"{source}: peft_type is {peft_type!r}; lorakit reads LoRA adapters only (peft_type 'LORA')")
+            raise ValueError(f"{source}: peft_type is {peft_type!r}; lorakit reads LoRA adapters only "
+                             "(peft_type 'LORA')")
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in d.items() if k in known}
         unsupported, unknown = [], []
@@ -199,7 +202,8 @@ class LoraConfig:
         return cls(**kwargs)
 
     def to_json(self) -> str:
-        return json.dumps(self.to_peft_dict(), indent=2, sort_keys=True)
+        """The PEFT json text; key order is kept (rank/alpha patterns: the first match wins)."""
+        return json.dumps(self.to_peft_dict(), indent=2)
 
 
 def _check_positive_int(name: str, v: Any) -> None:
@@ -229,7 +233,8 @@ def _check_targets(name: str, v: Any) -> TargetSpec:
         if not items:
             raise ValueError(f"{name} must not be an empty list; give names, a regex or 'all-linear'")
         return sorted(set(items)) if isinstance(v, (set, frozenset)) else items
-    raise TypeError(f"{name} must be a list of module names, a regex string or 'all-linear', got {type(v).__name__} {v!r}")
+    raise TypeError(f"{name} must be a list of module names, a regex string or 'all-linear', "
+                    f"got {type(v).__name__} {v!r}")
 
 
 def _check_layers(v: Any) -> Union[int, list[int], None]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Iterator
+from collections.abc import Iterator
 
 from torch import nn
 
@@ -176,12 +176,14 @@ def inject(model: nn.Module, cfg: LoraConfig, adapter_name: str = "default", *,
         weight = module.base_weight()
         module.add_adapter(adapter_name, cfg.rank_for(name), cfg.alpha_for(name), cfg,
                            dtype=weight.dtype if dtype == "base" else None)
+        module.train(module.base_layer.training)  # new dropout modules follow the model's train/eval mode
     for name in saved:
         module = model.get_submodule(name)
         if not isinstance(module, ModulesToSave):
             module = ModulesToSave(module)
             _set_submodule(model, name, module)
         module.add_adapter(adapter_name)
+        module.train(module.original_module.training)
     state.configs[adapter_name] = cfg
     state.targets[adapter_name] = targets
     if not state.active:
@@ -206,7 +208,8 @@ def _find_modules_to_save(model: nn.Module, cfg: LoraConfig) -> list[str]:
 def _enable_checkpointing_grads(model: nn.Module) -> None:
     """With reentrant gradient checkpointing, a block whose inputs need no grad gives its LoRA
     factors no grad either; make the embeddings' output require grad, as PEFT does."""
-    flag = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else "is_gradient_checkpointing"
+    new_name = hasattr(type(model), "is_activation_checkpointing")  # transformers >= 5 renamed the flag
+    flag = "is_activation_checkpointing" if new_name else "is_gradient_checkpointing"
     if getattr(model, flag, False) and hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
 

@@ -7,21 +7,57 @@ side effect of ``train()``/``eval()``.
 
 from __future__ import annotations
 
-from typing import Sequence
+import re
+import warnings
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from lorakit.adapters import _check_names, wrappers
+from lorakit.adapters import _check_names, refresh_trainable, wrappers
 from lorakit.config import LoraConfig
 from lorakit.inject import _set_submodule, candidate_modules
-from lorakit.layers import Embedding, LoraLayer
+from lorakit.layers import Embedding, LoraLayer, MultiheadAttention
 from lorakit.layers.saved import ModulesToSave
 from lorakit.state import require_state
 
 
 def _lora_layers(model: nn.Module) -> list[LoraLayer]:
     return [w for _, w in wrappers(model) if isinstance(w, LoraLayer)]
+
+
+def untie_adapted_weights(model: nn.Module, names: Sequence[str]) -> list[str]:
+    """Give each adapted layer whose weight is shared (tied) with another module — lm_head and
+    embed_tokens, say — and that an adapter in ``names`` is about to change, a private copy of
+    that weight, so that folding ΔW into one leaves the other as it was. HF configs (and their
+    text sub-config) get ``tie_word_embeddings=False`` so a saved copy reloads untied.
+
+    Returns:
+        The names of the layers that were untied.
+    """
+    owners: dict[int, int] = {}
+    for m in model.modules():
+        for p in m.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    untied = []
+    for path, layer in wrappers(model):
+        if not isinstance(layer, LoraLayer) or not any(n in layer.r and n not in layer.merged_adapters for n in names):
+            continue
+        weight = layer.base_weight()
+        if owners.get(id(weight), 0) > 1:
+            attr = "in_proj_weight" if isinstance(layer.base_layer, nn.MultiheadAttention) else "weight"
+            setattr(layer.base_layer, attr, nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad))
+            untied.append(path)
+    config = getattr(model, "config", None)
+    if untied and config is not None:
+        text = getattr(config, "get_text_config", None)
+        for c in (config, text() if callable(text) else None):
+            if getattr(c, "tie_word_embeddings", False):
+                c.tie_word_embeddings = False
+    if untied:
+        warnings.warn(f"merging into {untied}, whose weights are tied to another module: untied them (the other "
+                      "module keeps the base weight; tie_word_embeddings=False)", stacklevel=3)
+    return untied
 
 
 def merge(model: nn.Module, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
@@ -47,6 +83,7 @@ def merge(model: nn.Module, adapter_names: Sequence[str] | None = None, safe_mer
                     raise ValueError(f"merging adapter {name!r} gives non-finite weights in "
                                      f"{type(layer.base_layer).__name__}; the adapter is broken. "
                                      "No weight was changed.")
+    untie_adapted_weights(model, names)
     for layer in layers:
         layer.merge(names)
 
@@ -81,12 +118,27 @@ def merge_and_unload(model: nn.Module, adapter_names: Sequence[str] | None = Non
     return model
 
 
+def _concat_into(layer: LoraLayer, parts: list[tuple[str, float]], new_name: str) -> None:
+    """Fill ``new_name`` of one layer with the rank-concatenation of ``parts`` (see combine_adapters)."""
+    with torch.no_grad():
+        if isinstance(layer, Embedding):
+            layer.lora_embedding_A[new_name].copy_(torch.cat([layer.lora_embedding_A[n] for n, _ in parts], 0))
+            layer.lora_embedding_B[new_name].copy_(
+                torch.cat([w * layer.scaling[n] * layer.lora_embedding_B[n] for n, w in parts], 1))
+        else:
+            layer.lora_A[new_name].weight.copy_(torch.cat([layer.lora_A[n].weight for n, _ in parts], 0))
+            layer.lora_B[new_name].weight.copy_(
+                torch.cat([w * layer.scaling[n] * layer.lora_B[n].weight for n, w in parts], 1))
+
+
 def combine_adapters(model: nn.Module, names: Sequence[str], weights: Sequence[float], new_name: str) -> None:
     """Add adapter ``new_name`` with ``ΔW_new = Σ_i w_i·ΔW_i`` exactly, by concatenating ranks:
 
         A_new = [A_1; A_2; ...] (Σr, in),  B_new = [w_1 s_1 B_1, w_2 s_2 B_2, ...] (out, Σr),  scaling 1.
 
-    The new adapter is added inactive; ``set_adapter(model, new_name)`` uses it.
+    Each layer's rank is the sum over the adapters present in it; the new config records it per
+    layer (exact-name ``rank_pattern``/``alpha_pattern``, alpha = rank), so that it rebuilds the
+    same shapes. The new adapter is added inactive; ``set_adapter(model, new_name)`` uses it.
 
     Raises:
         ValueError: unknown names, mismatched lengths, an existing ``new_name``, or DoRA adapters.
@@ -95,33 +147,29 @@ def combine_adapters(model: nn.Module, names: Sequence[str], weights: Sequence[f
     names = list(names)
     _check_names(model, names, "combine_adapters")
     if len(weights) != len(names) or not names:
-        raise ValueError(f"combine_adapters needs one weight per adapter: got {len(names)} names, {len(weights)} weights")
+        raise ValueError(f"combine_adapters needs one weight per adapter: got {len(names)} names, "
+                         f"{len(weights)} weights")
     if new_name in state.configs:
         raise ValueError(f"adapter {new_name!r} already exists")
     if any(state.configs[n].use_dora for n in names):
         raise ValueError("DoRA adapters cannot be combined linearly (their magnitudes do not add)")
     targets = list(dict.fromkeys(t for n in names for t in state.targets[n]))
-    total_r = sum(state.configs[n].r for n in names)
-    cfg = LoraConfig(r=total_r, lora_alpha=total_r, target_modules=targets, init_lora_weights=False)
-    for _, layer in wrappers(model):
-        if not isinstance(layer, LoraLayer):
-            continue
+    ranks = {}
+    for t in targets:
+        layer = model.get_submodule(t)
+        ranks[t] = sum(layer.r[n] for n in names if n in layer.r)
+    patterns = {re.escape(t): r for t, r in ranks.items()}
+    cfg = LoraConfig(r=max(ranks.values()), lora_alpha=max(ranks.values()), target_modules=targets,
+                     rank_pattern=patterns, alpha_pattern=dict(patterns), init_lora_weights=False)
+    for t in targets:
+        layer = model.get_submodule(t)
         parts = [(n, w) for n, w in zip(names, weights) if n in layer.r]
-        if not parts:
-            continue
-        r_new = sum(layer.r[n] for n, _ in parts)
-        layer.add_adapter(new_name, r_new, r_new, cfg)  # scaling = 1
-        with torch.no_grad():
-            if isinstance(layer, Embedding):
-                layer.lora_embedding_A[new_name].copy_(torch.cat([layer.lora_embedding_A[n] for n, _ in parts], 0))
-                layer.lora_embedding_B[new_name].copy_(
-                    torch.cat([w * layer.scaling[n] * layer.lora_embedding_B[n] for n, w in parts], 1))
-            else:
-                layer.lora_A[new_name].weight.copy_(torch.cat([layer.lora_A[n].weight for n, _ in parts], 0))
-                layer.lora_B[new_name].weight.copy_(
-                    torch.cat([w * layer.scaling[n] * layer.lora_B[n].weight for n, w in parts], 1))
+        layer.add_adapter(new_name, ranks[t], ranks[t], cfg)  # scaling = alpha / r = 1
+        _concat_into(layer, parts, new_name)
+        if isinstance(layer, MultiheadAttention):  # its out_proj wrapper got the adapter too
+            _concat_into(layer.out_proj_lora, parts, new_name)
     state.configs[new_name] = cfg
     state.targets[new_name] = targets
     for _, w in wrappers(model):
-        if isinstance(w, LoraLayer):
-            w.set_active(state.active)
+        w.set_active(state.active)
+    refresh_trainable(model)

@@ -11,9 +11,14 @@ import argparse
 import importlib
 import sys
 
+# what a user can cause (a bad flag value, a missing file): one line on stderr, exit code 1
+INPUT_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError, IsADirectoryError)
+
 # sub-command -> module defining add_parser() and run()
 COMMANDS: dict[str, str] = {
     "bench": "lorakit.cli.bench",
+    "inspect": "lorakit.cli.inspect",
+    "merge": "lorakit.cli.merge",
 }
 
 
@@ -23,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="LoRA fine-tuning for PyTorch models: train, compare methods, merge and inspect adapters.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, module in COMMANDS.items():
+    for module in COMMANDS.values():
         importlib.import_module(module).add_parser(sub)
     return parser
 
@@ -36,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(importlib.import_module(COMMANDS[args.command]).run(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError, IsADirectoryError) as e:
+    except INPUT_ERRORS as e:
         print(f"lorakit {args.command}: error: {e}", file=sys.stderr)
         return 1
 

@@ -13,7 +13,8 @@ active adapters ``a``; a merged adapter lives inside the base weight instead:
 from __future__ import annotations
 
 import math
-from typing import Iterator, Union
+from collections.abc import Iterator
+from typing import Union
 
 import torch
 from torch import nn
@@ -81,7 +82,8 @@ class LoraLayer(nn.Module):
     def merged(self) -> bool:
         return bool(self.merged_adapters)
 
-    def add_adapter(self, name: str, r: int, lora_alpha: float, cfg: LoraConfig, *, dtype: torch.dtype | None = None) -> None:
+    def add_adapter(self, name: str, r: int, lora_alpha: float, cfg: LoraConfig, *,
+                    dtype: torch.dtype | None = None) -> None:
         """Create adapter ``name`` with rank ``r``; initialise it per ``cfg.init_lora_weights``."""
         self.r[name] = r
         self.lora_alpha[name] = lora_alpha

@@ -50,5 +50,6 @@ class Embedding(LoraLayer):
     def _lora_out(self, x: torch.Tensor, name: str, base_out: torch.Tensor) -> torch.Tensor:
         A, B = self.lora_embedding_A[name], self.lora_embedding_B[name]
         e = self.base_layer
-        after_a = F.embedding(x, A.T, e.padding_idx, e.max_norm, e.norm_type, e.scale_grad_by_freq, e.sparse)  # (..., r)
+        after_a = F.embedding(x, A.T, e.padding_idx, e.max_norm, e.norm_type,
+                              e.scale_grad_by_freq, e.sparse)  # (..., r)
         return (after_a @ B.T) * self.scaling[name]  # (..., dim)

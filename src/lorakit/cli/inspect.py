@@ -1,0 +1,150 @@
+"""``lorakit inspect DIR``: what a PEFT-format adapter directory holds, without loading a model.
+
+Reads ``adapter_config.json`` and the tensor headers of ``adapter_model.safetensors`` (no tensor
+data is read; a legacy ``.bin`` is read with ``torch.load(weights_only=True)``), and reports the
+config, the targeted modules with their ranks, the parameter count, the size on disk and the
+PEFT version that wrote the files when recorded. Non-default adapters that PEFT / lorakit keep
+in sub-directories are listed too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+_FACTORS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "inspect",
+        help="show what a LoRA adapter directory holds (config, modules, ranks, size)",
+        description="Describe a PEFT-format LoRA adapter directory (adapter_config.json + "
+                    "adapter_model.safetensors, as written by lorakit.save_adapter or PEFT's save_pretrained): "
+                    "its config, the modules it adapts and their ranks, its parameter count, its size on disk "
+                    "and the PEFT version that wrote it, if recorded. Reads tensor headers only.",
+    )
+    p.add_argument("directory", metavar="DIR", help="adapter directory (the one holding adapter_config.json)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a text report")
+
+
+def describe(directory: str | Path) -> dict[str, Any]:
+    """A summary of the adapter in ``directory`` (and of any adapters in its sub-directories).
+
+    Raises:
+        FileNotFoundError / NotADirectoryError / ValueError: as ``lorakit.load_adapter`` for the same files.
+    """
+    from lorakit.config import LoraConfig
+    from lorakit.io.peft_format import CONFIG_NAME, PREFIX, read_config_dict, resolve_adapter_dir, weights_path
+
+    d = resolve_adapter_dir(directory)
+    raw = read_config_dict(d)
+    peft_type = str(raw.get("peft_type", "LORA"))
+    shapes, dtypes = _tensor_headers(weights_path(d))
+    modules: dict[str, dict[str, Any]] = {}
+    other: list[str] = []
+    for key, shape in shapes.items():
+        k = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        parts = k.split(".")
+        hit = next((i for i, part in enumerate(parts) if part in _FACTORS), None)
+        if hit is None:
+            other.append(k)
+            continue
+        entry = modules.setdefault(".".join(parts[:hit]), {"rank": None, "dora": False})
+        if parts[hit] in ("lora_A", "lora_embedding_A"):
+            entry["rank"] = shape[0]
+        elif parts[hit] == "lora_magnitude_vector":
+            entry["dora"] = True
+    cfg = None
+    if peft_type.upper() == "LORA":
+        try:
+            cfg = LoraConfig.from_peft_dict(raw, source=str(d / CONFIG_NAME))
+        except ValueError as e:
+            cfg = f"not loadable by lorakit: {e}"
+    for name, entry in modules.items():
+        if isinstance(cfg, LoraConfig):
+            entry["alpha"] = cfg.alpha_for(name)
+    files = [p for p in sorted(d.iterdir()) if p.is_file()]
+    subdirs = [p for p in sorted(d.iterdir()) if (p / CONFIG_NAME).is_file()] if d == Path(directory) else []
+    return {
+        "directory": str(d),
+        "peft_type": peft_type,
+        "task_type": raw.get("task_type"),
+        "base_model_name_or_path": raw.get("base_model_name_or_path"),
+        "peft_version": raw.get("peft_version"),
+        "config": {k: raw[k] for k in ("r", "lora_alpha", "lora_dropout", "target_modules", "use_dora",
+                                       "use_rslora", "bias", "modules_to_save", "layers_to_transform",
+                                       "rank_pattern", "alpha_pattern") if k in raw},
+        "lorakit_can_load": isinstance(cfg, LoraConfig) if peft_type.upper() == "LORA" else False,
+        "modules": modules,
+        "other_tensors": other,
+        "parameters": sum(_numel(s) for s in shapes.values()),
+        "dtypes": sorted(set(dtypes.values())),
+        "size_bytes": sum(p.stat().st_size for p in files),
+        "files": {p.name: p.stat().st_size for p in files},
+        "sub_adapters": {p.name: describe(p) for p in subdirs},
+    }
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _tensor_headers(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), "pt") as f:
+                shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+                dtypes = {k: str(f.get_slice(k).get_dtype()) for k in f.keys()}
+        except Exception as e:
+            raise ValueError(f"{str(path)!r} is not a readable safetensors file (truncated or corrupt?): {e}") from e
+        return shapes, dtypes
+    from lorakit.io.peft_format import read_tensors
+
+    tensors = read_tensors(path)
+    return ({k: tuple(v.shape) for k, v in tensors.items()},
+            {k: str(v.dtype).replace("torch.", "").upper() for k, v in tensors.items()})
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+def format_report(info: dict[str, Any], indent: str = "") -> str:
+    lines = [
+        f"{indent}adapter: {info['directory']}",
+        f"{indent}  type: {info['peft_type']}   task_type: {info['task_type']}   "
+        f"written by PEFT: {info['peft_version'] or 'not recorded'}",
+        f"{indent}  base model: {info['base_model_name_or_path'] or 'not recorded'}",
+        f"{indent}  config: " + ", ".join(f"{k}={v!r}" for k, v in info["config"].items()),
+        f"{indent}  lorakit can load it: {'yes' if info['lorakit_can_load'] else 'no'}",
+        f"{indent}  parameters: {info['parameters']:,d} ({', '.join(info['dtypes'])})   "
+        f"size on disk: {_human(info['size_bytes'])} ({info['size_bytes']:,d} bytes)",
+        f"{indent}  adapted modules ({len(info['modules'])}):",
+    ]
+    for name, m in info["modules"].items():
+        extra = (f"  alpha={m['alpha']:g}" if "alpha" in m else "") + ("  DoRA" if m["dora"] else "")
+        lines.append(f"{indent}    {name}  r={m['rank']}{extra}")
+    if info["other_tensors"]:
+        lines.append(f"{indent}  other tensors ({len(info['other_tensors'])}): saved modules, biases, embeddings")
+        lines += [f"{indent}    {k}" for k in info["other_tensors"]]
+    for sub in info["sub_adapters"].values():
+        lines.append(format_report(sub, indent + "  "))
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    info = describe(args.directory)
+    print(json.dumps(info, indent=2) if args.json else format_report(info))
+    return 0

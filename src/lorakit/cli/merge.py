@@ -1,0 +1,97 @@
+"""``lorakit merge --base MODEL_DIR --adapter DIR --out OUT``: fold a LoRA adapter into its base model.
+
+The base is a local transformers model directory; its class comes from the adapter's
+``task_type`` (``CAUSAL_LM`` -> ``AutoModelForCausalLM``, ...) or, when that is not recorded,
+from ``architectures`` in the base's ``config.json``. The result (form b) is a plain
+transformers model directory of the same architecture, loadable with ``from_pretrained``;
+tokenizer files found in the base directory are copied beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+from pathlib import Path
+
+TASK_TO_AUTO = {
+    "CAUSAL_LM": "AutoModelForCausalLM",
+    "SEQ_CLS": "AutoModelForSequenceClassification",
+    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
+    "TOKEN_CLS": "AutoModelForTokenClassification",
+    "QUESTION_ANS": "AutoModelForQuestionAnswering",
+    "FEATURE_EXTRACTION": "AutoModel",
+}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
+                   "vocab.json", "merges.txt", "tokenizer.model", "spiece.model", "added_tokens.json")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "merge",
+        help="merge a LoRA adapter into its base model and save a plain transformers model",
+        description="Load a local transformers base model, apply a PEFT-format LoRA adapter (from lorakit or "
+                    "PEFT), fold W + ΔW into the weights and save the result as a plain model directory of the "
+                    "same architecture (loadable with AutoModel*.from_pretrained, no lorakit or PEFT needed). "
+                    "Nothing is downloaded.",
+    )
+    p.add_argument("--base", required=True, metavar="MODEL_DIR",
+                   help="local directory of the base model (config.json + weights), as save_pretrained writes")
+    p.add_argument("--adapter", required=True, metavar="DIR",
+                   help="adapter directory holding adapter_config.json and adapter_model.safetensors")
+    p.add_argument("--out", required=True, metavar="OUT", help="output directory for the merged model (created)")
+    p.add_argument("--adapter-name", default="default", metavar="NAME",
+                   help="for a directory with several adapters: which one (a sub-directory name); default: default")
+
+
+def model_class(base_dir: Path, task_type: str | None):
+    """The transformers class to load ``base_dir`` with, for an adapter of ``task_type``.
+
+    Raises:
+        FileNotFoundError: no config.json. ValueError: no usable class.
+    """
+    import transformers
+
+    config_path = base_dir / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"--base {str(base_dir)!r} has no config.json; give a local model directory "
+                                "written by save_pretrained")
+    if task_type in TASK_TO_AUTO:
+        return getattr(transformers, TASK_TO_AUTO[task_type])
+    try:
+        archs = json.loads(config_path.read_text()).get("architectures") or []
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{str(config_path)!r} is not valid JSON: {e}") from None
+    for arch in archs:
+        if hasattr(transformers, arch):
+            return getattr(transformers, arch)
+    if task_type is not None:
+        raise ValueError(f"the adapter's task_type {task_type!r} is not one of {sorted(TASK_TO_AUTO)} and "
+                         f"{str(config_path)!r} names no known architecture ({archs})")
+    return transformers.AutoModel
+
+
+def run(args: argparse.Namespace) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import lorakit as lk
+    from lorakit.io.peft_format import read_config_dict, resolve_adapter_dir
+
+    base_dir = Path(args.base)
+    if not base_dir.is_dir():
+        raise FileNotFoundError(f"--base {str(base_dir)!r} is not a directory")
+    adapter_dir = resolve_adapter_dir(args.adapter, args.adapter_name)
+    task_type = read_config_dict(adapter_dir).get("task_type")
+    cls = model_class(base_dir, task_type)
+    model = cls.from_pretrained(str(base_dir), local_files_only=True)
+    n_base = sum(p.numel() for p in model.parameters())
+    lk.load_adapter(model, adapter_dir, adapter_name=args.adapter_name)
+    lk.set_adapter(model, args.adapter_name)
+    out = lk.save_merged(model, args.out)
+    copied = [f for f in TOKENIZER_FILES if (base_dir / f).is_file()]
+    for f in copied:
+        shutil.copyfile(base_dir / f, out / f)
+    print(f"merged {str(adapter_dir)!r} into {type(model).__name__} from {str(base_dir)!r} -> {str(out)!r}"
+          + (f" (+ {len(copied)} tokenizer file(s))" if copied else ""))
+    print(f"base model parameters: {n_base:,d} (the merged model has the same, unless tied weights were untied)")
+    return 0

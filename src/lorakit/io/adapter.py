@@ -1,0 +1,180 @@
+"""Form (c): one adapter as PEFT's ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+``save_adapter`` writes exactly the tensors, keys and dtypes PEFT 0.21's ``save_pretrained``
+writes for the same adapter (so the files are the same size), and a config PEFT >= 0.10 reads.
+``load_adapter`` reads files written by PEFT or lorakit, injects the adapter the config
+describes and loads its weights, checking every key and shape first.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Union
+
+import torch
+from torch import nn
+
+from lorakit.adapters import refresh_trainable, wrappers
+from lorakit.config import LoraConfig
+from lorakit.inject import inject, unload
+from lorakit.io.peft_format import (
+    CONFIG_NAME,
+    PREFIX,
+    WEIGHTS_NAME,
+    PathLike,
+    adapter_state_dict,
+    effective_config,
+    infer_task_type,
+    load_plan,
+    read_config_dict,
+    read_tensors,
+    resolve_adapter_dir,
+    weights_path,
+)
+from lorakit.io.safe_write import write_files_atomically, write_text_file
+from lorakit.state import get_state, require_state
+
+
+def adapter_dir(directory: PathLike, adapter_name: str) -> Path:
+    """Where PEFT's ``save_pretrained`` puts an adapter: ``directory`` for ``"default"``,
+    ``directory/<adapter_name>/`` for any other name."""
+    return Path(directory) if adapter_name == "default" else Path(directory) / adapter_name
+
+
+def save_adapter(model: nn.Module, directory: PathLike, adapter_name: str = "default", *,
+                 task_type: str | None = None, save_embedding_layers: Union[bool, str] = "auto") -> Path:
+    """Save adapter ``adapter_name`` in PEFT's format (form c): a few MB, merged or not at load.
+
+    Writes ``adapter_config.json`` and ``adapter_model.safetensors`` into ``directory`` (for
+    ``"default"``) or ``directory/<adapter_name>/`` (any other name), as PEFT does. Both files are
+    written to temporaries first and renamed into place together, so a failed save leaves the
+    previous files untouched.
+
+    Args:
+        model: a model with lorakit adapters.
+        directory: the output directory (created if missing).
+        adapter_name: which adapter to save.
+        task_type: PEFT's ``task_type`` to record (default: inferred from a transformers class,
+            e.g. ``"CAUSAL_LM"`` for ``*ForCausalLM``).
+        save_embedding_layers: also store the embedding layers' base weights; ``"auto"`` (PEFT's
+            default) does when ``embed_tokens``/``lm_head`` are targeted.
+
+    Returns:
+        The directory the files were written to.
+
+    Raises:
+        ValueError: an unknown adapter name. NotADirectoryError / PermissionError: a bad target.
+    """
+    state = require_state(model)
+    if adapter_name not in state.configs:
+        raise ValueError(f"no adapter named {adapter_name!r}; this model has {list(state.configs)}")
+    out = adapter_dir(directory, adapter_name)
+    cfg = effective_config(model, adapter_name)
+    name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    config = cfg.to_peft_dict(base_model_name_or_path=name_or_path,
+                              task_type=task_type or infer_task_type(model, adapter_name))
+    tensors = adapter_state_dict(model, adapter_name, save_embedding_layers)
+
+    def write_weights(path: str) -> None:
+        from safetensors.torch import save_file
+
+        save_file(tensors, path, metadata={"format": "pt"})
+
+    write_files_atomically(out, {
+        WEIGHTS_NAME: write_weights,
+        # top-level keys sorted like PEFT's; rank/alpha_pattern keep their order (the first match wins)
+        CONFIG_NAME: lambda path: write_text_file(path, json.dumps(dict(sorted(config.items())), indent=2)),
+    })
+    return out
+
+
+def load_adapter(model: nn.Module, directory: PathLike, adapter_name: str = "default",
+                 is_trainable: bool = False) -> nn.Module:
+    """Load a PEFT-format LoRA adapter (written by PEFT or lorakit) into ``model``, in place.
+
+    Reads the config, injects the adapter it describes (into a plain base model, or as one more
+    named adapter of an already-injected model) and loads its weights. Files are read and
+    checked before the model is touched; if loading fails afterwards the injection is undone.
+    ``directory/<adapter_name>/`` is used when it holds the adapter (PEFT's layout for a
+    non-default adapter), else ``directory``.
+
+    Weights are read from ``adapter_model.safetensors``, or from a legacy ``adapter_model.bin``
+    with ``torch.load(weights_only=True)`` only: arbitrary pickled objects are refused. Base
+    tensors PEFT stores beside the adapter (trained biases, embedding layers) are loaded into
+    the base, as PEFT does.
+
+    Args:
+        is_trainable: False (default, as PEFT): the adapter's parameters are frozen and the
+            model is put in ``eval()`` mode. True: they train while the adapter is active.
+
+    Returns:
+        ``model``.
+
+    Raises:
+        FileNotFoundError / NotADirectoryError: no such directory or files.
+        ValueError: malformed JSON, another PEFT method or an unsupported LoRA feature, a
+            truncated or unsafe weights file, keys missing or unexpected, or shapes that do not
+            fit the model (naming the key, the expected and the found shape).
+    """
+    d = resolve_adapter_dir(directory, adapter_name)
+    cfg = LoraConfig.from_peft_dict(read_config_dict(d), source=str(d / CONFIG_NAME))
+    tensors = read_tensors(weights_path(d))
+    state = get_state(model)
+    fresh = state is None or not state.configs
+    if not fresh and adapter_name in state.configs:
+        raise ValueError(f"adapter {adapter_name!r} already exists (adapters: {list(state.configs)}); "
+                         "load under another adapter_name or delete it first")
+    try:
+        try:
+            inject(model, cfg, adapter_name)
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"cannot apply the adapter in {str(d)!r} to this {type(model).__name__}: {e}") from e
+        _load_tensors(model, adapter_name, tensors, source=str(weights_path(d)))
+    except BaseException:
+        _rollback(model, adapter_name, fresh)
+        raise
+    refresh_trainable(model)
+    if not is_trainable:
+        for _, w in wrappers(model):
+            for p in w.adapter_parameters(adapter_name):
+                p.requires_grad_(False)
+        model.eval()
+    return model
+
+
+def _load_tensors(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Check every key and shape, then copy (casting to each parameter's dtype)."""
+    required, optional = load_plan(model, name)
+    file_keys = {(k[len(PREFIX):] if k.startswith(PREFIX) else k): k for k in tensors}
+    missing = [k for k in required if k not in file_keys]
+    unexpected = [k for k in file_keys if k not in required and k not in optional]
+    if missing:
+        raise ValueError(f"{source}: {len(missing)} tensor(s) the config's adapter needs are missing, e.g. "
+                         f"{[PREFIX + k for k in missing[:3]]}; the file does not match this model or config")
+    if unexpected:
+        raise ValueError(f"{source}: {len(unexpected)} tensor(s) match nothing in this "
+                         f"{type(model).__name__}, e.g. {[file_keys[k] for k in unexpected[:3]]}")
+    targets = model.state_dict(keep_vars=True)
+    plan = {**optional, **required}
+    for k, fk in file_keys.items():
+        want, got = tuple(targets[plan[k]].shape), tuple(tensors[fk].shape)
+        if want != got:
+            raise ValueError(f"{source}: tensor {fk!r} has shape {got} but this model expects {want}; "
+                             "the adapter was trained for a different model size or rank")
+    with torch.no_grad():
+        for k, fk in file_keys.items():
+            targets[plan[k]].copy_(tensors[fk])
+
+
+def _rollback(model: nn.Module, name: str, fresh: bool) -> None:
+    """Undo a failed load: a plain model gets its modules back; an injected one loses ``name``."""
+    if fresh:
+        unload(model)
+        return
+    for _, w in wrappers(model):
+        if name in w.adapter_names:
+            w.delete_adapter(name)
+    state = require_state(model)
+    state.configs.pop(name, None)
+    state.targets.pop(name, None)

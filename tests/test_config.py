@@ -1,0 +1,92 @@
+"""LoraConfig validation: every bad value raises from lorakit, naming the field and the problem."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+import lorakit as lk
+
+
+@pytest.mark.parametrize("kwargs, exc, words", [
+    (dict(r=0), ValueError, ["r", "positive", "0"]),
+    (dict(r=-3), ValueError, ["r", "-3"]),
+    (dict(r=2.5), TypeError, ["r", "2.5"]),
+    (dict(r=True), TypeError, ["r"]),
+    (dict(lora_alpha=0), ValueError, ["lora_alpha"]),
+    (dict(lora_alpha=math.nan), ValueError, ["lora_alpha"]),
+    (dict(lora_alpha="16"), TypeError, ["lora_alpha"]),
+    (dict(lora_dropout=1.0), ValueError, ["lora_dropout", "[0, 1)"]),
+    (dict(lora_dropout=-0.1), ValueError, ["lora_dropout"]),
+    (dict(lora_dropout="0.1"), TypeError, ["lora_dropout"]),
+    (dict(target_modules=7), TypeError, ["target_modules", "int"]),
+    (dict(target_modules=[]), ValueError, ["target_modules", "empty"]),
+    (dict(target_modules=["q", 3]), TypeError, ["target_modules", "3"]),
+    (dict(target_modules=""), ValueError, ["target_modules", "empty"]),
+    (dict(target_modules="q_proj(("), ValueError, ["target_modules", "regular expression"]),
+    (dict(exclude_modules=5), TypeError, ["exclude_modules"]),
+    (dict(target_modules=".*q", layers_to_transform=[0]), ValueError, ["layers_to_transform", "regex"]),
+    (dict(layers_to_transform=[-1]), ValueError, ["layers_to_transform", "-1"]),
+    (dict(layers_to_transform="0"), ValueError, ["layers_to_transform"]),
+    (dict(layers_pattern="layers"), ValueError, ["layers_pattern", "layers_to_transform"]),
+    (dict(layers_to_transform=[0], layers_pattern=3), TypeError, ["layers_pattern"]),
+    (dict(rank_pattern={"q_proj": 0}), ValueError, ["rank_pattern", "q_proj", "positive"]),
+    (dict(rank_pattern={"q_proj": 2.0}), ValueError, ["rank_pattern"]),
+    (dict(rank_pattern=["q_proj"]), TypeError, ["rank_pattern", "dict"]),
+    (dict(rank_pattern={"(": 2}), ValueError, ["rank_pattern", "regular expression"]),
+    (dict(alpha_pattern={"v_proj": -1}), ValueError, ["alpha_pattern", "v_proj"]),
+    (dict(bias="some"), ValueError, ["bias", "none", "lora_only", "some"]),
+    (dict(modules_to_save=[1]), TypeError, ["modules_to_save"]),
+    (dict(init_lora_weights="xavier"), ValueError, ["init_lora_weights", "pissa", "xavier"]),
+    (dict(use_dora="yes"), TypeError, ["use_dora"]),
+    (dict(use_rslora=1), TypeError, ["use_rslora"]),
+])
+def test_bad_values_raise_with_a_message(kwargs, exc, words):
+    with pytest.raises(exc) as info:
+        lk.LoraConfig(**kwargs)
+    for w in words:
+        assert w in str(info.value), (w, str(info.value))
+
+
+def test_valid_forms_accepted():
+    lk.LoraConfig(target_modules=["q_proj", "v_proj"])
+    lk.LoraConfig(target_modules=r".*\.(q|v)_proj")
+    lk.LoraConfig(target_modules="all-linear", exclude_modules=["lm_head"])
+    lk.LoraConfig(target_modules=["q"], layers_to_transform=3)
+    lk.LoraConfig(target_modules=["q"], layers_to_transform=[0, 2], layers_pattern=["layers", "h"])
+    for init in (True, False, "gaussian", "pissa", "olora"):
+        lk.LoraConfig(init_lora_weights=init)
+
+
+def test_scaling_and_patterns():
+    cfg = lk.LoraConfig(r=8, lora_alpha=16, rank_pattern={r"layers\.0\.q_proj": 2}, alpha_pattern={"v_proj": 4})
+    assert cfg.scaling(8, 16) == 2.0
+    assert lk.LoraConfig(use_rslora=True).scaling(16, 16) == 4.0
+    assert cfg.rank_for("model.layers.0.q_proj") == 2
+    assert cfg.rank_for("model.layers.1.q_proj") == 8
+    assert cfg.alpha_for("model.layers.1.v_proj") == 4
+    assert cfg.alpha_for("model.layers.1.xv_proj") == 16  # whole-component match only
+
+
+def test_peft_dict_round_trip():
+    cfg = lk.LoraConfig(r=4, lora_alpha=8, target_modules=["v", "q"], rank_pattern={"q": 2}, use_dora=True)
+    d = cfg.to_peft_dict()
+    assert d["peft_type"] == "LORA" and d["target_modules"] == ["q", "v"]
+    back = lk.LoraConfig.from_peft_dict(d)
+    assert back.r == 4 and back.rank_pattern == {"q": 2} and back.use_dora
+
+
+def test_peft_dict_refuses_other_methods_and_features():
+    with pytest.raises(ValueError, match="peft_type is 'IA3'"):
+        lk.LoraConfig.from_peft_dict({"peft_type": "IA3", "target_modules": ["q"]})
+    with pytest.raises(ValueError, match="loftq_config"):
+        lk.LoraConfig.from_peft_dict({"peft_type": "LORA", "target_modules": ["q"], "loftq_config": {"loftq_bits": 4}})
+    with pytest.raises(ValueError, match="init_lora_weights='eva'"):
+        lk.LoraConfig.from_peft_dict({"peft_type": "LORA", "target_modules": ["q"], "init_lora_weights": "eva"})
+
+
+def test_peft_dict_warns_on_unknown_keys():
+    with pytest.warns(UserWarning, match="some_future_key"):
+        cfg = lk.LoraConfig.from_peft_dict({"peft_type": "LORA", "target_modules": ["q"], "some_future_key": None})
+    assert cfg.target_modules == ["q"]
