@@ -121,7 +121,7 @@ def test_other_errors():
         lk.hotswap_adapter(model, {k: v for k, v in sd.items() if "layers.1." not in k}, "default")
     with pytest.raises(ValueError, match="not a lorakit LoRA layer"):
         lk.hotswap_adapter(model, {**sd, "base_model.model.lm_head.lora_A.weight": torch.zeros(4, 32)}, "default")
-    with pytest.raises(FileNotFoundError, match="adapter_model.safetensors"):
+    with pytest.raises(FileNotFoundError, match="has neither adapter_model.safetensors"):
         lk.hotswap_adapter(model, "/nonexistent/dir", "default")
     with pytest.raises(TypeError, match="directory or a state dict"):
         lk.hotswap_adapter(model, 3, "default")

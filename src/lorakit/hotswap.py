@@ -18,9 +18,9 @@ Accepted state-dict keys, for module path ``P`` of the model lorakit was injecte
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Union
 
 import torch
@@ -28,6 +28,7 @@ from torch import nn
 
 from lorakit.adapters import _check_names, wrappers
 from lorakit.config import LoraConfig
+from lorakit.io.peft_format import CONFIG_NAME, read_config_dict, read_tensors, weights_path
 from lorakit.layers import LoraLayer
 from lorakit.layers.saved import ModulesToSave
 from lorakit.state import require_state
@@ -38,27 +39,17 @@ Source = Union[str, os.PathLike, Mapping[str, torch.Tensor]]
 
 
 def read_adapter_dir(directory: str | os.PathLike) -> tuple[dict[str, torch.Tensor], LoraConfig | None]:
-    """``adapter_model.safetensors`` (or legacy ``adapter_model.bin``, never unpickled) and the
-    ``adapter_config.json`` beside it, if any.
+    """The adapter's tensors and, if present, its ``adapter_config.json`` (read by ``lorakit.io``:
+    safetensors, or a legacy ``.bin`` with ``weights_only=True``, never unpickled).
 
     Raises:
         FileNotFoundError: no adapter weights in ``directory``.
+        ValueError: an unreadable weights or config file.
     """
-    d = os.fspath(directory)
-    st, binf = os.path.join(d, "adapter_model.safetensors"), os.path.join(d, "adapter_model.bin")
-    if os.path.isfile(st):
-        from safetensors.torch import load_file
-
-        sd = load_file(st)
-    elif os.path.isfile(binf):
-        sd = torch.load(binf, map_location="cpu", weights_only=True)
-    else:
-        raise FileNotFoundError(f"no adapter_model.safetensors or adapter_model.bin in {d!r}")
-    cfg_path = os.path.join(d, "adapter_config.json")
-    cfg = None
-    if os.path.isfile(cfg_path):
-        with open(cfg_path) as f:
-            cfg = LoraConfig.from_peft_dict(json.load(f), source=cfg_path)
+    d = Path(directory)
+    sd = read_tensors(weights_path(d))
+    cfg_path = d / CONFIG_NAME
+    cfg = LoraConfig.from_peft_dict(read_config_dict(d), source=str(cfg_path)) if cfg_path.is_file() else None
     return sd, cfg
 
 
