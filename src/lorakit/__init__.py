@@ -19,6 +19,7 @@ from lorakit.adapters import (
     trainable_parameters,
 )
 from lorakit.config import LoraConfig
+from lorakit.hotswap import hotswap_adapter
 from lorakit.inject import find_targets, inject, unload
 from lorakit.io import load_adapter, load_full, save_adapter, save_full, save_merged
 from lorakit.merge import combine_adapters, merge, merge_and_unload, unmerge
@@ -30,6 +31,7 @@ __version__ = "0.1.0"
 __all__ = [
     "LoraConfig", "inject", "find_targets", "unload",
     "adapter_names", "active_adapters", "set_adapter", "delete_adapter", "disable_adapters", "mixed_batch",
+    "hotswap_adapter",
     "trainable_parameters", "summary", "print_trainable_parameters",
     "merge", "unmerge", "merge_and_unload", "combine_adapters",
     "save_adapter", "load_adapter", "save_merged", "save_full", "load_full",

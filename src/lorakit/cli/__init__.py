@@ -19,9 +19,10 @@ COMMANDS: dict[str, str] = {
     "train": "lorakit.cli.train",
     "predict": "lorakit.cli.predict",
     "generate": "lorakit.cli.generate",
+    "compare": "lorakit.cli.compare",
     "inspect": "lorakit.cli.inspect",
     "merge": "lorakit.cli.merge",
-    "compare": "lorakit.cli.compare",
+    "bench": "lorakit.cli.bench",
 }
 
 

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from lorakit.config import LoraConfig
+from lorakit.layers.mixed import mixed_forward
 
 BASE_ROW = "__base__"  # a mixed-batch row that uses no adapter
 
@@ -188,7 +189,7 @@ class LoraLayer(nn.Module):
         return result.to(out_dtype)
 
     def _mixed_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        """One adapter per batch row: rows sharing an adapter go through it together.
+        """One adapter per batch row (``lorakit.layers.mixed``: stacked factors, batched matmuls).
 
         x: (N, ...) with ``len(self.row_adapters) == N``; result: base(x), (N, ...).
         """
@@ -197,14 +198,7 @@ class LoraLayer(nn.Module):
         rows = self.row_adapters
         if x.shape[0] != len(rows):
             raise ValueError(f"mixed_batch was given {len(rows)} adapter names but the batch has {x.shape[0]} rows")
-        out = result.clone()
-        for name in dict.fromkeys(rows):
-            if name == BASE_ROW or name not in self.r:
-                continue
-            idx = torch.tensor([i for i, n in enumerate(rows) if n == name], device=x.device)
-            sub = x.index_select(0, idx)
-            out.index_add_(0, idx, self._lora_out(sub, name, result.index_select(0, idx)).to(out.dtype))
-        return out
+        return mixed_forward(self, x, result, rows)
 
     # ------------------------------------------------------------------ subclass hooks
     def _create(self, name: str, r: int, cfg: LoraConfig) -> None:  # pragma: no cover - abstract

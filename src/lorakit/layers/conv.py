@@ -50,4 +50,8 @@ class Conv(LoraLayer):
 
     def _lora_out(self, x: torch.Tensor, name: str, base_out: torch.Tensor) -> torch.Tensor:
         A, B = self.lora_A[name], self.lora_B[name]
-        return B(A(self.lora_dropout[name](x.to(A.weight.dtype)))) * self.scaling[name]
+        dropout = self.lora_dropout[name]
+        x = x.to(A.weight.dtype)  # (N, in, *spatial)
+        if not isinstance(dropout, nn.Identity):  # p = 0: no extra call
+            x = dropout(x)
+        return B(A(x)) * self.scaling[name]  # (N, out, *spatial')

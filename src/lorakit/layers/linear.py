@@ -102,12 +102,47 @@ class Linear(LoraLayer):
         w = self._weight_out_in().detach().to(acc) + self.scaling[name] * (B.detach().to(acc) @ A.detach().to(acc))
         return torch.linalg.norm(w, dim=1)
 
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """``y = W0·x + b + Σ_a s_a·B_a·(A_a·dropout(x))``, each term accumulated into the base
+        output by one ``addmm`` with ``alpha = s_a`` (no dropout call when p = 0, no ``(..., out)``
+        temporaries); DoRA, mixed batches, autocast and mixed dtypes take the general path."""
+        names = self._lean_adapters(x, args, kwargs)
+        if names is None:
+            return super().forward(x, *args, **kwargs)
+        x2 = x.reshape(-1, x.shape[-1])  # (T, in), a view for contiguous x
+        out = self.base_layer(x2)  # (T, out)
+        inplace = out._base is None  # Conv1D returns a view: in place would make autograd copy the grad
+        for name in names:
+            dropout = self.lora_dropout[name]
+            h = x2 if isinstance(dropout, nn.Identity) else dropout(x2)
+            ax = F.linear(h, self.lora_A[name].weight)  # (T, r)
+            bt = self.lora_B[name].weight.T  # (r, out)
+            s = self.scaling[name]
+            out = out.addmm_(ax, bt, alpha=s) if inplace else torch.addmm(out, ax, bt, alpha=s)  # (T, out)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    def _lean_adapters(self, x: torch.Tensor, args: tuple, kwargs: dict) -> list[str] | None:
+        """The adapters for the lean path, or None when the general path is needed."""
+        if self.disabled or self.row_adapters is not None or args or kwargs or torch.is_autocast_enabled(x.device.type):
+            return None
+        base = self.base_layer
+        if not (type(base) is nn.Linear or is_conv1d(base)) or base.weight.dtype != x.dtype:
+            return None
+        names = self.unmerged_active()
+        for name in names:
+            if name in self.lora_magnitude_vector or self.lora_A[name].weight.dtype != x.dtype:
+                return None
+        return names
+
     def _lora_out(self, x: torch.Tensor, name: str, base_out: torch.Tensor) -> torch.Tensor:
         A, B = self.lora_A[name], self.lora_B[name]
         dropout = self.lora_dropout[name]
         x = x.to(A.weight.dtype)  # (..., in)
         if name not in self.lora_magnitude_vector:
-            return B(A(dropout(x))) * self.scaling[name]  # (..., out)
+            if not isinstance(dropout, nn.Identity):
+                x = dropout(x)
+            return B(A(x)) * self.scaling[name]  # (..., out)
         # DoRA
         s = self.scaling[name]
         scale = self.lora_magnitude_vector[name] / self._row_norm(name).to(A.weight.dtype)  # (out,)

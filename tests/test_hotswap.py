@@ -1,0 +1,130 @@
+"""lk.hotswap_adapter: new weights into an existing slot, in place (same parameters), equal to the
+adapter's source (real PEFT, or another lorakit model); clear errors leave the slot untouched."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from peft.utils import get_peft_model_state_dict
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import lorakit as lk
+
+torch.set_num_threads(2)
+PROJ = ["q_proj", "v_proj", "down_proj"]
+
+
+def llama() -> nn.Module:
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=64)).eval()
+
+
+def randomise(model: nn.Module, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+
+
+def peft_model(alpha: float = 8, seed: int = 1) -> nn.Module:
+    m = get_peft_model(llama(), LoraConfig(r=4, lora_alpha=alpha, target_modules=PROJ + ["embed_tokens"])).eval()
+    randomise(m, seed)
+    return m
+
+
+def ours() -> nn.Module:
+    m = lk.inject(llama(), lk.LoraConfig(r=4, lora_alpha=8, target_modules=PROJ + ["embed_tokens"]))
+    randomise(m, 9)
+    return m
+
+
+def identities(model: nn.Module) -> dict[str, tuple[int, int]]:
+    return {n: (id(p), p.data_ptr()) for n, p in model.named_parameters()}
+
+
+X = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(3))
+
+
+@torch.no_grad()
+def logits(model: nn.Module) -> torch.Tensor:
+    return model(input_ids=X).logits
+
+
+def test_peft_state_dict_in_place_equals_peft():
+    theirs = peft_model()
+    model = ours()
+    before = identities(model)
+    assert not torch.allclose(logits(model), logits(theirs))
+    lk.hotswap_adapter(model, get_peft_model_state_dict(theirs), "default")
+    torch.testing.assert_close(logits(model), logits(theirs), atol=1e-6, rtol=1e-5)
+    assert identities(model) == before  # no parameter re-created or re-allocated
+
+
+def test_directory_with_new_alpha_updates_scaling(tmp_path):
+    theirs = peft_model(alpha=20, seed=5)
+    theirs.save_pretrained(tmp_path)
+    model = ours()
+    before = identities(model)
+    lk.hotswap_adapter(model, tmp_path, "default")
+    torch.testing.assert_close(logits(model), logits(theirs), atol=1e-6, rtol=1e-5)
+    assert model.model.layers[0].self_attn.q_proj.scaling["default"] == 5.0  # 20 / 4
+    assert identities(model) == before
+
+
+def test_lorakit_state_dict_into_another_slot_and_mixed_batch_sees_it():
+    src = ours()
+    randomise(src, 11)
+    model = ours()
+    lk.inject(model, lk.LoraConfig(r=4, lora_alpha=8, target_modules=PROJ + ["embed_tokens"]), adapter_name="b")
+    with torch.no_grad(), lk.mixed_batch(model, ["b", "default"]):
+        stale = logits(model)
+    sd = {k: v for k, v in src.state_dict().items() if "lora_" in k}
+    lk.hotswap_adapter(model, sd, "b")
+    lk.set_adapter(model, "b")
+    torch.testing.assert_close(logits(model), logits(src), atol=1e-6, rtol=1e-5)
+    with torch.no_grad(), lk.mixed_batch(model, ["b", "default"]):  # cached stacks were rebuilt
+        fresh = logits(model)
+    torch.testing.assert_close(fresh[0], logits(src)[0], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(fresh[0], stale[0])
+
+
+def test_set_adapter_allocates_nothing():
+    model = ours()
+    lk.inject(model, lk.LoraConfig(r=4, lora_alpha=8, target_modules=PROJ), adapter_name="b")
+    before = identities(model)
+    lk.set_adapter(model, "b")
+    lk.set_adapter(model, "default")
+    assert identities(model) == before
+
+
+def test_rank_mismatch_is_a_clear_error_and_writes_nothing():
+    theirs = get_peft_model(llama(), LoraConfig(r=6, lora_alpha=8, target_modules=PROJ + ["embed_tokens"]))
+    randomise(theirs, 2)
+    model = ours()
+    snapshot = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=r"has shape \(6, (32|64)\), but adapter slot 'default' holds \(4, (32|64)\)"):
+        lk.hotswap_adapter(model, get_peft_model_state_dict(theirs), "default")
+    for n, p in model.named_parameters():
+        assert torch.equal(p, snapshot[n]), n
+
+
+def test_other_errors():
+    model = ours()
+    sd = get_peft_model_state_dict(peft_model())
+    with pytest.raises(ValueError, match="unknown adapter"):
+        lk.hotswap_adapter(model, sd, "nope")
+    with pytest.raises(ValueError, match="do not cover"):
+        lk.hotswap_adapter(model, {k: v for k, v in sd.items() if "layers.1." not in k}, "default")
+    with pytest.raises(ValueError, match="not a lorakit LoRA layer"):
+        lk.hotswap_adapter(model, {**sd, "base_model.model.lm_head.lora_A.weight": torch.zeros(4, 32)}, "default")
+    with pytest.raises(FileNotFoundError, match="has neither adapter_model.safetensors"):
+        lk.hotswap_adapter(model, "/nonexistent/dir", "default")
+    with pytest.raises(TypeError, match="directory or a state dict"):
+        lk.hotswap_adapter(model, 3, "default")
+    lk.merge(model)
+    with pytest.raises(ValueError, match="unmerge"):
+        lk.hotswap_adapter(model, sd, "default")
