@@ -106,7 +106,7 @@ def worker(kind: str, n: int, threads: int) -> dict:
         loss = out.training_loss
     return {"kind": kind, "wall_s": wall, "tokens_per_second": real_tokens / wall, "peak_rss_mb": rss_mb(),
             "rss_before_train_mb": base, "train_peak_delta_mb": rss_mb() - base, "train_loss": loss,
-            "threads": threads}
+            "threads": threads, "loadavg_1m_at_end": os.getloadavg()[0]}
 
 
 def main() -> None:

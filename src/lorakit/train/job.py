@@ -38,7 +38,7 @@ DEFAULTS: dict[str, Any] = {
     "r": 8, "lora_alpha": 16.0, "lora_dropout": 0.0, "target_modules": None, "exclude_modules": None,
     "layers_to_transform": None, "layers_pattern": None, "modules_to_save": None, "bias": "none",
     "use_rslora": False, "use_dora": False, "init_lora_weights": True,
-    "epochs": 3.0, "max_steps": None, "lr": 2e-3, "batch_size": 32, "grad_accum": 1, "weight_decay": 0.0,
+    "epochs": 5.0, "max_steps": None, "lr": 1e-3, "batch_size": 16, "grad_accum": 1, "weight_decay": 0.0,
     "warmup_ratio": 0.06, "warmup_steps": 0, "schedule": "cosine", "loraplus_lr_ratio": None, "max_grad_norm": 1.0,
     "gradient_checkpointing": False, "bf16": False, "seed": 0, "eval_every": 0, "eval_batch_size": 64,
     "checkpoint_every": 0, "keep_checkpoints": 2, "group_by_length": True, "device": "auto", "progress": True,

@@ -9,6 +9,12 @@ run the backbone to hidden states ``h`` (B, T, H), keep the N rows that carry a 
 them to the vocabulary ``chunk`` rows at a time; each chunk is recomputed in backward
 (activation checkpointing), so at most ``chunk · V`` logits are alive at once. Prompt and
 padding positions never reach the vocabulary projection.
+
+Batches are right-padded, so in a causal decoder no real token attends to a padding position
+and padding never shifts a real token's position: the backbone can run without an attention
+mask, which lets ``scaled_dot_product_attention`` take its ``is_causal`` (flash) path instead of
+materialising a (B, heads, T, T) masked score matrix. Outputs at every labelled position are
+unchanged (tested against the model's own masked loss).
 """
 
 from __future__ import annotations
@@ -54,7 +60,9 @@ def causal_lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], chunk_s
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
         return F.cross_entropy(logits[:, :-1][keep].float(), target[keep], reduction="sum")
     backbone, head = parts
-    hidden = backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0]  # (B, T, H)
+    mask = batch["attention_mask"]
+    right_padded = bool((mask[:, :-1] >= mask[:, 1:]).all())  # no 0 followed by a 1
+    hidden = backbone(input_ids=batch["input_ids"], attention_mask=None if right_padded else mask)[0]  # (B, T, H)
     h = hidden[:, :-1][keep]  # (N, H)
     y = target[keep]  # (N,)
     total = h.new_zeros((), dtype=torch.float32)
