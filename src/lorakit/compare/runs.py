@@ -83,8 +83,9 @@ BUDGETS: dict[str, Budget] = {
                     notes="CI smoke run: 256 training words, 200 test words, 1 epoch, 4 sweep points"),
     "medium": Budget("medium", None, None, 1, (1, 8, 64), ("query", "query,value", "all-linear"), latency_reps=10,
                      notes="all data, 1 epoch, 9 sweep points"),
+    # the default job's recipe (lorakit train: 5 epochs, batch 16), for every method
     "full": Budget("full", None, None, 5, (1, 2, 4, 8, 16, 64), ("query", "query,value", "all-linear"),
-                   notes="all data, 5 epochs, 18 sweep points"),
+                   batch_size=16, notes="all data, 5 epochs, batch 16 (the default job's recipe), 18 sweep points"),
 }
 
 
