@@ -214,10 +214,16 @@ def _enable_checkpointing_grads(model: nn.Module) -> None:
         model.enable_input_require_grads()
 
 
-def unload(model: nn.Module) -> nn.Module:
+def unload(model: nn.Module, keep_trained_copy_of: str | None = None) -> nn.Module:
     """Replace every wrapper with the module it wraps, dropping all adapters (merged ones stay in W).
 
-    ``modules_to_save`` return to their original (untrained) module. Returns ``model``.
+    Args:
+        keep_trained_copy_of: ``modules_to_save`` become this adapter's trained copy (as
+            ``merge_and_unload`` does for the active adapter); by default, and for modules
+            without such a copy, their original (untrained) module.
+
+    Returns:
+        ``model``.
     """
     for name, module in list(candidate_modules(model)):
         if isinstance(module, LoraLayer):
@@ -226,7 +232,9 @@ def unload(model: nn.Module) -> nn.Module:
                 base.out_proj = base.out_proj.base_layer
             _set_submodule(model, name, base)
         elif isinstance(module, ModulesToSave):
-            _set_submodule(model, name, module.original_module)
+            copies = module.modules_to_save
+            keep = copies[keep_trained_copy_of] if keep_trained_copy_of in copies else module.original_module
+            _set_submodule(model, name, keep)
     if get_state(model) is not None:
         del model._lorakit
     return model

@@ -16,9 +16,8 @@ from torch import nn
 
 from lorakit.adapters import _check_names, refresh_trainable, wrappers
 from lorakit.config import LoraConfig
-from lorakit.inject import _set_submodule, candidate_modules
+from lorakit.inject import unload
 from lorakit.layers import Embedding, LoraLayer, MultiheadAttention
-from lorakit.layers.saved import ModulesToSave
 from lorakit.state import require_state
 
 
@@ -104,18 +103,7 @@ def merge_and_unload(model: nn.Module, adapter_names: Sequence[str] | None = Non
     """
     state = require_state(model)
     merge(model, adapter_names, safe_merge)
-    active = state.active[0]
-    for name, module in list(candidate_modules(model)):
-        if isinstance(module, LoraLayer):
-            base = module.base_layer
-            if isinstance(base, nn.MultiheadAttention) and isinstance(base.out_proj, LoraLayer):
-                base.out_proj = base.out_proj.base_layer
-            _set_submodule(model, name, base)
-        elif isinstance(module, ModulesToSave):
-            keep = module.modules_to_save[active] if active in module.modules_to_save else module.original_module
-            _set_submodule(model, name, keep)
-    del model._lorakit
-    return model
+    return unload(model, keep_trained_copy_of=state.active[0])
 
 
 def _concat_into(layer: LoraLayer, parts: list[tuple[str, float]], new_name: str) -> None:
