@@ -28,12 +28,11 @@ from torch import nn
 
 from lorakit.adapters import _check_names, wrappers
 from lorakit.config import LoraConfig
-from lorakit.io.peft_format import CONFIG_NAME, read_config_dict, read_tensors, weights_path
+from lorakit.io.peft_format import CONFIG_NAME, PREFIX, read_config_dict, read_tensors, weights_path
 from lorakit.layers import LoraLayer
 from lorakit.layers.saved import ModulesToSave
 from lorakit.state import require_state
 
-PEFT_PREFIX = "base_model.model."
 FACTOR_ATTRS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
 Source = Union[str, os.PathLike, Mapping[str, torch.Tensor]]
 
@@ -55,7 +54,7 @@ def read_adapter_dir(directory: str | os.PathLike) -> tuple[dict[str, torch.Tens
 
 def _parse(key: str) -> tuple[str, str, str | None]:
     """``(module path, factor attribute or "", adapter name or None)`` of a state-dict key."""
-    key = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+    key = key[len(PREFIX):] if key.startswith(PREFIX) else key
     parts = key.split(".")
     hits = [i for i, p in enumerate(parts) if p in FACTOR_ATTRS]
     if not hits:

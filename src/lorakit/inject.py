@@ -127,7 +127,8 @@ def _sample_names(model: nn.Module, k: int = 8) -> list[str]:
     return leaves[:k] + [n for n in names[:3] if n not in leaves]
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` where the dotted ``name`` is in ``model`` (``""`` is not allowed: the root stays)."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
@@ -172,7 +173,7 @@ def inject(model: nn.Module, cfg: LoraConfig, adapter_name: str = "default", *,
         module = model.get_submodule(name)
         if not isinstance(module, LoraLayer):
             module = wrap(module)
-            _set_submodule(model, name, module)
+            replace_module(model, name, module)
         weight = module.base_weight()
         module.add_adapter(adapter_name, cfg.rank_for(name), cfg.alpha_for(name), cfg,
                            dtype=weight.dtype if dtype == "base" else None)
@@ -181,7 +182,7 @@ def inject(model: nn.Module, cfg: LoraConfig, adapter_name: str = "default", *,
         module = model.get_submodule(name)
         if not isinstance(module, ModulesToSave):
             module = ModulesToSave(module)
-            _set_submodule(model, name, module)
+            replace_module(model, name, module)
         module.add_adapter(adapter_name)
         module.train(module.original_module.training)
     state.configs[adapter_name] = cfg
@@ -230,11 +231,11 @@ def unload(model: nn.Module, keep_trained_copy_of: str | None = None) -> nn.Modu
             base = module.base_layer
             if isinstance(base, nn.MultiheadAttention) and isinstance(base.out_proj, LoraLayer):
                 base.out_proj = base.out_proj.base_layer
-            _set_submodule(model, name, base)
+            replace_module(model, name, base)
         elif isinstance(module, ModulesToSave):
             copies = module.modules_to_save
             keep = copies[keep_trained_copy_of] if keep_trained_copy_of in copies else module.original_module
-            _set_submodule(model, name, keep)
+            replace_module(model, name, keep)
     if get_state(model) is not None:
         del model._lorakit
     return model

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lorakit.inject import replace_module
 from lorakit.methods.base import freeze_all_but, head_names, trainable_state
 
 # model_type -> regex (full match) of the sub-layer outputs an adapter follows: attention out, feed-forward out.
@@ -119,8 +120,7 @@ class HoulsbyAdapters:
             base = model.get_submodule(name)
             weight = next(base.parameters())
             adapter = Bottleneck(_out_features(base), self.bottleneck, self.activation).to(weight.device)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, AdapterAfter(base, adapter))
+            replace_module(model, name, AdapterAfter(base, adapter))
         freeze_all_but(model, heads)
         for m in model.modules():
             if isinstance(m, Bottleneck) or (self.train_layernorm and isinstance(m, nn.LayerNorm)):

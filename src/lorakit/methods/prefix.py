@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lorakit.inject import replace_module
 from lorakit.methods.base import freeze_all_but, head_names, trainable_state
 
 
@@ -125,9 +126,7 @@ class PrefixTuning:
             raise TypeError(f"prefix tuning found no BERT-style self-attention in this {type(model).__name__} "
                             "(supported: BERT, RoBERTa, XLM-R, ELECTRA encoders)")
         for name in sites:
-            parent, _, child = name.rpartition(".")
-            module = PrefixSelfAttention(model.get_submodule(name), self.num_prefix, self.init_std)
-            setattr(model.get_submodule(parent) if parent else model, child, module)
+            replace_module(model, name, PrefixSelfAttention(model.get_submodule(name), self.num_prefix, self.init_std))
         freeze_all_but(model, heads)
         for m in model.modules():
             if isinstance(m, PrefixSelfAttention):
