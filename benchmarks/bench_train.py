@@ -9,6 +9,14 @@ alternate, several rounds, and the best round of each counts.
 
 Throughput = non-padding tokens processed / wall time of the training call.
 
+Memory, three ways (all reported):
+- peak tensor memory: the high-water mark of CPU tensor bytes allocated during the training call,
+  from torch.profiler's allocation events (one extra profiled run per kind) — what
+  ``torch.cuda.max_memory_allocated`` reports on a GPU, and what the training loop controls;
+- peak RSS of the whole process (includes Python, torch, transformers and the model: ~475 MB
+  common to both before training starts);
+- peak RSS growth during the training call (adds malloc's free-but-kept pages to the tensors).
+
     python benchmarks/bench_train.py [--rounds 3] [--threads 2] [--examples 64]
 
 Writes benchmarks/results/bench_train.json.
@@ -61,7 +69,24 @@ def build_model():
     return model, tok
 
 
-def worker(kind: str, n: int, threads: int) -> dict:
+def peak_tensor_mb(run) -> tuple[object, float]:
+    """Run ``run()`` under torch.profiler with memory profiling; return its result and the peak of
+    CPU tensor bytes allocated and not yet freed during the call (the CPU analogue of CUDA's
+    ``max_memory_allocated`` minus what was allocated before), in MB."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = run()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return out, peak / 2**20
+
+
+def worker(kind: str, n: int, threads: int, profile_memory: bool = False) -> dict:
     import torch
 
     torch.set_num_threads(threads)
@@ -80,7 +105,8 @@ def worker(kind: str, n: int, threads: int) -> dict:
                           max_grad_norm=HP["max_grad_norm"], seed=HP["seed"], progress=False, device="cpu")
         base = rss_mb()
         t0 = time.perf_counter()
-        m = fit(model, ds, None, cfg)
+        m, tensor_peak = (peak_tensor_mb(lambda: fit(model, ds, None, cfg)) if profile_memory
+                          else (fit(model, ds, None, cfg), None))
         wall = time.perf_counter() - t0
         loss = m["train_loss"]
     else:
@@ -101,9 +127,11 @@ def worker(kind: str, n: int, threads: int) -> dict:
                           data_collator=lambda b: collate(b, "causal-lm", tok.pad_token_id))
         base = rss_mb()
         t0 = time.perf_counter()
-        out = trainer.train()
+        out, tensor_peak = peak_tensor_mb(trainer.train) if profile_memory else (trainer.train(), None)
         wall = time.perf_counter() - t0
         loss = out.training_loss
+    if profile_memory:  # the profiler slows the run: report only the memory figure
+        return {"kind": kind, "peak_tensor_mb": tensor_peak, "train_loss": loss}
     return {"kind": kind, "wall_s": wall, "tokens_per_second": real_tokens / wall, "peak_rss_mb": rss_mb(),
             "rss_before_train_mb": base, "train_peak_delta_mb": rss_mb() - base, "train_loss": loss,
             "threads": threads, "loadavg_1m_at_end": os.getloadavg()[0]}
@@ -115,20 +143,25 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=int(os.environ.get("THREADS", "2")))
     ap.add_argument("--examples", type=int, default=64)
     ap.add_argument("--worker", choices=["lorakit", "trainer"], help=argparse.SUPPRESS)
+    ap.add_argument("--profile-memory", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=os.path.join(HERE, "results", "bench_train.json"))
     a = ap.parse_args()
     sys.path.insert(0, os.path.join(ROOT, "src"))
     if a.worker:
-        print(json.dumps(worker(a.worker, a.examples, a.threads)))
+        print(json.dumps(worker(a.worker, a.examples, a.threads, a.profile_memory)))
         return
     env = {**os.environ, "PYTHONPATH": os.path.join(ROOT, "src"), "HF_HUB_OFFLINE": "1"}
-    runs = []
-    for r in range(a.rounds):
-        for kind in (("lorakit", "trainer") if r % 2 == 0 else ("trainer", "lorakit")):
-            res = subprocess.run([sys.executable, __file__, "--worker", kind, "--examples", str(a.examples),
-                                  "--threads", str(a.threads)], env=env, capture_output=True, text=True, check=True)
-            runs.append({"round": r, **json.loads(res.stdout.strip().splitlines()[-1])})
-            print(json.dumps(runs[-1]), flush=True)
+
+    def run(kind: str, *extra: str) -> dict:
+        res = subprocess.run([sys.executable, __file__, "--worker", kind, "--examples", str(a.examples),
+                              "--threads", str(a.threads), *extra], env=env, capture_output=True, text=True, check=True)
+        out = json.loads(res.stdout.strip().splitlines()[-1])
+        print(json.dumps(out), flush=True)
+        return out
+
+    runs = [{"round": r, **run(kind)} for r in range(a.rounds)
+            for kind in (("lorakit", "trainer") if r % 2 == 0 else ("trainer", "lorakit"))]
+    tensor_peak = {kind: run(kind, "--profile-memory")["peak_tensor_mb"] for kind in ("lorakit", "trainer")}
     best = {k: max((x for x in runs if x["kind"] == k), key=lambda x: x["tokens_per_second"])
             for k in ("lorakit", "trainer")}
     low = {k: min(x["peak_rss_mb"] for x in runs if x["kind"] == k) for k in best}
@@ -147,13 +180,15 @@ def main() -> None:
         "best_tokens_per_second": {k: v["tokens_per_second"] for k, v in best.items()},
         "throughput_ratio": best["lorakit"]["tokens_per_second"] / best["trainer"]["tokens_per_second"],
         "min_peak_rss_mb": low, "peak_rss_ratio": low["lorakit"] / low["trainer"],
+        "peak_tensor_mb": tensor_peak, "peak_tensor_ratio": tensor_peak["lorakit"] / tensor_peak["trainer"],
         "min_train_peak_delta_mb": low_delta,
         "train_peak_delta_ratio": low_delta["lorakit"] / max(low_delta["trainer"], 1e-9),
     }
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out, "w") as f:
         json.dump(summary, f, indent=2)
-    print(json.dumps({k: summary[k] for k in ("best_tokens_per_second", "throughput_ratio", "min_peak_rss_mb",
+    print(json.dumps({k: summary[k] for k in ("best_tokens_per_second", "throughput_ratio", "peak_tensor_mb",
+                                               "peak_tensor_ratio", "min_peak_rss_mb",
                                                "peak_rss_ratio", "min_train_peak_delta_mb", "train_peak_delta_ratio")},
                      indent=1))
 

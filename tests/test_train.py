@@ -6,12 +6,13 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 import lorakit as lk
 from lorakit.data import TokenDataset, collate
 from lorakit.models import tiny_llama
 from lorakit.train import TrainConfig, fit, param_groups
-from lorakit.train.losses import causal_lm_loss_sum, count_targets
+from lorakit.train.losses import auto_chunk_rows, causal_lm_loss_sum, count_targets
 from lorakit.train.schedule import lr_factor
 
 torch.set_num_threads(1)
@@ -44,7 +45,8 @@ def adapter_tensors(model):
 
 
 # ---------------------------------------------------------------- loss
-def test_answer_only_loss_equals_hf_loss_and_grad():
+@pytest.mark.parametrize("chunk_size", [7, None])
+def test_answer_only_loss_equals_hf_loss_and_grad(chunk_size):
     model, tok = lora_llama()
     with torch.no_grad():  # a non-trivial adapter
         for n, p in model.named_parameters():
@@ -52,13 +54,18 @@ def test_answer_only_loss_equals_hf_loss_and_grad():
                 p.normal_(0, 0.1)
     ds = sft_dataset(tok, n=6)
     batch = collate(ds.examples, ds.task, ds.pad_id)
-    ours = causal_lm_loss_sum(model, batch, chunk_size=7) / count_targets(batch, "causal-lm")
+    ours = causal_lm_loss_sum(model, batch, chunk_size=chunk_size) / count_targets(batch, "causal-lm")
     g_ours = torch.autograd.grad(ours, [p for p in model.parameters() if p.requires_grad])
     ref = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
     g_ref = torch.autograd.grad(ref, [p for p in model.parameters() if p.requires_grad])
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
     for a, b in zip(g_ours, g_ref):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_auto_chunk_rows_bound_the_logits_of_one_chunk():
+    assert auto_chunk_rows(nn.Linear(8, 8000)) == 2**21 // 8000 == 262
+    assert auto_chunk_rows(nn.Linear(8, 128_256)) == 16  # never fewer than 16 rows
 
 
 # ---------------------------------------------------------------- optimisation

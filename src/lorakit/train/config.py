@@ -34,7 +34,8 @@ class TrainConfig:
         keep_checkpoints: how many step checkpoints to keep.
         group_by_length: batch examples of similar length together (less padding).
         loss_chunk_size: causal LM: compute the vocabulary projection and cross-entropy for this
-            many answer tokens at a time (bounds the logits' memory).
+            many answer tokens at a time (bounds the logits' memory); ``None``: about 2²¹ logits
+            per chunk (``max(16, 2**21 // vocab)`` rows).
         device: ``"auto"`` (cuda if available), ``"cpu"``, ``"cuda"``...
         progress: show a tqdm progress bar.
     """
@@ -59,13 +60,15 @@ class TrainConfig:
     checkpoint_every: int = 0
     keep_checkpoints: int = 2
     group_by_length: bool = True
-    loss_chunk_size: int = 1024
+    loss_chunk_size: int | None = None
     device: str = "auto"
     progress: bool = True
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "grad_accum", "eval_batch_size", "log_every", "keep_checkpoints", "loss_chunk_size"):
             v = getattr(self, name)
+            if v is None and name == "loss_chunk_size":
+                continue
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps <= 0):

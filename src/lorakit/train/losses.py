@@ -7,8 +7,10 @@ Causal LM: position t predicts token t+1, so the loss is
 Instead of the model's full ``(B, T, V)`` logits (then upcast to fp32 — twice the memory), we
 run the backbone to hidden states ``h`` (B, T, H), keep the N rows that carry a label, and project
 them to the vocabulary ``chunk`` rows at a time; each chunk is recomputed in backward
-(activation checkpointing), so at most ``chunk · V`` logits are alive at once. Prompt and
-padding positions never reach the vocabulary projection.
+(activation checkpointing), so at most ``chunk · V`` logits are alive at once. By default
+``chunk = max(16, 2²¹ // V)`` rows, about 8 MB of fp32 logits per chunk whatever the vocabulary
+(262 rows for V = 8k, 16 rows for V = 128k). Prompt and padding positions never reach the
+vocabulary projection.
 
 Batches are right-padded, so in a causal decoder no real token attends to a padding position
 and padding never shifts a real token's position: the backbone can run without an attention
@@ -44,14 +46,25 @@ def split_lm(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     return backbone, head
 
 
+LOGITS_PER_CHUNK = 2**21  # fp32 logits alive at once in the chunked loss (8 MB)
+
+
+def auto_chunk_rows(head: nn.Module) -> int:
+    """Rows per loss chunk so that one chunk's logits hold about :data:`LOGITS_PER_CHUNK` values."""
+    vocab = head.weight.shape[0] if isinstance(getattr(head, "weight", None), torch.Tensor) else 32_000
+    return max(16, LOGITS_PER_CHUNK // vocab)
+
+
 def _chunk_ce(head: nn.Module, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     logits = head(h).float()  # (n, V)
     return F.cross_entropy(logits, y, reduction="sum")
 
 
-def causal_lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], chunk_size: int = 1024) -> torch.Tensor:
+def causal_lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], chunk_size: int | None = None
+                       ) -> torch.Tensor:
     """Sum of next-token cross-entropies over the labelled positions of ``batch`` (divide by
-    :func:`count_targets` to get the mean)."""
+    :func:`count_targets` to get the mean). ``chunk_size``: labelled rows projected to the
+    vocabulary at a time (``None``: :func:`auto_chunk_rows`)."""
     labels = batch["labels"]  # (B, T)
     target = labels[:, 1:]  # (B, T-1): the token position t must predict
     keep = target != IGNORE_INDEX  # (B, T-1)
@@ -67,6 +80,7 @@ def causal_lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], chunk_s
     y = target[keep]  # (N,)
     total = h.new_zeros((), dtype=torch.float32)
     recompute = torch.is_grad_enabled() and h.requires_grad
+    chunk_size = chunk_size or auto_chunk_rows(head)
     for i in range(0, h.shape[0], chunk_size):
         hc, yc = h[i:i + chunk_size], y[i:i + chunk_size]  # (n, H), (n,)
         total = total + (checkpoint(_chunk_ce, head, hc, yc, use_reentrant=False) if recompute
@@ -87,7 +101,8 @@ def classification_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) ->
     return F.cross_entropy(logits.float(), batch["labels"], reduction="sum"), logits
 
 
-def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], task: str, chunk_size: int = 1024) -> torch.Tensor:
+def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], task: str, chunk_size: int | None = None
+             ) -> torch.Tensor:
     """The summed loss of ``batch`` for ``task``."""
     if task == "causal-lm":
         return causal_lm_loss_sum(model, batch, chunk_size)

@@ -27,7 +27,7 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 
 @torch.no_grad()
 def evaluate(model: nn.Module, ds: TokenDataset, batch_size: int = 64, device: torch.device | None = None,
-             bf16: bool = False, chunk_size: int = 1024) -> dict[str, float]:
+             bf16: bool = False, chunk_size: int | None = None) -> dict[str, float]:
     """Metrics of ``model`` on ``ds`` (in eval mode; restores the previous mode).
 
     Returns:
