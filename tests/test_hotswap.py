@@ -119,7 +119,7 @@ def test_other_errors():
         lk.hotswap_adapter(model, sd, "nope")
     with pytest.raises(ValueError, match="do not cover"):
         lk.hotswap_adapter(model, {k: v for k, v in sd.items() if "layers.1." not in k}, "default")
-    with pytest.raises(ValueError, match="not a lorakit LoRA layer"):
+    with pytest.raises(ValueError, match="names no tensor of adapter slot"):
         lk.hotswap_adapter(model, {**sd, "base_model.model.lm_head.lora_A.weight": torch.zeros(4, 32)}, "default")
     with pytest.raises(FileNotFoundError, match="has neither adapter_model.safetensors"):
         lk.hotswap_adapter(model, "/nonexistent/dir", "default")
@@ -128,3 +128,93 @@ def test_other_errors():
     lk.merge(model)
     with pytest.raises(ValueError, match="unmerge"):
         lk.hotswap_adapter(model, sd, "default")
+
+
+# ---------------------------------------------------------------- every layer type load_adapter knows
+def _swap_equals_fresh_load(make, cfg: lk.LoraConfig, run, tmp_path) -> None:
+    """Hot-swapping a saved adapter into a slot gives the outputs of a fresh model that
+    ``load_adapter`` read the same files into; the slot's parameters stay the same objects."""
+    from tests.models import randomize_adapters
+
+    src = lk.inject(make(), cfg)
+    randomize_adapters(src, seed=4)
+    lk.save_adapter(src, tmp_path)
+    fresh = lk.load_adapter(make(), tmp_path).eval()
+    slot = lk.inject(make(), cfg).eval()
+    randomize_adapters(slot, seed=8)
+    before = identities(slot)
+    assert not torch.allclose(run(slot), run(fresh))
+    lk.hotswap_adapter(slot, tmp_path, "default")
+    torch.testing.assert_close(run(slot), run(fresh), atol=1e-6, rtol=1e-5)
+    assert identities(slot) == before
+
+
+@torch.no_grad()
+def test_multihead_attention_slot(tmp_path):
+    from tests.models import TransformerBlock
+
+    ids = torch.randint(0, 96, (2, 5), generator=torch.Generator().manual_seed(0))
+
+    def make():
+        torch.manual_seed(0)
+        return TransformerBlock().eval()
+
+    _swap_equals_fresh_load(make, lk.LoraConfig(r=4, target_modules=["attn", "ff.0"]), lambda m: m(ids), tmp_path)
+
+
+@torch.no_grad()
+def test_dora_slot_with_saved_classifier_and_biases(tmp_path):
+    from tests.models import bert_cls, ids
+
+    x = ids()
+
+    def make():
+        torch.manual_seed(0)
+        return bert_cls()
+
+    cfg = lk.LoraConfig(r=4, target_modules=["query", "value"], use_dora=True, modules_to_save=["classifier"],
+                        bias="lora_only")
+    _swap_equals_fresh_load(make, cfg, lambda m: m(input_ids=x).logits, tmp_path)
+
+
+def test_a_different_base_bias_is_refused():
+    from tests.models import bert_cls
+
+    cfg = lk.LoraConfig(r=4, target_modules=["query"], bias="lora_only")
+    torch.manual_seed(0)
+    src = lk.inject(bert_cls(), cfg)
+    sd = lk.io.peft_format.adapter_state_dict(src, "default")
+    key = next(k for k in sd if k.endswith("query.base_layer.bias"))
+    sd[key] = sd[key] + 1
+    torch.manual_seed(0)
+    slot = lk.inject(bert_cls(), cfg)
+    lk.hotswap_adapter(slot, lk.io.peft_format.adapter_state_dict(src, "default"), "default")  # same biases: fine
+    with pytest.raises(ValueError, match="base tensor different from the model's"):
+        lk.hotswap_adapter(slot, sd, "default")
+
+
+@torch.no_grad()
+def test_multihead_attention_file_written_by_peft(tmp_path):
+    """PEFT's key layout for nn.MultiheadAttention (in_proj factors on the module, out_proj's under
+    ``base_layer.out_proj``) reaches the same tensors by hot swap as by load_adapter."""
+    from tests.models import TransformerBlock
+
+    def make():
+        torch.manual_seed(0)
+        return TransformerBlock().eval()
+
+    theirs = get_peft_model(make(), LoraConfig(r=4, target_modules=["attn"]))
+    randomise(theirs, 6)
+    theirs.save_pretrained(tmp_path)
+    fresh = lk.load_adapter(make(), tmp_path)
+    slot = lk.inject(make(), lk.LoraConfig(r=4, target_modules=["attn"]))
+    lk.hotswap_adapter(slot, tmp_path, "default")
+    ours_sd, ref_sd = slot.state_dict(), fresh.state_dict()
+    assert ours_sd.keys() == ref_sd.keys()
+    for k in ours_sd:
+        assert torch.equal(ours_sd[k], ref_sd[k]), k
+    peft_sd = get_peft_model_state_dict(theirs)  # "base_model.model.<P>.lora_A.weight"
+    assert len(peft_sd) == 4  # in_proj and out_proj, A and B
+    for k, v in peft_sd.items():
+        ours_k = k.removeprefix("base_model.model.").replace(".weight", ".default.weight")
+        assert torch.equal(ours_sd[ours_k], v), k

@@ -12,8 +12,13 @@ Accepted state-dict keys, for module path ``P`` of the model lorakit was injecte
 * lorakit in memory (``model.state_dict()``, one adapter): ``P.lora_A.<any name>.weight``,
   ``P.lora_embedding_A.<name>``...
 * ``modules_to_save`` copies: ``P.<param>`` or ``P.modules_to_save.<name>.<param>``;
-* base weights PEFT saves beside the adapter (``P.base_layer.weight`` of targeted embeddings) are
-  checked to equal the model's and skipped: they are shared by all adapters.
+* base tensors PEFT saves beside the adapter (``P.base_layer.weight`` of targeted embeddings,
+  biases under ``bias="all"``) are checked to equal the model's and skipped: they are shared by
+  all adapters.
+
+Keys are mapped to the model by ``io.peft_format.load_plan``, as for ``load_adapter``, so every
+layer type that can be saved and loaded (Linear, Conv1D, Embedding, Conv, nn.MultiheadAttention,
+DoRA magnitudes, modules_to_save) can be hot-swapped.
 """
 
 from __future__ import annotations
@@ -28,9 +33,16 @@ from torch import nn
 
 from lorakit.adapters import _check_names, wrappers
 from lorakit.config import LoraConfig
-from lorakit.io.peft_format import CONFIG_NAME, PREFIX, read_config_dict, read_tensors, weights_path
+from lorakit.io.peft_format import (
+    CONFIG_NAME,
+    PREFIX,
+    load_plan,
+    read_config_dict,
+    read_tensors,
+    remove_adapter_name,
+    weights_path,
+)
 from lorakit.layers import LoraLayer
-from lorakit.layers.saved import ModulesToSave
 from lorakit.state import require_state
 
 FACTOR_ATTRS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
@@ -52,88 +64,64 @@ def read_adapter_dir(directory: str | os.PathLike) -> tuple[dict[str, torch.Tens
     return sd, cfg
 
 
-def _parse(key: str) -> tuple[str, str, str | None]:
-    """``(module path, factor attribute or "", adapter name or None)`` of a state-dict key."""
+def _file_key(key: str) -> tuple[str, str | None]:
+    """``(PEFT file key without PREFIX, adapter name the key carries or None)`` of a state-dict key.
+
+    PEFT keys carry no adapter name and pass through; lorakit in-memory keys lose theirs the way
+    PEFT's ``save_pretrained`` drops it: ``P.lora_A.<n>.weight`` -> ``P.lora_A.weight``,
+    ``P.lora_embedding_A.<n>`` -> ``P.lora_embedding_A``, ``P.modules_to_save.<n>.<param>`` -> ``P.<param>``.
+    """
     key = key[len(PREFIX):] if key.startswith(PREFIX) else key
     parts = key.split(".")
-    hits = [i for i, p in enumerate(parts) if p in FACTOR_ATTRS]
-    if not hits:
-        return key, "", None
-    i = hits[-1]
-    rest = parts[i + 1:]
-    if rest and rest[-1] == "weight":
-        rest = rest[:-1]
-    if len(rest) > 1:
-        raise ValueError(f"cannot read state-dict key {key!r}: expected '<module>.{parts[i]}[.<adapter>][.weight]'")
-    return ".".join(parts[:i]), parts[i], rest[0] if rest else None
+    for i in range(len(parts) - 1, -1, -1):
+        if parts[i] in FACTOR_ATTRS:
+            rest = parts[i + 1:]
+            if rest in ([], ["weight"]):
+                return key, None
+            if len(rest) == 1 or rest[1:] == ["weight"]:
+                return remove_adapter_name(key, rest[0]), rest[0]
+            raise ValueError(f"cannot read state-dict key {key!r}: expected '<module>.{parts[i]}[.<adapter>][.weight]'")
+        if parts[i] == "modules_to_save" and len(parts) > i + 2:
+            return ".".join(parts[:i] + parts[i + 2:]), parts[i + 1]
+    return key, None
 
 
-def _target(layer: LoraLayer, attr: str, name: str) -> torch.Tensor:
-    holder = getattr(layer, attr, None)
-    if holder is None or name not in holder:
-        raise KeyError(attr)
-    item = holder[name]
-    return item.weight if isinstance(item, nn.Module) else item
-
-
-def _saved_target(model: nn.Module, path: str, name: str) -> torch.Tensor | None:
-    """The ``modules_to_save`` copy's parameter that ``path`` names, or None."""
-    for wpath, w in wrappers(model):
-        if not isinstance(w, ModulesToSave) or name not in w.modules_to_save or not path.startswith(wpath + "."):
-            continue
-        rest = path[len(wpath) + 1:]
-        marker = "modules_to_save."
-        if rest.startswith(marker):
-            rest = rest[len(marker):].split(".", 1)[-1]
-        params = dict(w.modules_to_save[name].named_parameters()) | dict(w.modules_to_save[name].named_buffers())
-        return params.get(rest)
-    return None
-
-
-def _check_base_copy(model: nn.Module, key: str, path: str, value: torch.Tensor) -> None:
-    """A base weight in the file (PEFT saves embeddings' when they are targeted) must equal the model's:
-    it is shared by every adapter, so one slot cannot take a different one."""
+def _tensor(model: nn.Module, key: str) -> torch.Tensor:
     try:
-        current = model.get_parameter(path)
+        return model.get_parameter(key)
     except AttributeError:
-        raise ValueError(f"state-dict key {key!r} names no parameter of this model") from None
+        return model.get_buffer(key)
+
+
+def _check_base_copy(model: nn.Module, key: str, model_key: str, value: torch.Tensor) -> None:
+    """A base tensor in the file (PEFT saves targeted embeddings' weights, and biases under
+    ``bias="all"/"lora_only"``) must equal the model's: it is shared by every adapter, so one slot
+    cannot take a different one."""
+    current = _tensor(model, model_key)
     if current.shape != value.shape or not torch.equal(current.detach().cpu(), value.to(current.dtype).cpu()):
-        raise ValueError(f"state-dict key {key!r} carries a base weight different from the model's (e.g. a resized "
-                         "or trained embedding); hot swap only replaces adapter weights. Load it with "
-                         "lorakit.load_adapter into a fresh model instead")
+        raise ValueError(f"state-dict key {key!r} carries a base tensor different from the model's (e.g. a resized "
+                         "or trained embedding, or a trained bias); hot swap only replaces adapter weights. Load it "
+                         "with lorakit.load_adapter into a fresh model instead")
 
 
 def _plan(model: nn.Module, sd: Mapping[str, torch.Tensor], name: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``(destination, source)`` pairs, every key and shape checked before anything is written."""
+    """``(destination, source)`` pairs, every key and shape checked before anything is written.
+
+    Where each key goes is ``io.peft_format.load_plan``'s answer, the same as for ``load_adapter``."""
+    required, optional = load_plan(model, name)  # {file key: model key}
     pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
     named_in_keys: set[str] = set()
-    covered: set[int] = set()
     for key, value in sd.items():
-        path, attr, key_name = _parse(key)
+        fk, key_name = _file_key(key)
         if key_name is not None:
             named_in_keys.add(key_name)
-        if not attr and ".base_layer." in f".{path}":
-            _check_base_copy(model, key, path, value)  # PEFT's save_embedding_layers: a copy of the base weight
-            continue
-        if not attr:
-            dest = _saved_target(model, path, name)
-            if dest is None:
-                raise ValueError(f"state-dict key {key!r} is neither a LoRA factor ({', '.join(FACTOR_ATTRS)}) nor a "
-                                 f"parameter of a modules_to_save copy of adapter {name!r}")
-        else:
-            try:
-                layer = model.get_submodule(path)
-            except AttributeError:
-                layer = None
-            if not isinstance(layer, LoraLayer):
-                raise ValueError(f"state-dict key {key!r} names module {path!r}, which is not a lorakit LoRA layer of "
-                                 f"this model; the adapter targets other modules than slot {name!r}")
-            try:
-                dest = _target(layer, attr, name)
-            except KeyError:
-                raise ValueError(f"state-dict key {key!r}: module {path!r} has no {attr} for adapter {name!r} "
-                                 f"(its adapters: {layer.adapter_names})") from None
-            covered.add(id(layer))
+        if fk not in required:
+            if fk in optional and isinstance(value, torch.Tensor):
+                _check_base_copy(model, key, optional[fk], value)
+                continue
+            raise ValueError(f"state-dict key {key!r} names no tensor of adapter slot {name!r} in this model (as "
+                             f"{fk!r}); the new weights target other modules than the slot")
+        dest = _tensor(model, required[fk])
         if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(dest.shape):
             shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
             raise ValueError(f"state-dict key {key!r} has shape {shape}, but adapter slot {name!r} holds "
@@ -142,9 +130,9 @@ def _plan(model: nn.Module, sd: Mapping[str, torch.Tensor], name: str) -> list[t
         pairs.append((dest, value))
     if len(named_in_keys) > 1:
         raise ValueError(f"the state dict holds several adapters {sorted(named_in_keys)}; pass one adapter's keys")
-    missing = [p for p, w in wrappers(model) if isinstance(w, LoraLayer) and name in w.r and id(w) not in covered]
+    missing = sorted(set(required) - {_file_key(k)[0] for k in sd})
     if missing:
-        raise ValueError(f"the new weights do not cover {len(missing)} layer(s) of adapter {name!r}, e.g. "
+        raise ValueError(f"the new weights do not cover {len(missing)} tensor(s) of adapter {name!r}, e.g. "
                          f"{missing[:3]}; hot swap needs the same target modules")
     return pairs
 
