@@ -175,3 +175,13 @@ def test_help_explains_every_command(capsys):
         with pytest.raises(SystemExit):
             main([cmd, "--help"])
         assert "--adapter" in capsys.readouterr().out or cmd == "train"
+
+
+def test_bf16_and_gradient_checkpointing_flags(llama_dir, sft_file, tmp_path):
+    out = tmp_path / "run"
+    assert main(sft_args(llama_dir, sft_file, out, "--max-steps", "20", "--bf16", "--gradient-checkpointing")) == 0
+    resolved = json.loads((out / "run_config.json").read_text())
+    assert resolved["bf16"] is True and resolved["gradient_checkpointing"] is True
+    metrics = json.loads((out / "metrics.json").read_text())
+    history = json.loads((out / "history.json").read_text())
+    assert metrics["eval_loss"] < history["train"][0]["loss"]

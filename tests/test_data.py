@@ -174,3 +174,41 @@ def test_vader_records_follow_the_lexicon():
     assert len(test) == 1000 and len(train) == len(recs) - 1000
     assert not {r["_line"] for r in train} & {r["_line"] for r in test}
     assert vader_split()[1] == test  # fixed split
+
+
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def chatml_tokenizer(template: str = CHATML):
+    t = char_tokenizer()
+    t.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    t.chat_template = template
+    return t
+
+
+def test_chat_template_renders_the_chat_and_masks_all_but_assistant_turns(tmp_path):
+    """A ChatML template (Qwen's layout): input ids are exactly the template's rendering; the loss
+    covers each assistant reply and its end-of-turn marker, never system/user turns or headers."""
+    t = chatml_tokenizer()
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "yo"}, {"role": "user", "content": "again"},
+            {"role": "assistant", "content": "ok"}]
+    ex = load_dataset(write_jsonl(tmp_path / "chat.jsonl", [{"messages": msgs}]), t, "causal-lm")[0]
+    rendered = t.apply_chat_template(msgs, tokenize=False)
+    assert t.decode(ex["input_ids"]) == rendered
+    assert ex["input_ids"] == list(t.apply_chat_template(msgs, tokenize=True, return_dict=True)["input_ids"])
+    trained = t.decode([tok_id for tok_id in ex["labels"] if tok_id != IGNORE_INDEX])
+    assert trained == "yo<|im_end|>\nok<|im_end|>\n"
+    # positions: every trained token sits where the rendering has the assistant replies
+    starts = [i for i, lab in enumerate(ex["labels"]) if lab != IGNORE_INDEX and ex["labels"][i - 1] == IGNORE_INDEX]
+    assert [t.decode(ex["input_ids"][:s]).endswith("<|im_start|>assistant\n") for s in starts] == [True, True]
+
+
+def test_chat_template_that_rewrites_earlier_turns_is_refused(tmp_path):
+    last_only = ("{% for m in messages %}{% if loop.last %}{{ m['role'] + ':' + m['content'] + '\\n' }}{% endif %}"
+                 "{% endfor %}{% if add_generation_prompt %}{{ 'assistant:' }}{% endif %}")
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": msgs}])
+    with pytest.raises(ValueError, match=r"chat\.jsonl:1: the tokenizer's chat template does not render this chat"):
+        load_dataset(path, chatml_tokenizer(last_only), "causal-lm")

@@ -68,6 +68,35 @@ def test_auto_chunk_rows_bound_the_logits_of_one_chunk():
     assert auto_chunk_rows(nn.Linear(8, 128_256)) == 16  # never fewer than 16 rows
 
 
+# ---------------------------------------------------------------- memory/precision options
+def test_gradient_checkpointing_changes_memory_not_the_result():
+    """Recomputing activations in backward must end at the same weights as keeping them."""
+    cfg = dict(max_steps=6, lr=1e-2, batch_size=8, seed=0, progress=False, device="cpu")
+    runs = []
+    for ckpt in (False, True):
+        model, tok = lora_llama()
+        m = fit(model, sft_dataset(tok), None, TrainConfig(gradient_checkpointing=ckpt, **cfg))
+        assert model.is_activation_checkpointing == ckpt
+        runs.append((m["train_loss"], adapter_tensors(model)))
+    assert runs[0][0] == pytest.approx(runs[1][0], rel=1e-5)
+    for k, v in runs[0][1].items():
+        torch.testing.assert_close(runs[1][1][k], v, rtol=1e-4, atol=1e-6)
+
+
+def test_bf16_autocast_runs_the_matmuls_in_bf16_and_still_learns():
+    model, tok = lora_llama()
+    seen = set()
+    layer = model.model.layers[0].self_attn.q_proj
+    layer.register_forward_hook(lambda mod, inp, out: seen.add(out.dtype) if mod.training else None)
+    ds = sft_dataset(tok)
+    m = fit(model, ds, ds, TrainConfig(max_steps=40, lr=1e-2, batch_size=8, bf16=True, seed=0, progress=False,
+                                       device="cpu"))
+    assert seen == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # weights and optimizer stay fp32
+    first = m["history"]["train"][0]["loss"]
+    assert math.isfinite(m["eval_loss"]) and m["eval_loss"] < 0.7 * first
+
+
 # ---------------------------------------------------------------- optimisation
 def test_fit_lowers_answer_loss_and_trains_only_requires_grad():
     model, tok = lora_llama()

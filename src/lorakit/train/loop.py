@@ -43,6 +43,23 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Hugging Face activation (gradient) checkpointing, non-reentrant; transformers ≥ 5.23 names
+    it ``activation_checkpointing_enable`` (the old name still works there, with a FutureWarning).
+
+    Raises:
+        ValueError: not a Hugging Face model.
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        raise ValueError(f"gradient_checkpointing needs a Hugging Face model; {type(model).__name__} has no "
+                         "activation_checkpointing_enable() / gradient_checkpointing_enable()")
+
+
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
     """Optimizer groups over the trainable parameters. With LoRA+ the ``lora_B`` /
     ``lora_embedding_B`` factors (found by module type, not by name) get ``lr · loraplus_lr_ratio``.
@@ -137,10 +154,7 @@ def fit(model: nn.Module, train_ds: TokenDataset, eval_ds: TokenDataset | None =
         torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(cfg.seed)
     if cfg.gradient_checkpointing:
-        if not hasattr(model, "gradient_checkpointing_enable"):
-            raise ValueError(f"gradient_checkpointing needs a Hugging Face model; {type(model).__name__} has no "
-                             "gradient_checkpointing_enable()")
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     task, lengths = train_ds.task, train_ds.lengths()
     groups = param_groups(model, cfg)
     params = [p for g in groups for p in g["params"]]
