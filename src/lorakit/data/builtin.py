@@ -3,13 +3,16 @@
 VADER (Hutto & Gilbert, 2014) ships ``vader_lexicon.txt`` in the ``vaderSentiment`` package:
 one line per token, ``token TAB mean TAB std TAB [ten human ratings in -4..4]``. Words with a
 clear polarity (``|mean| >= 1``) become examples ``text = token``, ``label = "positive"`` if
-``mean > 0`` else ``"negative"`` — about 5.6k real, human-labelled examples. A fixed split
-(seed 0, independent of the training seed) holds out 1,000 of them for testing.
+``mean > 0`` else ``"negative"`` — 5,596 real, human-labelled examples. Only words count
+(letters, inner hyphens and apostrophes: ``"heartbroken"``, ``"self-confident"``); the lexicon's 234
+emoticons and symbol strings (``":-)"``, ``"</3"``, ``"$:"``) are left out. A fixed split (seed
+0, independent of the training seed) holds out 1,000 of them for testing.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 import torch
@@ -17,6 +20,7 @@ import torch
 LABELS = ["negative", "positive"]
 TEST_SIZE = 1000
 SPLIT_SEED = 0
+WORD = re.compile(r"[A-Za-z][A-Za-z'-]*")
 
 
 def vader_lexicon_path() -> str:
@@ -37,7 +41,8 @@ def vader_lexicon_path() -> str:
 
 
 def vader_records(min_abs_mean: float = 1.0) -> list[dict[str, Any]]:
-    """``[{"text": token, "label": "positive"|"negative", "_line": n}, ...]`` in file order."""
+    """``[{"text": word, "label": "positive"|"negative", "_line": n}, ...]`` in file order (words
+    only, see the module docstring)."""
     path = vader_lexicon_path()
     records = []
     with open(path, encoding="utf-8", errors="replace") as f:
@@ -46,7 +51,7 @@ def vader_records(min_abs_mean: float = 1.0) -> list[dict[str, Any]]:
             if len(parts) < 2:
                 continue
             token, mean = parts[0], float(parts[1])
-            if abs(mean) >= min_abs_mean:
+            if abs(mean) >= min_abs_mean and WORD.fullmatch(token):
                 records.append({"text": token, "label": LABELS[int(mean > 0)], "_line": n})
     return records
 

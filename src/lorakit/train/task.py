@@ -1,7 +1,7 @@
 """The embedded default task of ``lorakit train`` (and a base for ``lorakit compare``).
 
 Pretrained all-MiniLM-L6-v2 + a new 2-way classification head, trained on word sentiment from
-the VADER lexicon (4,830 training words, 1,000 held out). The default adapter is LoRA r=8
+the VADER lexicon (4,596 training words, 1,000 held out). The default adapter is LoRA r=8
 (alpha 16) on the attention ``query``/``value`` projections with the classifier trained in full.
 """
 
