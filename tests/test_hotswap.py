@@ -93,11 +93,24 @@ def test_lorakit_state_dict_into_another_slot_and_mixed_batch_sees_it():
 
 
 def test_set_adapter_allocates_nothing():
+    """Switching re-creates no parameter and allocates no tensor memory (torch.profiler's CPU
+    allocation events during the switches: none)."""
+    from torch.profiler import ProfilerActivity, profile
+
     model = ours()
     lk.inject(model, lk.LoraConfig(r=4, lora_alpha=8, target_modules=PROJ), adapter_name="b")
     before = identities(model)
-    lk.set_adapter(model, "b")
-    lk.set_adapter(model, "default")
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        lk.set_adapter(model, "b")
+        lk.set_adapter(model, "default")
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as control:
+        torch.zeros(1000)  # the method sees an allocation when there is one
+
+    def allocated(p):
+        return [e.nbytes() for e in p.profiler.kineto_results.events() if e.name() == "[memory]" and e.nbytes() > 0]
+
+    assert allocated(prof) == []
+    assert allocated(control) == [4000]
     assert identities(model) == before
 
 
