@@ -77,7 +77,8 @@ def compare(out_dir: str, budget: str | Budget = "full", seeds: int | Sequence[i
         result.clear()
         result.update({
             "command": command or f"lorakit.compare.compare({out_dir!r}, budget={budget.name!r}, seeds={seed_list})",
-            "task": "word sentiment from the VADER lexicon (words with |mean| >= 1, no emoticons), pretrained all-MiniLM-L6-v2 + new 2-way head",
+            "task": "word sentiment from the VADER lexicon (words with |mean| >= 1, no emoticons), "
+                    "pretrained all-MiniLM-L6-v2 + new 2-way head",
             "budget": asdict(budget), "seeds": seed_list, "complete": len(runs) == len(unique) * len(seed_list),
             "train_examples": len(task.train), "test_examples": len(task.eval),
             "environment": {**env, "device": runs[0]["device"]},
