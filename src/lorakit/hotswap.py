@@ -86,18 +86,10 @@ def _file_key(key: str) -> tuple[str, str | None]:
     return key, None
 
 
-def _tensor(model: nn.Module, key: str) -> torch.Tensor:
-    try:
-        return model.get_parameter(key)
-    except AttributeError:
-        return model.get_buffer(key)
-
-
-def _check_base_copy(model: nn.Module, key: str, model_key: str, value: torch.Tensor) -> None:
+def _check_base_copy(key: str, current: torch.Tensor, value: torch.Tensor) -> None:
     """A base tensor in the file (PEFT saves targeted embeddings' weights, and biases under
     ``bias="all"/"lora_only"``) must equal the model's: it is shared by every adapter, so one slot
     cannot take a different one."""
-    current = _tensor(model, model_key)
     if current.shape != value.shape or not torch.equal(current.detach().cpu(), value.to(current.dtype).cpu()):
         raise ValueError(f"state-dict key {key!r} carries a base tensor different from the model's (e.g. a resized "
                          "or trained embedding, or a trained bias); hot swap only replaces adapter weights. Load it "
@@ -109,19 +101,22 @@ def _plan(model: nn.Module, sd: Mapping[str, torch.Tensor], name: str) -> list[t
 
     Where each key goes is ``io.peft_format.load_plan``'s answer, the same as for ``load_adapter``."""
     required, optional = load_plan(model, name)  # {file key: model key}
+    targets = model.state_dict(keep_vars=True)
     pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
     named_in_keys: set[str] = set()
+    seen: set[str] = set()
     for key, value in sd.items():
         fk, key_name = _file_key(key)
+        seen.add(fk)
         if key_name is not None:
             named_in_keys.add(key_name)
         if fk not in required:
             if fk in optional and isinstance(value, torch.Tensor):
-                _check_base_copy(model, key, optional[fk], value)
+                _check_base_copy(key, targets[optional[fk]], value)
                 continue
             raise ValueError(f"state-dict key {key!r} names no tensor of adapter slot {name!r} in this model (as "
                              f"{fk!r}); the new weights target other modules than the slot")
-        dest = _tensor(model, required[fk])
+        dest = targets[required[fk]]
         if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(dest.shape):
             shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
             raise ValueError(f"state-dict key {key!r} has shape {shape}, but adapter slot {name!r} holds "
@@ -130,7 +125,7 @@ def _plan(model: nn.Module, sd: Mapping[str, torch.Tensor], name: str) -> list[t
         pairs.append((dest, value))
     if len(named_in_keys) > 1:
         raise ValueError(f"the state dict holds several adapters {sorted(named_in_keys)}; pass one adapter's keys")
-    missing = sorted(set(required) - {_file_key(k)[0] for k in sd})
+    missing = sorted(set(required) - seen)
     if missing:
         raise ValueError(f"the new weights do not cover {len(missing)} tensor(s) of adapter {name!r}, e.g. "
                          f"{missing[:3]}; hot swap needs the same target modules")
