@@ -51,7 +51,8 @@ LOGITS_PER_CHUNK = 2**21  # fp32 logits alive at once in the chunked loss (8 MB)
 
 def auto_chunk_rows(head: nn.Module) -> int:
     """Rows per loss chunk so that one chunk's logits hold about :data:`LOGITS_PER_CHUNK` values."""
-    vocab = head.weight.shape[0] if isinstance(getattr(head, "weight", None), torch.Tensor) else 32_000
+    weight = getattr(head, "weight", None)  # (V, H) for nn.Linear and a LoRA-wrapped lm_head alike
+    vocab = weight.shape[0] if isinstance(weight, torch.Tensor) else 32_000  # unknown head: a LLaMA-2-sized guess
     return max(16, LOGITS_PER_CHUNK // vocab)
 
 
