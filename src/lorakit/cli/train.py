@@ -137,7 +137,10 @@ def read_config_file(path: str) -> dict[str, Any]:
         raw = f.read()
     try:
         if suffix == ".toml":
-            import tomllib
+            try:
+                import tomllib
+            except ImportError:  # Python 3.10: the same parser, from PyPI
+                import tomli as tomllib
 
             data = tomllib.loads(raw.decode("utf-8"))
         elif suffix in (".yaml", ".yml"):
