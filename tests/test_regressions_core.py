@@ -358,9 +358,10 @@ def test_import_lorakit_loads_only_the_core():
     import subprocess
     import sys
 
-    code = ("import sys; import lorakit; "
+    code = ("import sys, torch, safetensors; before = set(sys.modules); import lorakit; "
             "mods = sorted(m for m in sys.modules if m.startswith('lorakit')); "
-            "heavy = [m for m in ('transformers', 'tqdm', 'matplotlib', 'peft', 'yaml') if m in sys.modules]; "
+            "heavy = [m for m in ('transformers', 'tqdm', 'matplotlib', 'peft', 'yaml') "
+            "         if m in sys.modules and m not in before]; "
             "print(len(mods)); print(','.join(mods)); print(','.join(heavy))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
     count, mods, heavy = int(out[0]), out[1].split(","), out[2]

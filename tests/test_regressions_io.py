@@ -40,7 +40,8 @@ def _assert_same(model: nn.Module, snap: tuple[dict, dict, list]) -> None:
 # ---------------------------------------------------------------- 1: keys assigned structurally
 @pytest.mark.parametrize("names", [("0", "1"), ("default", "mlp"), ("mlp", "h")])
 def test_01_adapter_names_that_look_like_module_names_save_every_tensor(tmp_path, names):
-    model = models.gpt2()
+    base = models.gpt2()
+    model = copy.deepcopy(base)
     for name in names:
         lk.inject(model, lk.LoraConfig(r=2, target_modules=["c_attn", "c_fc"], init_lora_weights=False),
                   adapter_name=name)
@@ -52,7 +53,7 @@ def test_01_adapter_names_that_look_like_module_names_save_every_tensor(tmp_path
         from safetensors.torch import load_file
 
         assert len(load_file(str(out / "adapter_model.safetensors"))) == 2 * 2 * 2  # layers × modules × (A, B)
-        fresh = lk.load_adapter(models.gpt2(), tmp_path, adapter_name=name)
+        fresh = lk.load_adapter(copy.deepcopy(base), tmp_path, adapter_name=name)
         torch.testing.assert_close(_logits(fresh, x), expected)
 
 

@@ -23,10 +23,23 @@ from lorakit.hotswap import hotswap_adapter
 from lorakit.inject import find_targets, inject, unload
 from lorakit.io import load_adapter, load_full, save_adapter, save_full, save_merged
 from lorakit.merge import combine_adapters, merge, merge_and_unload, unmerge
-from lorakit.methods import METHODS, Method, get_method
-from lorakit.train import TrainConfig, fit
 
 __version__ = "0.1.0"
+
+# Applications built on the core, loaded on first use: ``import lorakit`` needs torch and
+# safetensors only, and never imports training, data, models, compare or the CLI.
+_LAZY = {"TrainConfig": "lorakit.train", "fit": "lorakit.train",
+         "Method": "lorakit.methods", "METHODS": "lorakit.methods", "get_method": "lorakit.methods"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'lorakit' has no attribute {name!r}")
 
 __all__ = [
     "LoraConfig", "inject", "find_targets", "unload",

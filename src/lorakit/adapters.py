@@ -1,4 +1,10 @@
-"""Named adapters on a model: list, switch, delete, disable, mix per batch row, count parameters."""
+"""Named adapters on a model: list, switch, delete, disable, mix per batch row, count parameters.
+
+Trainability policy: lorakit only ever toggles ``requires_grad`` on what it owns — adapter factors,
+``modules_to_save`` copies, and the base biases an adapter's ``bias`` mode asked for. ``inject``
+freezes the base once, when the first adapter arrives; after that a parameter the user unfroze
+(a final norm, say) stays as the user left it.
+"""
 
 from __future__ import annotations
 
@@ -8,18 +14,13 @@ from typing import Union
 
 from torch import nn
 
-from lorakit.layers import BASE_ROW, LoraLayer
-from lorakit.layers.saved import ModulesToSave
+from lorakit.layers import BASE_ROW, LoraLayer, ModulesToSave, Wrapper, wrappers
+from lorakit.layers.routing import Route, routed
 from lorakit.state import get_state, require_state
 
-Wrapper = Union[LoraLayer, ModulesToSave]
-
-
-def wrappers(model: nn.Module) -> Iterator[tuple[str, Wrapper]]:
-    """Every lorakit wrapper in ``model`` (nested ones too, e.g. an attention's out_proj)."""
-    for name, module in model.named_modules():
-        if isinstance(module, (LoraLayer, ModulesToSave)):
-            yield name, module
+__all__ = ["adapter_names", "active_adapters", "set_adapter", "delete_adapter", "disable_adapters", "mixed_batch",
+           "trainable_parameters", "summary", "print_trainable_parameters", "wrappers", "Wrapper",
+           "set_adapter_grads"]
 
 
 def adapter_names(model: nn.Module) -> list[str]:
@@ -39,10 +40,20 @@ def _check_names(model: nn.Module, names: Sequence[str], what: str) -> None:
         raise ValueError(f"{what}: unknown adapter(s) {unknown}; this model has {known}")
 
 
-def set_adapter(model: nn.Module, name: Union[str, Sequence[str]]) -> None:
+def set_adapter_grads(model: nn.Module, names: Sequence[str], trainable: Sequence[str]) -> None:
+    """``requires_grad`` of the parameters adapters ``names`` own: True for those in ``trainable``,
+    False for the others. Nothing else in the model is touched."""
+    for _, w in wrappers(model):
+        for name in names:
+            for p in w.adapter_parameters(name):
+                p.requires_grad_(name in trainable)
+
+
+def set_adapter(model: nn.Module, name: Union[str, Sequence[str]], *, inference_mode: bool = False) -> None:
     """Make ``name`` (or several names, whose updates add up) the active adapter(s).
 
-    Only the active adapters' parameters keep ``requires_grad``.
+    As PEFT: the active adapters' parameters get ``requires_grad=True`` (False with
+    ``inference_mode``), the other adapters' False. No other parameter is touched.
 
     Raises:
         ValueError: an unknown name.
@@ -51,14 +62,17 @@ def set_adapter(model: nn.Module, name: Union[str, Sequence[str]]) -> None:
     if not names:
         raise ValueError("set_adapter needs at least one adapter name")
     _check_names(model, names, "set_adapter")
-    require_state(model).active = names
+    state = require_state(model)
+    state.active = names
     for _, w in wrappers(model):
         w.set_active(names)
-    refresh_trainable(model)
+    set_adapter_grads(model, list(state.configs), [] if inference_mode else names)
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove adapter ``name`` everywhere. If it was active, the first remaining adapter becomes active.
+
+    Base biases that its ``bias`` mode unfroze are frozen again.
 
     Raises:
         ValueError: an unknown name, or the adapter is merged into the base weights.
@@ -70,23 +84,30 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         raise ValueError(f"adapter {name!r} is merged into {merged[:3]}...; call lorakit.unmerge(model) first")
     for _, w in wrappers(model):
         w.delete_adapter(name)
+    params = dict(model.named_parameters())
+    for pname in state.bias_params.pop(name, []):
+        if pname in params:
+            params[pname].requires_grad_(False)
     del state.configs[name]
     state.targets.pop(name, None)
+    was_active = name in state.active
     state.active = [a for a in state.active if a != name] or list(state.configs)[:1]
     for _, w in wrappers(model):
         w.set_active(state.active)
-    refresh_trainable(model)
+    if was_active:
+        set_adapter_grads(model, list(state.configs), state.active)
 
 
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """Inside the block the model computes exactly its base function.
 
-    Merged adapters are taken out of the weights on entry and merged back on exit.
+    Merged adapters are taken out of the weights on entry and merged back on exit; on exit every
+    wrapper gets back the state it had on entry, so blocks nest.
     """
     require_state(model)
     layers = [w for _, w in wrappers(model)]
-    remerge = {id(w): list(w.merged_adapters) for w in layers if isinstance(w, LoraLayer) and w.merged}
+    before = [(w, w.disabled, list(w.merged_adapters) if isinstance(w, LoraLayer) else []) for w in layers]
     for w in layers:
         if isinstance(w, LoraLayer):
             w.unmerge()
@@ -94,61 +115,61 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     try:
         yield model
     finally:
-        for w in layers:
-            w.disabled = False
-            if id(w) in remerge:
-                w.merge(remerge[id(w)])
+        for w, disabled, merged in before:
+            w.disabled = disabled
+            if merged:
+                w.merge(merged)
+
+
+def _sequence_first(model: nn.Module) -> list[str]:
+    """Blocks whose adapted layers see sequence-first inputs, ``(L, N, ...)``: those holding a
+    module that declares ``batch_first=False`` (nn.MultiheadAttention, RNNs, nn.Transformer — and
+    so nn.TransformerEncoderLayer, whose linear1/linear2 get its attention's layout)."""
+    modules = dict(model.named_modules())
+    found = []
+    for name, m in modules.items():
+        declared = m.base_layer if isinstance(m, LoraLayer) else m
+        if getattr(declared, "batch_first", None) is not False:
+            continue
+        block = modules[name.rpartition(".")[0]] if name else m
+        if any(isinstance(s, (LoraLayer, ModulesToSave)) for s in block.modules()):
+            found.append(name.rpartition(".")[0] or type(block).__name__)
+    return list(dict.fromkeys(found))
 
 
 @contextlib.contextmanager
-def mixed_batch(model: nn.Module, names: Sequence[str]) -> Iterator[nn.Module]:
+def mixed_batch(model: nn.Module, names: Sequence[str], *, batch_dim: int = 0) -> Iterator[nn.Module]:
     """Run each batch row through its own adapter (``"__base__"``: none). For inference.
 
     ``names[i]`` is the adapter of row ``i``; every forward inside the block must have
-    ``len(names)`` rows (it holds across ``generate()`` steps without beam search).
+    ``len(names)`` rows (it holds across ``generate()`` steps without beam search). The routing is
+    per thread (a context variable): concurrent blocks in other threads do not see it, and a nested
+    block restores the outer one.
+
+    Args:
+        batch_dim: the dimension of each adapted layer's input that indexes rows: 0 (batch-first,
+            the default), or 1 for sequence-first models (``batch_first=False``, inputs ``(L, N, E)``).
 
     Raises:
-        ValueError: an unknown name, an empty list, or merged adapters.
+        ValueError: an unknown name, an empty list, merged adapters, or sequence-first modules
+            (``batch_first=False``) with ``batch_dim=0``.
     """
     names = list(names)
     if not names:
         raise ValueError("mixed_batch needs one adapter name per batch row; got an empty list")
+    if batch_dim not in (0, 1):
+        raise ValueError(f"batch_dim must be 0 (batch-first inputs) or 1 (sequence-first), got {batch_dim!r}")
     _check_names(model, [n for n in names if n != BASE_ROW], "mixed_batch")
     layers = [w for _, w in wrappers(model)]
     if any(isinstance(w, LoraLayer) and w.merged for w in layers):
         raise ValueError("mixed_batch needs unmerged adapters; call lorakit.unmerge(model) first")
-    for w in layers:
-        w.row_adapters = names
-    try:
+    if batch_dim == 0:
+        seq_first = _sequence_first(model)
+        if seq_first:
+            raise ValueError(f"mixed_batch: {seq_first[:3]} take sequence-first inputs (batch_first=False), so "
+                             "batch rows are on dimension 1, not 0; pass batch_dim=1")
+    with routed(layers, Route(tuple(names), batch_dim)):
         yield model
-    finally:
-        for w in layers:
-            w.row_adapters = None
-
-
-def refresh_trainable(model: nn.Module) -> None:
-    """Freeze everything, then unfreeze the active adapters' parameters, their ``modules_to_save``
-    copies, and the biases their ``bias`` mode names (``"all"``: every ``*.bias``;
-    ``"lora_only"``: biases of adapted layers)."""
-    state = get_state(model)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    if state is None:
-        return
-    for _, w in wrappers(model):
-        for name in state.active:
-            for p in w.adapter_parameters(name):
-                p.requires_grad_(True)
-    modes = {state.configs[a].bias for a in state.active}
-    if "all" in modes:
-        for n, p in model.named_parameters():
-            if n == "bias" or n.endswith(".bias"):
-                p.requires_grad_(True)
-    if "lora_only" in modes:
-        for _, w in wrappers(model):
-            bias = getattr(w.base_layer, "bias", None) if isinstance(w, LoraLayer) else None
-            if isinstance(bias, nn.Parameter) and any(a in w.r for a in state.active):
-                bias.requires_grad_(True)
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:

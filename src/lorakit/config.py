@@ -23,9 +23,10 @@ BIAS_MODES = ("none", "all", "lora_only")
 INIT_MODES = (True, False, "gaussian", "pissa", "olora")
 ALL_LINEAR = "all-linear"
 
+TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 # Keys of PEFT's adapter_config.json that describe the file, not the numbers: skipped on read.
-_PEFT_METADATA = {"peft_type", "task_type", "inference_mode", "base_model_name_or_path", "revision",
-                  "auto_mapping", "peft_version", "megatron_core", "runtime_config", "qalora_group_size"}
+_PEFT_METADATA = {"peft_type", "auto_mapping", "peft_version", "megatron_core", "runtime_config",
+                  "qalora_group_size"}
 # PEFT features lorakit does not implement, with the value that means "off". A file that switches
 # one on is refused: loading it would give different outputs from PEFT's.
 _PEFT_FEATURES_OFF = {
@@ -67,6 +68,10 @@ class LoraConfig:
         use_dora: Weight-decomposed LoRA: ``W' = m · (W + ΔW) / ‖W + ΔW‖_row`` (Linear only).
         fan_in_fan_out: The base weight is stored ``(in, out)`` (GPT-2's Conv1D); set
             automatically for Conv1D layers.
+        task_type: PEFT's task type (``"CAUSAL_LM"``, ``"SEQ_CLS"``, ...), recorded in the file; PEFT
+            picks its model class from it. ``None``: inferred from a transformers model when saved.
+        base_model_name_or_path, revision: the base model the adapter belongs to (metadata).
+        inference_mode: PEFT's flag for an adapter loaded for inference (metadata; written as True).
 
     Raises:
         ValueError / TypeError: naming the field, the bad value and what is valid.
@@ -87,6 +92,10 @@ class LoraConfig:
     use_rslora: bool = False
     use_dora: bool = False
     fan_in_fan_out: bool = False
+    task_type: Union[str, None] = None
+    base_model_name_or_path: Union[str, None] = None
+    revision: Union[str, None] = None
+    inference_mode: bool = False
 
     def __post_init__(self) -> None:
         _check_positive_int("r", self.r)
@@ -126,7 +135,12 @@ class LoraConfig:
             self.modules_to_save = list(self.modules_to_save)
         if not (isinstance(self.init_lora_weights, bool) or self.init_lora_weights in INIT_MODES[2:]):
             raise ValueError(f"init_lora_weights must be one of {INIT_MODES}, got {self.init_lora_weights!r}")
-        for flag in ("use_rslora", "use_dora", "fan_in_fan_out"):
+        if self.task_type is not None and self.task_type not in TASK_TYPES:
+            raise ValueError(f"task_type must be one of {TASK_TYPES} or None, got {self.task_type!r}")
+        for meta in ("base_model_name_or_path", "revision"):
+            if getattr(self, meta) is not None and not isinstance(getattr(self, meta), str):
+                raise TypeError(f"{meta} must be a string or None, got {getattr(self, meta)!r}")
+        for flag in ("use_rslora", "use_dora", "fan_in_fan_out", "inference_mode"):
             if not isinstance(getattr(self, flag), bool):
                 raise TypeError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
 
@@ -147,14 +161,15 @@ class LoraConfig:
 
     # ------------------------------------------------------------------ PEFT json
     def to_peft_dict(self, base_model_name_or_path: str | None = None, task_type: str | None = None) -> dict[str, Any]:
-        """The ``adapter_config.json`` content PEFT (>= 0.10) reads."""
+        """The ``adapter_config.json`` content PEFT (>= 0.10) reads; the arguments, when given,
+        override the config's own metadata fields."""
         d = dataclasses.asdict(self)
         if isinstance(d["target_modules"], list):
             d["target_modules"] = sorted(set(d["target_modules"]))
         if d["exclude_modules"] is None:
             del d["exclude_modules"]  # a PEFT >= 0.14 key; left out when unset so PEFT 0.10-0.13 read the file
-        d.update(peft_type="LORA", task_type=task_type, inference_mode=True,
-                 base_model_name_or_path=base_model_name_or_path, revision=None)
+        d.update(peft_type="LORA", task_type=task_type or self.task_type, inference_mode=True,
+                 base_model_name_or_path=base_model_name_or_path or self.base_model_name_or_path)
         return d
 
     @classmethod
@@ -195,6 +210,11 @@ class LoraConfig:
             warnings.warn(f"{source}: ignoring config keys lorakit does not know: {unknown}", stacklevel=2)
         if kwargs.get("target_modules") is None and "target_modules" in d:
             raise ValueError(f"{source}: target_modules is null; the file does not say which modules it adapts")
+        if kwargs.get("task_type") not in (None, *TASK_TYPES):
+            warnings.warn(f"{source}: unknown task_type {kwargs['task_type']!r}; ignored", stacklevel=2)
+            kwargs["task_type"] = None
+        if kwargs.get("inference_mode") is not None:
+            kwargs["inference_mode"] = bool(kwargs["inference_mode"])
         if isinstance(kwargs.get("layers_pattern"), str) and not kwargs.get("layers_pattern"):
             kwargs["layers_pattern"] = None
         if kwargs.get("layers_pattern") is not None and kwargs.get("layers_to_transform") is None:

@@ -31,21 +31,14 @@ from typing import Union
 import torch
 from torch import nn
 
-from lorakit.adapters import _check_names, wrappers
+from lorakit.adapters import _check_names
 from lorakit.config import LoraConfig
-from lorakit.io.peft_format import (
-    CONFIG_NAME,
-    PREFIX,
-    load_plan,
-    read_config_dict,
-    read_tensors,
-    remove_adapter_name,
-    weights_path,
-)
-from lorakit.layers import LoraLayer
+from lorakit.io.keymap import PREFIX, parse_in_memory_key
+from lorakit.io.peft_format import CONFIG_NAME, load_plan, read_config_dict, read_tensors, weights_path
+from lorakit.layers import LoraLayer, wrappers
 from lorakit.state import require_state
+from lorakit.transaction import transaction
 
-FACTOR_ATTRS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
 Source = Union[str, os.PathLike, Mapping[str, torch.Tensor]]
 
 
@@ -64,28 +57,6 @@ def read_adapter_dir(directory: str | os.PathLike) -> tuple[dict[str, torch.Tens
     return sd, cfg
 
 
-def _file_key(key: str) -> tuple[str, str | None]:
-    """``(PEFT file key without PREFIX, adapter name the key carries or None)`` of a state-dict key.
-
-    PEFT keys carry no adapter name and pass through; lorakit in-memory keys lose theirs the way
-    PEFT's ``save_pretrained`` drops it: ``P.lora_A.<n>.weight`` -> ``P.lora_A.weight``,
-    ``P.lora_embedding_A.<n>`` -> ``P.lora_embedding_A``, ``P.modules_to_save.<n>.<param>`` -> ``P.<param>``.
-    """
-    key = key[len(PREFIX):] if key.startswith(PREFIX) else key
-    parts = key.split(".")
-    for i in range(len(parts) - 1, -1, -1):
-        if parts[i] in FACTOR_ATTRS:
-            rest = parts[i + 1:]
-            if rest in ([], ["weight"]):
-                return key, None
-            if len(rest) == 1 or rest[1:] == ["weight"]:
-                return remove_adapter_name(key, rest[0]), rest[0]
-            raise ValueError(f"cannot read state-dict key {key!r}: expected '<module>.{parts[i]}[.<adapter>][.weight]'")
-        if parts[i] == "modules_to_save" and len(parts) > i + 2:
-            return ".".join(parts[:i] + parts[i + 2:]), parts[i + 1]
-    return key, None
-
-
 def _check_base_copy(key: str, current: torch.Tensor, value: torch.Tensor) -> None:
     """A base tensor in the file (PEFT saves targeted embeddings' weights, and biases under
     ``bias="all"/"lora_only"``) must equal the model's: it is shared by every adapter, so one slot
@@ -99,24 +70,29 @@ def _check_base_copy(key: str, current: torch.Tensor, value: torch.Tensor) -> No
 def _plan(model: nn.Module, sd: Mapping[str, torch.Tensor], name: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``(destination, source)`` pairs, every key and shape checked before anything is written.
 
-    Where each key goes is ``io.peft_format.load_plan``'s answer, the same as for ``load_adapter``."""
-    required, optional = load_plan(model, name)  # {file key: model key}
+    Keys are PEFT file keys (with or without ``base_model.model.``) or lorakit in-memory keys of any
+    adapter name; both are resolved through ``lorakit.io.keymap``, as ``load_adapter`` does."""
+    required, aliases, base = load_plan(model, name)  # {file key: model key}
+    adapter = {**aliases, **required}
     targets = model.state_dict(keep_vars=True)
     pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
     named_in_keys: set[str] = set()
     seen: set[str] = set()
     for key, value in sd.items():
-        fk, key_name = _file_key(key)
+        fk = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        if fk not in adapter and fk not in base:
+            parsed = parse_in_memory_key(model, fk)
+            if parsed is not None:
+                fk, key_name = parsed
+                named_in_keys.add(key_name)
         seen.add(fk)
-        if key_name is not None:
-            named_in_keys.add(key_name)
-        if fk not in required:
-            if fk in optional and isinstance(value, torch.Tensor):
-                _check_base_copy(key, targets[optional[fk]], value)
+        if fk not in adapter:
+            if fk in base and isinstance(value, torch.Tensor):
+                _check_base_copy(key, targets[base[fk]], value)
                 continue
             raise ValueError(f"state-dict key {key!r} names no tensor of adapter slot {name!r} in this model (as "
                              f"{fk!r}); the new weights target other modules than the slot")
-        dest = targets[required[fk]]
+        dest = targets[adapter[fk]]
         if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(dest.shape):
             shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
             raise ValueError(f"state-dict key {key!r} has shape {shape}, but adapter slot {name!r} holds "
@@ -136,14 +112,19 @@ def hotswap_adapter(model: nn.Module, source: Source, adapter_name: str = "defau
                     config: LoraConfig | None = None) -> None:
     """Load new weights into the existing adapter ``adapter_name`` in place.
 
+    Every key, shape and rank is checked before anything is written, and the writes run in a
+    transaction: on any failure the slot keeps its old weights and scalings.
+
     Args:
         model: a model with lorakit adapters.
         source: a directory holding ``adapter_model.safetensors`` (+ ``adapter_config.json``), or a
             state dict in PEFT's key format or lorakit's in-memory one (see the module docstring).
         adapter_name: the slot to overwrite; it keeps its name, activity and parameters.
         config: the new adapter's config, when ``source`` is a state dict (a directory's own
-            ``adapter_config.json`` is used otherwise). If given, each layer's ``lora_alpha`` and
-            scaling are updated from it; without one they stay as they are.
+            ``adapter_config.json`` is used otherwise). If given, each adapted module's
+            ``lora_alpha`` and scaling are updated from it (its rank and alpha patterns apply per
+            targeted module; an nn.MultiheadAttention's out_proj follows its attention module);
+            without one they stay as they are.
 
     Raises:
         ValueError: an unknown or merged slot, a key naming no layer of the slot, a shape (rank)
@@ -160,22 +141,30 @@ def hotswap_adapter(model: nn.Module, source: Source, adapter_name: str = "defau
         sd = source
     else:
         raise TypeError(f"source must be a directory or a state dict, got {type(source).__name__}")
-    layers = [(p, w) for p, w in wrappers(model) if isinstance(w, LoraLayer) and adapter_name in w.r]
-    merged = [p for p, w in layers if adapter_name in w.merged_adapters]
+    merged = [p for p, w in wrappers(model) if isinstance(w, LoraLayer) and adapter_name in w.merged_adapters]
     if merged:
         raise ValueError(f"adapter {adapter_name!r} is merged into {merged[:3]}; call lorakit.unmerge(model) first")
     pairs = _plan(model, sd, adapter_name)
+    targets = [(t, model.get_submodule(t)) for t in state.targets[adapter_name]]  # the modules inject adapted
     if config is not None:
-        bad = [(p, w.r[adapter_name], config.rank_for(p)) for p, w in layers if config.rank_for(p) != w.r[adapter_name]]
+        bad = [(t, w.r[adapter_name], config.rank_for(t)) for t, w in targets
+               if config.rank_for(t) != w.r[adapter_name]]
         if bad:
             raise ValueError(f"the new config's ranks differ from adapter {adapter_name!r}'s, e.g. at {bad[0][0]!r}: "
                              f"r={bad[0][2]} vs r={bad[0][1]}; hot swap needs the same ranks")
-    with torch.no_grad():
+    with transaction(model) as txn, torch.no_grad():
         for dest, value in pairs:
+            txn.keep(dest)
             dest.copy_(value)
-    if config is not None:
-        for p, w in layers:
-            alpha = config.alpha_for(p)
-            w.lora_alpha[adapter_name] = alpha
-            w.scaling[adapter_name] = config.scaling(w.r[adapter_name], alpha)
-        state.configs[adapter_name] = config
+        if config is not None:
+            old_cfg, old_alpha = state.configs[adapter_name], {t: w.lora_alpha[adapter_name] for t, w in targets}
+
+            def restore() -> None:
+                for t, w in targets:
+                    w.set_scale(adapter_name, old_alpha[t], old_cfg)
+                state.configs[adapter_name] = old_cfg
+
+            txn.on_undo(restore)
+            for t, w in targets:
+                w.set_scale(adapter_name, config.alpha_for(t), config)
+            state.configs[adapter_name] = config

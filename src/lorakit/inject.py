@@ -3,27 +3,35 @@
 Matching follows PEFT's rules, applied to each module's full dotted name:
 
 * a list: exact name, or dotted suffix (``"q_proj"`` matches ``model.layers.3.self_attn.q_proj``),
-  then restricted to ``layers_to_transform`` (the index after ``.<layers_pattern>.``);
+  then restricted to ``layers_to_transform`` (the index after ``.<layers_pattern>.``); every entry
+  must match some module (a typo is an error naming close real names);
 * a string: ``re.fullmatch(target_modules, name)``;
 * ``"all-linear"``: every Linear / GPT-2 Conv1D except the model's output head, the
   ``modules_to_save`` and the ``out_proj`` of an nn.MultiheadAttention (read by the attention
   module, not called); layer indices apply;
 * ``exclude_modules`` (same forms, no layer indices) removes matches.
+
+``inject`` is a transaction (``lorakit.transaction``): if any target refuses the config, the model
+is left exactly as it was.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
+import warnings
 from collections.abc import Iterator
 
 from torch import nn
 
-from lorakit.adapters import refresh_trainable, wrappers
+from lorakit.adapters import set_adapter_grads
 from lorakit.config import ALL_LINEAR, LoraConfig
-from lorakit.layers import LoraLayer, is_linear_like, is_supported, wrap
-from lorakit.layers.saved import ModulesToSave
-from lorakit.state import get_state
+from lorakit.layers import LoraLayer, ModulesToSave, is_linear_like, is_supported, wrap, wrappers
+from lorakit.state import LorakitState, get_state
+from lorakit.transaction import Transaction, set_submodule, transaction
+
+replace_module = set_submodule  # the name other modules know
 
 
 def _matches_list(name: str, patterns: list[str]) -> bool:
@@ -80,11 +88,17 @@ def _mha_out_projs(model: nn.Module) -> set[int]:
     return {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
 
 
-def find_targets(model: nn.Module, cfg: LoraConfig) -> list[str]:
+def find_targets(model: nn.Module, cfg: LoraConfig, strict: bool = True) -> list[str]:
     """Names of the modules ``inject(model, cfg)`` would adapt, in model order. Changes nothing.
 
+    Args:
+        strict: every entry of a list ``target_modules`` must match some module (else an error
+            naming it and close real names); ``False`` only warns (used for files written by
+            PEFT, which accepts such entries silently).
+
     Raises:
-        ValueError: nothing matches (the message lists the patterns and real module names).
+        ValueError: nothing matches, or (strict) a list entry matches nothing; the message lists
+            the patterns and real module names.
         TypeError: a matched module has a type lorakit cannot adapt.
     """
     spec = cfg.target_modules
@@ -94,8 +108,11 @@ def find_targets(model: nn.Module, cfg: LoraConfig) -> list[str]:
     saved = cfg.modules_to_save or []
     head = _output_head(model)
     out_projs = _mha_out_projs(model)
+    candidates = list(candidate_modules(model))
+    if isinstance(spec, list):
+        _check_entries(model, candidates, spec, strict)
     found: list[str] = []
-    for name, module in candidate_modules(model):
+    for name, module in candidates:
         if spec == ALL_LINEAR:
             hit = (is_linear_like(getattr(module, "base_layer", module)) and module is not head
                    and id(module) not in out_projs and not _matches_list(name, saved) and _in_layers(name, cfg))
@@ -121,68 +138,117 @@ def find_targets(model: nn.Module, cfg: LoraConfig) -> list[str]:
     return found
 
 
+def _check_entries(model: nn.Module, candidates: list[tuple[str, nn.Module]], spec: list[str], strict: bool) -> None:
+    """Every list entry must name some module (before layer indices and exclusions apply)."""
+    names = [n for n, _ in candidates]
+    missing = [p for p in spec if not any(n == p or n.endswith("." + p) for n in names)]
+    if not missing:
+        return
+    pool = list(dict.fromkeys([n.rsplit(".", 1)[-1] for n in names] + names))
+    hints = {p: difflib.get_close_matches(p, pool, n=3, cutoff=0.6) for p in missing}
+    text = "; ".join(f"{p!r} (close: {h})" if h else repr(p) for p, h in hints.items())
+    msg = (f"target_modules={spec!r}: {text} match{'es' if len(missing) == 1 else ''} no module of this "
+           f"{type(model).__name__}. Adaptable modules include: {_sample_names(model)}")
+    if strict:
+        raise ValueError(msg)
+    warnings.warn(msg, stacklevel=3)
+
+
 def _sample_names(model: nn.Module, k: int = 8) -> list[str]:
     names = [n for n, m in candidate_modules(model) if is_supported(m)]
     leaves = list(dict.fromkeys(n.rsplit(".", 1)[-1] for n in names))
     return leaves[:k] + [n for n in names[:3] if n not in leaves]
 
 
-def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Put ``new`` where the dotted ``name`` is in ``model`` (``""`` is not allowed: the root stays)."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
+def _check_bias_modes(state: LorakitState | None, cfg: LoraConfig, adapter_name: str) -> None:
+    """PEFT's rule, both ways: an adapter that trains base biases must be the only adapter."""
+    if state is None or not state.configs:
+        return
+    with_bias = [n for n, c in state.configs.items() if c.bias != "none"]
+    if cfg.bias != "none" or with_bias:
+        who = f"adapter {adapter_name!r} has bias={cfg.bias!r}" if cfg.bias != "none" else \
+            f"adapter(s) {with_bias} already train base biases"
+        raise ValueError(f"cannot add adapter {adapter_name!r}: {who}. Base biases are shared by every adapter, so "
+                         "an adapter with bias='all' or 'lora_only' must be the only one on the model (as in PEFT). "
+                         "Use bias='none' for every adapter, or one model per bias-training adapter")
 
 
 def inject(model: nn.Module, cfg: LoraConfig, adapter_name: str = "default", *,
-           autocast_adapter_dtype: bool = True) -> nn.Module:
-    """Add LoRA adapter ``adapter_name`` to the modules ``cfg`` targets, in place; freeze the rest.
+           autocast_adapter_dtype: bool = True, strict_targets: bool = True) -> nn.Module:
+    """Add LoRA adapter ``adapter_name`` to the modules ``cfg`` targets, in place.
 
-    The first call wraps each target in a lorakit layer; later calls with new names add
-    adapters to the layers they target. The first adapter is active; others are added inactive
-    (``set_adapter`` switches). Only the active adapter's factors, its ``modules_to_save``
-    copies and the biases that ``cfg.bias`` names keep ``requires_grad``.
+    The first call wraps each target in a lorakit layer and freezes the base model; later calls
+    with new names add adapters to the layers they target. The first adapter is active (and
+    trainable); later ones are added inactive (``set_adapter`` switches). ``cfg.bias`` unfreezes
+    the base biases it names. All or nothing: on any error the model is left exactly as it was.
 
     Args:
         model: any nn.Module (a Hugging Face model stays one).
         cfg: the adapter's configuration.
         adapter_name: a new name for this adapter.
         autocast_adapter_dtype: keep adapter weights in fp32 on fp16/bf16 layers (PEFT's default).
+        strict_targets: see :func:`find_targets`.
 
     Returns:
         ``model`` itself.
 
     Raises:
-        ValueError: a bad or duplicate adapter name, or no module matches.
+        ValueError: a bad or duplicate adapter name, a target entry matching nothing, a second
+            adapter where one trains biases, or a target refusing the config.
         TypeError: ``cfg`` is not a LoraConfig, or a match cannot be adapted.
     """
+    with transaction(model) as txn:
+        inject_into(txn, cfg, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+                    strict_targets=strict_targets)
+    return model
+
+
+def inject_into(txn: Transaction, cfg: LoraConfig, adapter_name: str, *, autocast_adapter_dtype: bool = True,
+                strict_targets: bool = True) -> LoraConfig:
+    """``inject``'s work, journaled in ``txn`` (``load_adapter`` runs it inside its own transaction).
+
+    Returns:
+        The config as recorded (Conv1D targets set ``fan_in_fan_out``).
+    """
+    model = txn.model
     if not isinstance(cfg, LoraConfig):
         raise TypeError(f"cfg must be a lorakit.LoraConfig, got {type(cfg).__name__}")
     if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name or adapter_name == "__base__":
         raise ValueError(f"adapter_name must be a non-empty string without '.', not '__base__'; got {adapter_name!r}")
-    state = get_state(model, create=True)
-    if adapter_name in state.configs:
+    state = get_state(model)
+    if state is not None and adapter_name in state.configs:
         raise ValueError(f"adapter {adapter_name!r} already exists (adapters: {list(state.configs)}); "
                          "choose another name or delete it first")
-    targets = find_targets(model, cfg)
+    _check_bias_modes(state, cfg, adapter_name)
+    targets = find_targets(model, cfg, strict=strict_targets)
     saved = _find_modules_to_save(model, cfg)
     if any(type(model.get_submodule(n)).__name__ == "Conv1D" for n in targets) and not cfg.fan_in_fan_out:
         cfg = dataclasses.replace(cfg, fan_in_fan_out=True)  # GPT-2 layout, recorded as PEFT does
-    dtype = None if autocast_adapter_dtype else "base"
+    state = get_state(model, create=True)
+    if not state.configs:  # the first adapter: the base is frozen (later ones leave the user's flags alone)
+        for p in model.parameters():
+            p.requires_grad_(False)
     for name in targets:
         module = model.get_submodule(name)
         if not isinstance(module, LoraLayer):
             module = wrap(module)
-            replace_module(model, name, module)
+            txn.replace(name, module, module.release)
+        else:
+            txn.on_undo(lambda m=module: m.delete_adapter(adapter_name))
+        if cfg.init_lora_weights in ("pissa", "olora"):  # these write the residual into W
+            txn.keep(module.base_weight())
         weight = module.base_weight()
         module.add_adapter(adapter_name, cfg.rank_for(name), cfg.alpha_for(name), cfg,
-                           dtype=weight.dtype if dtype == "base" else None)
+                           dtype=None if autocast_adapter_dtype else weight.dtype)
         module.train(module.base_layer.training)  # new dropout modules follow the model's train/eval mode
     for name in saved:
         module = model.get_submodule(name)
         if not isinstance(module, ModulesToSave):
+            module.requires_grad_(False)  # the original stays frozen; the copies train (PEFT)
             module = ModulesToSave(module)
-            replace_module(model, name, module)
+            txn.replace(name, module, module.release)
+        else:
+            txn.on_undo(lambda m=module: m.delete_adapter(adapter_name))
         module.add_adapter(adapter_name)
         module.train(module.original_module.training)
     state.configs[adapter_name] = cfg
@@ -191,9 +257,36 @@ def inject(model: nn.Module, cfg: LoraConfig, adapter_name: str = "default", *,
         state.active = [adapter_name]
     for _, w in wrappers(model):
         w.set_active(state.active)
-    refresh_trainable(model)
+    set_adapter_grads(model, [adapter_name], state.active)
+    state.bias_params[adapter_name] = _unfreeze_biases(model, cfg, adapter_name)
+    _guard(model, txn)
     _enable_checkpointing_grads(model)
-    return model
+    return cfg
+
+
+def _unfreeze_biases(model: nn.Module, cfg: LoraConfig, adapter_name: str) -> list[str]:
+    """The base biases ``cfg.bias`` trains (``"all"``: every parameter named ``bias`` that lorakit
+    does not own — never a ``modules_to_save`` original; ``"lora_only"``: the biases of this
+    adapter's layers); unfrozen, and their names returned."""
+    if cfg.bias == "none":
+        return []
+    owned = set()
+    for _, w in wrappers(model):
+        for name in w.adapter_names:
+            owned.update(id(p) for p in w.adapter_parameters(name))
+        if isinstance(w, ModulesToSave):
+            owned.update(id(p) for p in w.original_module.parameters())
+    if cfg.bias == "all":
+        chosen = {id(p) for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] == "bias" and id(p) not in owned}
+    else:
+        chosen = {id(w.base_layer.bias) for _, w in wrappers(model) if isinstance(w, LoraLayer)
+                  and adapter_name in w.r and isinstance(getattr(w.base_layer, "bias", None), nn.Parameter)}
+    names = []
+    for n, p in model.named_parameters():
+        if id(p) in chosen:
+            p.requires_grad_(True)
+            names.append(n)
+    return names
 
 
 def _find_modules_to_save(model: nn.Module, cfg: LoraConfig) -> list[str]:
@@ -204,6 +297,44 @@ def _find_modules_to_save(model: nn.Module, cfg: LoraConfig) -> list[str]:
         raise ValueError(f"modules_to_save={cfg.modules_to_save!r} matched no module. "
                          f"Module names include: {[n for n, _ in candidate_modules(model)][-8:]}")
     return names
+
+
+# ---------------------------------------------------------------------- guards on an adapted model
+def _no_fused_fast_path(module: nn.Module, args: tuple) -> None:
+    """A no-op forward pre-hook. torch's ``nn.TransformerEncoderLayer`` skips its fused inference
+    kernel (which reads the projection weights directly, bypassing LoRA) when any hook is attached."""
+    return None
+
+
+def _refuse_save_pretrained(*args, **kwargs):
+    raise ValueError("this model carries lorakit adapters: save_pretrained would write base_layer/lora_* keys that "
+                     "from_pretrained cannot read (the adapted layers would reload with random weights). Use "
+                     "lorakit.save_adapter(model, dir) for the adapter in PEFT's format, lorakit.save_merged(model, "
+                     "dir) for a plain model with the adapter folded in, or lorakit.save_full(model, dir)")
+
+
+def _guard(model: nn.Module, txn: Transaction) -> None:
+    """Install what keeps an adapted model honest: the encoder fast-path hook, and a refusing
+    ``save_pretrained`` on every transformers model that contains an adapted layer."""
+    for m in model.modules():
+        holds = any(isinstance(s, (LoraLayer, ModulesToSave)) for s in m.modules())
+        if not holds:
+            continue
+        if isinstance(m, nn.TransformerEncoderLayer) and _no_fused_fast_path not in m._forward_pre_hooks.values():
+            handle = m.register_forward_pre_hook(_no_fused_fast_path)
+            txn.on_undo(handle.remove)
+        if hasattr(type(m), "save_pretrained") and "save_pretrained" not in m.__dict__:
+            m.__dict__["save_pretrained"] = _refuse_save_pretrained
+            txn.on_undo(lambda m=m: m.__dict__.pop("save_pretrained", None))
+
+
+def _unguard(model: nn.Module) -> None:
+    for m in model.modules():
+        for key, hook in list(m._forward_pre_hooks.items()):
+            if hook is _no_fused_fast_path:
+                del m._forward_pre_hooks[key]
+        if m.__dict__.get("save_pretrained") is _refuse_save_pretrained:
+            del m.__dict__["save_pretrained"]
 
 
 def _enable_checkpointing_grads(model: nn.Module) -> None:
@@ -218,24 +349,20 @@ def _enable_checkpointing_grads(model: nn.Module) -> None:
 def unload(model: nn.Module, keep_trained_copy_of: str | None = None) -> nn.Module:
     """Replace every wrapper with the module it wraps, dropping all adapters (merged ones stay in W).
 
-    Args:
-        keep_trained_copy_of: ``modules_to_save`` become this adapter's trained copy (as
-            ``merge_and_unload`` does for the active adapter); by default, and for modules
-            without such a copy, their original (untrained) module.
+    ``modules_to_save`` become the active adapter's trained copy, as PEFT's ``unload`` does (or
+    ``keep_trained_copy_of``'s); a module without such a copy gets its original back.
 
     Returns:
         ``model``.
     """
+    state = get_state(model)
+    keep = keep_trained_copy_of or (state.active[0] if state is not None and state.active else None)
     for name, module in list(candidate_modules(model)):
         if isinstance(module, LoraLayer):
-            base = module.base_layer
-            if isinstance(base, nn.MultiheadAttention) and isinstance(base.out_proj, LoraLayer):
-                base.out_proj = base.out_proj.base_layer
-            replace_module(model, name, base)
+            set_submodule(model, name, module.release())
         elif isinstance(module, ModulesToSave):
             copies = module.modules_to_save
-            keep = copies[keep_trained_copy_of] if keep_trained_copy_of in copies else module.original_module
-            replace_module(model, name, keep)
-    if get_state(model) is not None:
-        del model._lorakit
+            set_submodule(model, name, copies[keep] if keep in copies else module.release())
+    _unguard(model)
+    model.__dict__.pop("_lorakit", None)
     return model

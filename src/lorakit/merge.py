@@ -14,11 +14,12 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from lorakit.adapters import _check_names, refresh_trainable, wrappers
+from lorakit.adapters import _check_names, set_adapter_grads
 from lorakit.config import LoraConfig
 from lorakit.inject import unload
-from lorakit.layers import Embedding, LoraLayer, MultiheadAttention
+from lorakit.layers import Embedding, LoraLayer, ModulesToSave, MultiheadAttention, wrappers
 from lorakit.state import require_state
+from lorakit.transaction import transaction
 
 
 def _lora_layers(model: nn.Module) -> list[LoraLayer]:
@@ -119,6 +120,28 @@ def _concat_into(layer: LoraLayer, parts: list[tuple[str, float]], new_name: str
                 torch.cat([w * layer.scaling[n] * layer.lora_B[n].weight for n, w in parts], 1))
 
 
+def _combine_copies(saved: ModulesToSave, parts: list[tuple[str, float]], new_name: str) -> None:
+    """The new adapter's copy of a ``modules_to_save`` module: ``θ_new = Σ_i w_i·θ_i`` over every
+    floating tensor (an adapter without a copy contributes the original module's), the rest taken
+    from the first adapter's copy. One adapter with weight 1.0 gives exactly its own copy."""
+    saved.add_adapter(new_name)
+    sources = [(saved.modules_to_save[n] if n in saved.modules_to_save else saved.original_module, w)
+               for n, w in parts]
+    target = saved.modules_to_save[new_name].state_dict(keep_vars=True)
+    with torch.no_grad():
+        for k, t in target.items():
+            values = [(m.state_dict(keep_vars=True)[k], w) for m, w in sources]
+            if not t.is_floating_point():
+                t.copy_(values[0][0])
+            elif len(values) == 1 and values[0][1] == 1.0:
+                t.copy_(values[0][0])
+            else:
+                acc = torch.zeros_like(t, dtype=torch.promote_types(t.dtype, torch.float32))
+                for v, w in values:
+                    acc.add_(v.to(acc.dtype), alpha=w)
+                t.copy_(acc)
+
+
 def combine_adapters(model: nn.Module, names: Sequence[str], weights: Sequence[float], new_name: str) -> None:
     """Add adapter ``new_name`` with ``ΔW_new = Σ_i w_i·ΔW_i`` exactly, by concatenating ranks:
 
@@ -126,7 +149,9 @@ def combine_adapters(model: nn.Module, names: Sequence[str], weights: Sequence[f
 
     Each layer's rank is the sum over the adapters present in it; the new config records it per
     layer (exact-name ``rank_pattern``/``alpha_pattern``, alpha = rank), so that it rebuilds the
-    same shapes. The new adapter is added inactive; ``set_adapter(model, new_name)`` uses it.
+    same shapes. ``modules_to_save`` copies combine with the same weights (``θ = Σ w_i·θ_i``), so a
+    combination carries its heads and one adapter with weight 1.0 gives exactly that adapter. The
+    new adapter is added inactive; ``set_adapter(model, new_name)`` uses it.
 
     Raises:
         ValueError: unknown names, mismatched lengths, an existing ``new_name``, or DoRA adapters.
@@ -147,17 +172,26 @@ def combine_adapters(model: nn.Module, names: Sequence[str], weights: Sequence[f
         layer = model.get_submodule(t)
         ranks[t] = sum(layer.r[n] for n in names if n in layer.r)
     patterns = {re.escape(t): r for t, r in ranks.items()}
+    saved = [p for p, w in wrappers(model)
+             if isinstance(w, ModulesToSave) and any(n in w.modules_to_save for n in names)]
     cfg = LoraConfig(r=max(ranks.values()), lora_alpha=max(ranks.values()), target_modules=targets,
-                     rank_pattern=patterns, alpha_pattern=dict(patterns), init_lora_weights=False)
-    for t in targets:
-        layer = model.get_submodule(t)
-        parts = [(n, w) for n, w in zip(names, weights) if n in layer.r]
-        layer.add_adapter(new_name, ranks[t], ranks[t], cfg)  # scaling = alpha / r = 1
-        _concat_into(layer, parts, new_name)
-        if isinstance(layer, MultiheadAttention):  # its out_proj wrapper got the adapter too
-            _concat_into(layer.out_proj_lora, parts, new_name)
-    state.configs[new_name] = cfg
-    state.targets[new_name] = targets
-    for _, w in wrappers(model):
-        w.set_active(state.active)
-    refresh_trainable(model)
+                     rank_pattern=patterns, alpha_pattern=dict(patterns), init_lora_weights=False,
+                     modules_to_save=saved or None)
+    with transaction(model) as txn:
+        for t in targets:
+            layer = model.get_submodule(t)
+            parts = [(n, w) for n, w in zip(names, weights) if n in layer.r]
+            txn.on_undo(lambda layer=layer: layer.delete_adapter(new_name))
+            layer.add_adapter(new_name, ranks[t], ranks[t], cfg)  # scaling = alpha / r = 1
+            _concat_into(layer, parts, new_name)
+            if isinstance(layer, MultiheadAttention):  # its out_proj wrapper got the adapter too
+                _concat_into(layer.out_proj_lora, parts, new_name)
+        for p in saved:
+            module = model.get_submodule(p)
+            txn.on_undo(lambda m=module: m.delete_adapter(new_name))
+            _combine_copies(module, list(zip(names, weights)), new_name)
+        state.configs[new_name] = cfg
+        state.targets[new_name] = targets
+        for _, w in wrappers(model):
+            w.set_active(state.active)
+        set_adapter_grads(model, [new_name], state.active)

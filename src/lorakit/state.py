@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -14,6 +15,13 @@ class LorakitState:
     configs: dict[str, LoraConfig] = field(default_factory=dict)  # adapter name -> its config
     targets: dict[str, list[str]] = field(default_factory=dict)  # adapter name -> adapted module names
     active: list[str] = field(default_factory=list)
+    # adapter name -> names of the base biases its ``bias`` mode unfroze (re-frozen when it is deleted)
+    bias_params: dict[str, list[str]] = field(default_factory=dict)
+
+    def copy(self) -> LorakitState:
+        """A copy whose lists and dicts are independent of this one (configs are immutable in use)."""
+        return LorakitState(dict(self.configs), copy.deepcopy(self.targets), list(self.active),
+                            copy.deepcopy(self.bias_params))
 
 
 def get_state(model: nn.Module, create: bool = False) -> LorakitState | None:

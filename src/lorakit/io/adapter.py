@@ -15,9 +15,9 @@ from typing import Union
 import torch
 from torch import nn
 
-from lorakit.adapters import refresh_trainable, wrappers
+from lorakit.adapters import set_adapter_grads
 from lorakit.config import LoraConfig
-from lorakit.inject import inject, unload
+from lorakit.inject import inject_into
 from lorakit.io.peft_format import (
     CONFIG_NAME,
     PREFIX,
@@ -27,6 +27,7 @@ from lorakit.io.peft_format import (
     effective_config,
     infer_task_type,
     load_plan,
+    peft_file_config,
     read_config_dict,
     read_tensors,
     resolve_adapter_dir,
@@ -34,6 +35,7 @@ from lorakit.io.peft_format import (
 )
 from lorakit.io.safe_write import write_files_atomically, write_text_file
 from lorakit.state import get_state, require_state
+from lorakit.transaction import Transaction, transaction
 
 
 def adapter_dir(directory: PathLike, adapter_name: str) -> Path:
@@ -55,8 +57,8 @@ def save_adapter(model: nn.Module, directory: PathLike, adapter_name: str = "def
         model: a model with lorakit adapters.
         directory: the output directory (created if missing).
         adapter_name: which adapter to save.
-        task_type: PEFT's ``task_type`` to record (default: inferred from a transformers class,
-            e.g. ``"CAUSAL_LM"`` for ``*ForCausalLM``).
+        task_type: PEFT's ``task_type`` to record (default: the config's, else inferred from a
+            transformers class, e.g. ``"CAUSAL_LM"`` for ``*ForCausalLM`` and ``GPT2LMHeadModel``).
         save_embedding_layers: also store the embedding layers' base weights; ``"auto"`` (PEFT's
             default) does when ``embed_tokens``/``lm_head`` are targeted.
 
@@ -72,8 +74,8 @@ def save_adapter(model: nn.Module, directory: PathLike, adapter_name: str = "def
     out = adapter_dir(directory, adapter_name)
     cfg = effective_config(model, adapter_name)
     name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
-    config = cfg.to_peft_dict(base_model_name_or_path=name_or_path,
-                              task_type=task_type or infer_task_type(model, adapter_name))
+    config = cfg.to_peft_dict(base_model_name_or_path=cfg.base_model_name_or_path or name_or_path,
+                              task_type=task_type or cfg.task_type or infer_task_type(model, adapter_name))
     tensors = adapter_state_dict(model, adapter_name, save_embedding_layers)
 
     def write_weights(path: str) -> None:
@@ -95,14 +97,16 @@ def load_adapter(model: nn.Module, directory: PathLike, adapter_name: str = "def
 
     Reads the config, injects the adapter it describes (into a plain base model, or as one more
     named adapter of an already-injected model) and loads its weights. Files are read and
-    checked before the model is touched; if loading fails afterwards the injection is undone.
+    checked before the model is touched, and the whole load is a transaction: if anything fails,
+    the model is left exactly as it was (weights bit for bit, wrappers, ``requires_grad``).
     ``directory/<adapter_name>/`` is used when it holds the adapter (PEFT's layout for a
     non-default adapter), else ``directory``.
 
     Weights are read from ``adapter_model.safetensors``, or from a legacy ``adapter_model.bin``
     with ``torch.load(weights_only=True)`` only: arbitrary pickled objects are refused. Base
-    tensors PEFT stores beside the adapter (trained biases, embedding layers) are loaded into
-    the base, as PEFT does.
+    tensors PEFT stores beside the adapter (trained biases, embedding layers) are loaded into the
+    base of a model without adapters, as PEFT does; a model that already has adapters accepts them
+    only when they equal its own (they are shared, so they would change the other adapters).
 
     Args:
         is_trainable: False (default, as PEFT): the adapter's parameters are frozen and the
@@ -114,41 +118,39 @@ def load_adapter(model: nn.Module, directory: PathLike, adapter_name: str = "def
     Raises:
         FileNotFoundError / NotADirectoryError: no such directory or files.
         ValueError: malformed JSON, another PEFT method or an unsupported LoRA feature, a
-            truncated or unsafe weights file, keys missing or unexpected, or shapes that do not
-            fit the model (naming the key, the expected and the found shape).
+            truncated or unsafe weights file, keys missing or unexpected, shapes that do not fit
+            the model (naming the key, the expected and the found shape), or base tensors that
+            differ from those the model's other adapters rely on.
     """
     d = resolve_adapter_dir(directory, adapter_name)
     cfg = LoraConfig.from_peft_dict(read_config_dict(d), source=str(d / CONFIG_NAME))
-    tensors = read_tensors(weights_path(d))
+    source = weights_path(d)
+    tensors = read_tensors(source)
     state = get_state(model)
-    fresh = state is None or not state.configs
-    if not fresh and adapter_name in state.configs:
+    if state is not None and adapter_name in state.configs:
         raise ValueError(f"adapter {adapter_name!r} already exists (adapters: {list(state.configs)}); "
                          "load under another adapter_name or delete it first")
-    try:
+    fresh = state is None or not state.configs
+    cfg = peft_file_config(model, cfg, tensors)
+    with transaction(model) as txn:
         try:
-            inject(model, cfg, adapter_name)
+            inject_into(txn, cfg, adapter_name, strict_targets=False)
         except (ValueError, TypeError) as e:
             raise type(e)(f"cannot apply the adapter in {str(d)!r} to this {type(model).__name__}: {e}") from e
-        _load_tensors(model, adapter_name, tensors, source=str(weights_path(d)))
-    except BaseException:
-        _rollback(model, adapter_name, fresh)
-        raise
-    refresh_trainable(model)
+        _load_tensors(txn, adapter_name, tensors, source=str(source), fresh=fresh)
+        set_adapter_grads(model, [adapter_name], require_state(model).active if is_trainable else [])
     if not is_trainable:
-        for _, w in wrappers(model):
-            for p in w.adapter_parameters(adapter_name):
-                p.requires_grad_(False)
         model.eval()
     return model
 
 
-def _load_tensors(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], source: str) -> None:
-    """Check every key and shape, then copy (casting to each parameter's dtype)."""
-    required, optional = load_plan(model, name)
+def _load_tensors(txn: Transaction, name: str, tensors: dict[str, torch.Tensor], source: str, fresh: bool) -> None:
+    """Check every key and shape, then copy (casting to each tensor's dtype), journaling base writes."""
+    model = txn.model
+    required, aliases, base = load_plan(model, name)
     file_keys = {(k[len(PREFIX):] if k.startswith(PREFIX) else k): k for k in tensors}
     missing = [k for k in required if k not in file_keys]
-    unexpected = [k for k in file_keys if k not in required and k not in optional]
+    unexpected = [k for k in file_keys if k not in required and k not in aliases and k not in base]
     if missing:
         raise ValueError(f"{source}: {len(missing)} tensor(s) the config's adapter needs are missing, e.g. "
                          f"{[PREFIX + k for k in missing[:3]]}; the file does not match this model or config")
@@ -156,25 +158,27 @@ def _load_tensors(model: nn.Module, name: str, tensors: dict[str, torch.Tensor],
         raise ValueError(f"{source}: {len(unexpected)} tensor(s) match nothing in this "
                          f"{type(model).__name__}, e.g. {[file_keys[k] for k in unexpected[:3]]}")
     targets = model.state_dict(keep_vars=True)
-    plan = {**optional, **required}
+    plan = {**base, **aliases, **required}
     for k, fk in file_keys.items():
         want, got = tuple(targets[plan[k]].shape), tuple(tensors[fk].shape)
         if want != got:
             raise ValueError(f"{source}: tensor {fk!r} has shape {got} but this model expects {want}; "
                              "the adapter was trained for a different model size or rank")
+    shared = [k for k in file_keys if k in base and not _equal(targets[base[k]], tensors[file_keys[k]])]
+    if shared and not fresh:
+        others = [a for a in require_state(model).configs if a != name]
+        raise ValueError(f"{source} carries base tensors that differ from this model's, e.g. "
+                         f"{[file_keys[k] for k in shared[:3]]} (PEFT stores trained biases and embedding layers "
+                         f"beside the adapter). Base tensors are shared, so loading them would change the outputs of "
+                         f"adapters {others}; load this adapter into a model without adapters instead")
     with torch.no_grad():
         for k, fk in file_keys.items():
+            if k in base:
+                if k not in shared:
+                    continue
+                txn.keep(targets[base[k]])
             targets[plan[k]].copy_(tensors[fk])
 
 
-def _rollback(model: nn.Module, name: str, fresh: bool) -> None:
-    """Undo a failed load: a plain model gets its modules back; an injected one loses ``name``."""
-    if fresh:
-        unload(model)
-        return
-    for _, w in wrappers(model):
-        if name in w.adapter_names:
-            w.delete_adapter(name)
-    state = require_state(model)
-    state.configs.pop(name, None)
-    state.targets.pop(name, None)
+def _equal(current: torch.Tensor, value: torch.Tensor) -> bool:
+    return current.shape == value.shape and torch.equal(current.detach().cpu(), value.to(current.dtype).cpu())

@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -32,12 +33,13 @@ from torch import nn
 
 from lorakit.adapters import adapter_names, set_adapter, wrappers
 from lorakit.config import LoraConfig
-from lorakit.inject import inject, unload
+from lorakit.inject import inject_into
 from lorakit.io.peft_format import PathLike, effective_config, read_tensors
 from lorakit.io.safe_write import ensure_dir, write_files_atomically, write_text_file
 from lorakit.layers import LoraLayer
 from lorakit.merge import merge_and_unload, untie_adapted_weights
 from lorakit.state import get_state, require_state
+from lorakit.transaction import transaction
 
 MERGED_WEIGHTS_NAME = "model.safetensors"
 FULL_WEIGHTS_NAME = "lorakit_model.safetensors"
@@ -84,17 +86,34 @@ def save_merged(model: nn.Module, directory: PathLike, adapter_names: Sequence[s
             save_file(tensors, path, metadata={"format": "pt"})
 
         write_files_atomically(out, {MERGED_WEIGHTS_NAME: write})
+        _remove_stale_weights(out, keep={MERGED_WEIGHTS_NAME})
         return out
     tmp = tempfile.mkdtemp(dir=out, prefix=".lorakit-merged-")
     try:
         merged.save_pretrained(tmp)
-        for f in sorted(os.listdir(tmp)):
+        written = set(os.listdir(tmp))
+        for f in sorted(written):
             if (out / f).is_dir():
                 raise IsADirectoryError(f"cannot write {f!r}: {str(out / f)!r} is an existing directory")
+        for f in sorted(written):
             os.replace(os.path.join(tmp, f), out / f)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    _remove_stale_weights(out, keep=written)
     return out
+
+
+# a transformers weights file or shard index: model.safetensors, model-00001-of-00003.safetensors,
+# pytorch_model.bin, model.safetensors.index.json ...
+_WEIGHTS_FILE = re.compile(r"(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?")
+
+
+def _remove_stale_weights(directory: Path, keep: set[str]) -> None:
+    """Delete weight files and shard indexes an earlier save left in ``directory`` that the new
+    save did not write: ``from_pretrained`` would otherwise read an old index or old shards."""
+    for p in directory.iterdir():
+        if p.is_file() and p.name not in keep and _WEIGHTS_FILE.fullmatch(p.name):
+            p.unlink()
 
 
 def _unaliased(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -197,16 +216,12 @@ def load_full(model: nn.Module, path: PathLike) -> nn.Module:
     if not fresh and set(adapter_names(model)) != set(configs):
         raise ValueError(f"{str(d)!r} holds adapters {list(configs)} but the model has {adapter_names(model)}; "
                          "pass a plain base model or one with the same adapters")
-    try:
+    with transaction(model) as txn:
         if fresh:
             for n, cfg in configs.items():
-                inject(model, cfg, n)
-        _load_all(model, tensors, meta.get("aliases", {}), str(weights))
+                inject_into(txn, cfg, n)
+        _load_all(model, tensors, meta.get("aliases", {}), str(weights))  # checks every key and shape first
         set_adapter(model, meta["active"])
-    except BaseException:
-        if fresh:
-            unload(model)
-        raise
     return model
 
 

@@ -1,85 +1,42 @@
-"""PEFT's adapter file format: key names, which tensors go in the file, reading files safely.
+"""PEFT's adapter file format: which tensors go in the file, the config PEFT writes, reading files safely.
 
-A lorakit model keeps its adapters under the same attribute names as PEFT, so the keys map one
-to one. For adapter ``name`` (PEFT 0.21 ``get_peft_model_state_dict`` / ``set_peft_model_state_dict``):
-
-    in memory (lorakit)                                   in adapter_model.safetensors
-    model.layers.0.self_attn.q_proj.lora_A.<name>.weight  base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight
-    model.embed_tokens.lora_embedding_A.<name>            base_model.model.model.embed_tokens.lora_embedding_A
-    ...q_proj.lora_magnitude_vector.<name>  (DoRA)        base_model.model....q_proj.lora_magnitude_vector
-    classifier.modules_to_save.<name>.weight              base_model.model.classifier.weight
-
-plus, as PEFT writes them, the base biases that ``bias`` trains (``"all"``: every ``*.bias``;
-``"lora_only"``: ``<adapted layer>.base_layer.bias``) and, when ``embed_tokens``/``lm_head`` are
-targeted, the embedding layers' base weights (PEFT's ``save_embedding_layers="auto"``).
+Key names come from ``lorakit.io.keymap`` (the one structural map of adapter keys). Beside an
+adapter's own tensors PEFT writes some base tensors: the biases ``bias`` trains (``"all"``: every
+``*.bias``; ``"lora_only"``: ``<adapted layer>.base_layer.bias``) and, when ``embed_tokens``/``lm_head``
+are targeted, the embedding layers' base weights (PEFT's ``save_embedding_layers="auto"``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Union
 
 import torch
 from torch import nn
 
-from lorakit.adapters import wrappers
 from lorakit.config import ALL_LINEAR, LoraConfig
-from lorakit.layers import LoraLayer
-from lorakit.layers.saved import ModulesToSave
+from lorakit.inject import candidate_modules
+from lorakit.io.keymap import PREFIX, alias_plan, base_plan, file_plan, saved_copy_paths
+from lorakit.layers import LoraLayer, wrappers
 from lorakit.state import require_state
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
-PREFIX = "base_model.model."  # PeftModel -> LoraModel -> the user's model
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")  # PEFT's EMBEDDING_LAYER_NAMES
 # task types whose PEFT model class wraps these heads as modules_to_save on load
-_TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
-               "QUESTION_ANS": ("qa_outputs",)}
+TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
+              "QUESTION_ANS": ("qa_outputs",)}
 
 PathLike = Union[str, os.PathLike]
-
-
-def remove_adapter_name(key: str, name: str) -> str:
-    """PEFT's rule: ``a.lora_A.<name>.weight`` -> ``a.lora_A.weight``; ``a.lora_embedding_A.<name>``
-    -> ``a.lora_embedding_A``. Only the adapter-name position is touched, never a module that
-    happens to share the name."""
-    if "." not in key:
-        return key
-    if key.endswith(f".{name}"):
-        return key[: -len(name) - 1]
-    head, _, suffix = key.rpartition(".")
-    return f"{re.sub(re.escape(f'.{name}') + r'$', '', head)}.{suffix}"
-
-
-def _other_adapter_key(key: str, others: list[str]) -> bool:
-    return any(f".{o}." in key or key.endswith(f".{o}") for o in others)
-
-
-def _adapter_keys(model: nn.Module, name: str) -> dict[str, str]:
-    """``{model key: file key without PREFIX}`` of adapter ``name``'s own tensors (factors, DoRA
-    magnitudes, modules_to_save copies), found structurally from the wrappers, not by substring."""
-    out: dict[str, str] = {}
-    for path, w in wrappers(model):
-        if isinstance(w, LoraLayer):
-            for attr in w.adapter_attrs:
-                holder = getattr(w, attr)
-                if name not in holder:
-                    continue
-                item = holder[name]
-                if isinstance(item, nn.Module):
-                    for k in item.state_dict():
-                        mk = f"{path}.{attr}.{name}.{k}"
-                        out[mk] = remove_adapter_name(mk, name)
-                else:
-                    out[f"{path}.{attr}.{name}"] = f"{path}.{attr}"
-        elif isinstance(w, ModulesToSave) and name in w.modules_to_save:
-            for k in w.modules_to_save[name].state_dict():
-                out[f"{path}.modules_to_save.{name}.{k}"] = f"{path}.{k}"
-    return out
+__all__ = ["PREFIX", "CONFIG_NAME", "WEIGHTS_NAME", "adapter_state_dict", "load_plan", "effective_config",
+           "infer_task_type", "peft_file_config", "resolve_adapter_dir", "read_config_dict", "weights_path",
+           "read_tensors"]
 
 
 def embedding_is_targeted(model: nn.Module, cfg: LoraConfig) -> bool:
@@ -114,7 +71,7 @@ def _embedding_keys(model: nn.Module, cfg: LoraConfig, save_embedding_layers: Un
     if not save_embedding_layers or not hasattr(model, "get_input_embeddings"):
         return []
     keys: list[str] = []
-    state = model.state_dict()
+    base_keys = list(base_plan(model).values())
     for layer in (model.get_input_embeddings(), model.get_output_embeddings()):
         base = getattr(layer, "base_layer", None)
         if targeted and not isinstance(base, (nn.Linear, nn.Embedding)):
@@ -122,8 +79,8 @@ def _embedding_keys(model: nn.Module, cfg: LoraConfig, save_embedding_layers: Un
         wanted = base if targeted else layer
         name = next((n for n, m in model.named_modules() if m is wanted and wanted is not None), None)
         if name:
-            keys += [k for k in state if k.startswith(name + ".")]
-    return keys
+            keys += [k for k in base_keys if k.startswith(name + ".")]
+    return list(dict.fromkeys(keys))
 
 
 def adapter_state_dict(model: nn.Module, name: str,
@@ -134,18 +91,20 @@ def adapter_state_dict(model: nn.Module, name: str,
     tied embedding/lm_head pair is stored twice, as PEFT does).
     """
     cfg = require_state(model).configs[name]
-    others = [a for a in require_state(model).configs if a != name]
-    state = {k: v for k, v in model.state_dict().items() if not _other_adapter_key(k, others)}
-    chosen = {fk: mk for mk, fk in _adapter_keys(model, name).items()}  # file key -> model key
-    extra: list[str] = []
-    if cfg.bias == "all":
-        extra += [k for k in state if k == "bias" or k.endswith(".bias")]
+    state = model.state_dict()
+    chosen = file_plan(model, name)  # file key -> model key
+    base = [mk for fk, mk in base_plan(model).items() if fk == mk]
+    if cfg.bias == "all":  # every base bias, and (as PEFT writes them twice) the saved copies' biases
+        extra = {mk: mk for mk in base if mk.rsplit(".", 1)[-1] == "bias"}
+        extra.update({fk: mk for fk, mk in alias_plan(model, name).items() if mk.rsplit(".", 1)[-1] == "bias"})
     elif cfg.bias == "lora_only":
-        extra += [f"{p}.base_layer.bias" for p, w in wrappers(model)
-                  if isinstance(w, LoraLayer) and f"{p}.base_layer.bias" in state]
-    extra += _embedding_keys(model, cfg, save_embedding_layers)
-    for k in extra:  # under bias="all" a saved head's bias is written twice, as PEFT does
-        chosen.setdefault(remove_adapter_name(k, name), k)
+        extra = {f"{p}.base_layer.bias": f"{p}.base_layer.bias" for p, w in wrappers(model)
+                 if isinstance(w, LoraLayer) and name in w.r and f"{p}.base_layer.bias" in state}
+    else:
+        extra = {}
+    extra.update({mk: mk for mk in _embedding_keys(model, cfg, save_embedding_layers)})
+    for fk, mk in extra.items():
+        chosen.setdefault(fk, mk)
     out: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
     for fk, mk in chosen.items():
@@ -157,21 +116,47 @@ def adapter_state_dict(model: nn.Module, name: str,
     return out
 
 
-def load_plan(model: nn.Module, name: str) -> tuple[dict[str, str], dict[str, str]]:
+def load_plan(model: nn.Module, name: str) -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
     """Where each file key goes in ``model`` for adapter ``name`` (after ``inject``).
 
     Returns:
-        ``(required, optional)``, each ``{file key without PREFIX: model key}``. Required: the
-        adapter's own tensors, which a file must hold. Optional: base tensors PEFT may also have
-        written (trained biases, embedding layers), loaded into the base like PEFT does.
+        ``(required, aliases, base)``, each ``{file key without PREFIX: model key}``. Required: the
+        adapter's own tensors, which a file must hold. Aliases: PEFT's second key for a saved
+        copy's tensor. Base: base tensors PEFT may also have written (trained biases, embedding
+        layers), shared by every adapter on the model.
     """
-    others = [a for a in require_state(model).configs if a != name]
-    required = {fk: mk for mk, fk in _adapter_keys(model, name).items()}
-    optional: dict[str, str] = {}
-    for mk in model.state_dict():  # incl. PEFT's duplicate "<head>.modules_to_save.bias" under bias="all"
-        if not _other_adapter_key(mk, others):
-            optional.setdefault(remove_adapter_name(mk, name), mk)
-    return required, optional
+    required = file_plan(model, name)
+    aliases = {k: v for k, v in alias_plan(model, name).items() if k not in required}
+    base = {k: v for k, v in base_plan(model).items() if k not in required and k not in aliases}
+    return required, aliases, base
+
+
+def peft_file_config(model: nn.Module, cfg: LoraConfig, file_keys: Iterable[str]) -> LoraConfig:
+    """A config read from an adapter file, with ``modules_to_save`` resolved so that the file's
+    tensors land where its writer put them.
+
+    PEFT matches ``modules_to_save`` by plain suffix (``"classifier"`` also catches DistilBERT's
+    ``pre_classifier``) and its classification model classes add their heads (``classifier`` /
+    ``score``, ``qa_outputs``). A module matched only that way becomes a saved copy when the file
+    holds its tensors (a PEFT file does; a lorakit one does not), so they never overwrite the
+    base. Entries become exact module names.
+    """
+    keys = {k[len(PREFIX):] if k.startswith(PREFIX) else k for k in file_keys}
+    explicit = list(cfg.modules_to_save or [])
+    extra = [h for h in TASK_HEADS.get(cfg.task_type or "", ()) if h not in explicit]
+    if not explicit and not extra:
+        return cfg
+    chosen = []
+    for n, m in candidate_modules(model):
+        if isinstance(m, LoraLayer) or any(n.startswith(c + ".") for c in chosen):
+            continue
+        if any(n == w or n.endswith("." + w) for w in explicit):  # lorakit's rule: always
+            chosen.append(n)
+        elif any(n.endswith(w) for w in explicit + extra):  # PEFT's wider rule: when the file says so
+            leaves = m.state_dict(keep_vars=True)
+            if leaves and all(f"{n}.{leaf}" in keys for leaf in leaves):
+                chosen.append(n)
+    return dataclasses.replace(cfg, modules_to_save=chosen or None)
 
 
 def effective_config(model: nn.Module, name: str) -> LoraConfig:
@@ -182,8 +167,6 @@ def effective_config(model: nn.Module, name: str) -> LoraConfig:
     ``alpha_pattern`` entry per layer (the escaped full module name), so that PEFT and lorakit
     rebuild the same shapes from the file.
     """
-    import dataclasses
-
     cfg = require_state(model).configs[name]
     layers = [(p, w) for p, w in wrappers(model) if isinstance(w, LoraLayer) and name in w.r
               and not p.endswith(".base_layer.out_proj")]  # an nn.MultiheadAttention's out_proj follows its parent
@@ -194,34 +177,57 @@ def effective_config(model: nn.Module, name: str) -> LoraConfig:
     return dataclasses.replace(cfg, rank_pattern=rank, alpha_pattern=alpha)
 
 
+_AUTO_MAPPINGS = (("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "CAUSAL_LM"),
+                  ("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "SEQ_2_SEQ_LM"),
+                  ("MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES", "SEQ_CLS"),
+                  ("MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES", "TOKEN_CLS"),
+                  ("MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES", "QUESTION_ANS"),
+                  ("MODEL_MAPPING_NAMES", "FEATURE_EXTRACTION"))
+
+
+def _task_from_transformers(cls_name: str) -> str | None:
+    """The task of a transformers model class, from transformers' own auto-class tables
+    (``GPT2LMHeadModel`` is a causal LM, though its name does not say so)."""
+    try:
+        from transformers.models.auto import modeling_auto
+    except ImportError:  # not a transformers model, then
+        return None
+    for table, task in _AUTO_MAPPINGS:
+        for value in getattr(modeling_auto, table, {}).values():
+            if cls_name in ((value,) if isinstance(value, str) else tuple(value)):
+                return task
+    return None
+
+
 def infer_task_type(model: nn.Module, name: str) -> str | None:
-    """PEFT's ``task_type`` for a transformers model, from its class name; None when unknown.
+    """PEFT's ``task_type`` for a transformers model, from its class; None when unknown.
 
     A classification task type is only written when the head is saved with the adapter:
     PEFT's classifier model classes wrap ``classifier``/``score`` on load and would fail on a
     file without them.
     """
     cls = type(model).__name__
-    is_enc_dec = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
-    if cls.endswith("ForCausalLM"):
-        task = "CAUSAL_LM"
-    elif cls.endswith("ForSeq2SeqLM") or (cls.endswith("ForConditionalGeneration") and is_enc_dec):
-        task = "SEQ_2_SEQ_LM"
-    elif cls.endswith("ForSequenceClassification"):
-        task = "SEQ_CLS"
-    elif cls.endswith("ForTokenClassification"):
-        task = "TOKEN_CLS"
-    elif cls.endswith("ForQuestionAnswering"):
-        task = "QUESTION_ANS"
-    elif cls.endswith("Model") and hasattr(model, "config") and hasattr(model, "save_pretrained"):
-        task = "FEATURE_EXTRACTION"
-    else:
+    if not (hasattr(model, "config") and hasattr(model, "save_pretrained")):
         return None
-    heads = _TASK_HEADS.get(task)
+    is_enc_dec = bool(getattr(model.config, "is_encoder_decoder", False))
+    task = _task_from_transformers(cls)
+    if task is None:  # a class transformers' tables do not list (remote code, say): its name
+        if cls.endswith(("ForCausalLM", "LMHeadModel")):
+            task = "CAUSAL_LM"
+        elif cls.endswith("ForSeq2SeqLM") or (cls.endswith("ForConditionalGeneration") and is_enc_dec):
+            task = "SEQ_2_SEQ_LM"
+        elif cls.endswith("ForSequenceClassification"):
+            task = "SEQ_CLS"
+        elif cls.endswith("ForTokenClassification"):
+            task = "TOKEN_CLS"
+        elif cls.endswith("ForQuestionAnswering"):
+            task = "QUESTION_ANS"
+        elif cls.endswith("Model"):
+            task = "FEATURE_EXTRACTION"
+    heads = TASK_HEADS.get(task or "")
     if heads:
         present = {p.rsplit(".", 1)[-1] for p, _ in model.named_modules() if p.rsplit(".", 1)[-1] in heads}
-        saved = {p.rsplit(".", 1)[-1] for p, w in wrappers(model)
-                 if isinstance(w, ModulesToSave) and name in w.modules_to_save}
+        saved = {p.rsplit(".", 1)[-1] for p in saved_copy_paths(model, name)}
         if not present or not present <= saved:
             return None
     return task

@@ -2,16 +2,30 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Union
+
 from torch import nn
 
-from lorakit.layers.base import BASE_ROW, LoraLayer
+from lorakit.layers.base import LoraLayer
 from lorakit.layers.conv import CONV_TYPES, Conv
 from lorakit.layers.embedding import Embedding
 from lorakit.layers.linear import Linear, is_conv1d
 from lorakit.layers.mha import MultiheadAttention
+from lorakit.layers.routing import BASE_ROW
+from lorakit.layers.saved import ModulesToSave
 
-__all__ = ["BASE_ROW", "LoraLayer", "Linear", "Embedding", "Conv", "MultiheadAttention",
-           "wrap", "is_supported", "is_linear_like"]
+Wrapper = Union[LoraLayer, ModulesToSave]
+
+__all__ = ["BASE_ROW", "LoraLayer", "ModulesToSave", "Wrapper", "Linear", "Embedding", "Conv", "MultiheadAttention",
+           "wrap", "is_supported", "is_linear_like", "wrappers"]
+
+
+def wrappers(model: nn.Module) -> Iterator[tuple[str, Wrapper]]:
+    """Every lorakit wrapper in ``model`` with its path (nested ones too, e.g. an attention's out_proj)."""
+    for name, module in model.named_modules():
+        if isinstance(module, (LoraLayer, ModulesToSave)):
+            yield name, module
 
 
 def is_linear_like(module: nn.Module) -> bool:

@@ -1,9 +1,10 @@
-"""Adapter bookkeeping shared by every LoRA wrapper.
+"""Adapter bookkeeping shared by every LoRA wrapper, and the one forward path they follow.
 
 A wrapper holds the original module as ``base_layer`` (never a subclass of it) and, per named
 adapter, its low-rank factors in ``nn.ModuleDict``/``nn.ParameterDict`` attributes keyed by the
 adapter name — the same attribute names as PEFT (``lora_A``, ``lora_B``, ``lora_embedding_A``,
-``lora_magnitude_vector``...), so state-dict keys map one to one onto PEFT's.
+``lora_magnitude_vector``...), so state-dict keys map one to one onto PEFT's. Each wrapper type
+lists those attributes in ``adapter_attrs``; ``lorakit.io.keymap`` derives every file key from it.
 
 The output of an unmerged wrapper is ``y = base(x) + Σ_a scaling_a · B_a·A_a·dropout(x)`` over the
 active adapters ``a``; a merged adapter lives inside the base weight instead:
@@ -13,16 +14,14 @@ active adapters ``a``; a merged adapter lives inside the base weight instead:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Union
 
 import torch
 from torch import nn
 
 from lorakit.config import LoraConfig
-from lorakit.layers.mixed import mixed_forward
-
-BASE_ROW = "__base__"  # a mixed-batch row that uses no adapter
+from lorakit.layers.routing import BASE_ROW, Route, route_for
 
 
 def init_lora_pair(A: torch.Tensor, B: torch.Tensor, init: Union[bool, str], r: int) -> None:
@@ -38,15 +37,33 @@ def init_lora_pair(A: torch.Tensor, B: torch.Tensor, init: Union[bool, str], r: 
             nn.init.zeros_(B)
 
 
+class BufferDict(nn.Module):
+    """Tensors keyed by adapter name, held as non-persistent buffers: they follow ``.to()`` /
+    ``.cuda()`` with the layer, and stay out of ``state_dict()`` (so file keys are unchanged)."""
+
+    def __setitem__(self, name: str, t: torch.Tensor) -> None:
+        self.register_buffer(name, t, persistent=False)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._buffers[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._buffers
+
+    def pop(self, name: str, default=None):
+        return self._buffers.pop(name, default)
+
+
 class LoraLayer(nn.Module):
-    """Base class of the wrappers: adapter names, activity, merging, mixed-batch routing.
+    """Base class of the wrappers: adapter names, activity, merging, the forward path.
 
     Subclasses implement ``_create(name, r, cfg)`` (allocate the factors), ``_init(name, cfg)``,
-    ``delta_weight(name)`` (ΔW in the base weight's layout) and ``_lora_out(x, name)`` (the
-    adapter's additive output for input ``x``).
+    ``delta_weight(name)`` (ΔW in the base weight's layout), ``_add_term(x, name, result)`` (``result``
+    plus adapter ``name``'s term for input ``x``, calling the factor modules so their hooks run) and,
+    where a batched kernel exists, ``mixed_forward``.
     """
 
-    # attributes holding per-adapter parameters, keyed by adapter name (subclasses extend)
+    # attributes holding per-adapter tensors, keyed by adapter name (subclasses extend)
     adapter_attrs: tuple[str, ...] = ("lora_A", "lora_B")
 
     def __init__(self, base_layer: nn.Module) -> None:
@@ -59,8 +76,7 @@ class LoraLayer(nn.Module):
         self.active_adapters: list[str] = []
         self.disabled: bool = False
         self.merged_adapters: list[str] = []  # a stack: unmerge pops in reverse order
-        self.row_adapters: list[str] | None = None  # set by lorakit.mixed_batch
-        self._merge_cache: dict[str, torch.Tensor] = {}  # per merged adapter, what unmerge needs (DoRA norms)
+        self.merge_cache = BufferDict()  # per merged adapter, what an exact unmerge needs (DoRA norms)
 
     def __getattr__(self, name: str):
         """Fall back to the base layer's attributes (``weight``, ``in_features``...), so code that
@@ -101,6 +117,11 @@ class LoraLayer(nn.Module):
                     nn.Parameter(holder[name].detach().to(device=device, dtype=dtype))
         self._init(name, cfg)
 
+    def set_scale(self, name: str, lora_alpha: float, cfg: LoraConfig) -> None:
+        """A new ``lora_alpha`` (and so scaling) for adapter ``name``, e.g. after a hot swap."""
+        self.lora_alpha[name] = lora_alpha
+        self.scaling[name] = cfg.scaling(self.r[name], lora_alpha)
+
     def delete_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
             raise ValueError(f"adapter {name!r} is merged into the base weights; unmerge before deleting it")
@@ -112,11 +133,11 @@ class LoraLayer(nn.Module):
             d.pop(name, None)
         self.active_adapters = [a for a in self.active_adapters if a != name]
 
-    def set_active(self, names: list[str]) -> None:
+    def set_active(self, names: Sequence[str]) -> None:
         self.active_adapters = [n for n in names if n in self.r]
 
     def adapter_parameters(self, name: str) -> Iterator[nn.Parameter]:
-        """The trainable parameters of adapter ``name`` in this layer."""
+        """The parameters of adapter ``name`` in this layer (what lorakit owns and may toggle)."""
         for attr in self.adapter_attrs:
             holder = getattr(self, attr)
             if name in holder:
@@ -126,8 +147,12 @@ class LoraLayer(nn.Module):
     def base_weight(self) -> torch.Tensor:
         return self.base_layer.weight
 
+    def release(self) -> nn.Module:
+        """The wrapped module, with anything this wrapper changed inside it undone (see MHA)."""
+        return self.base_layer
+
     # ------------------------------------------------------------------ merging
-    def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+    def merge(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
         """Fold ``scaling·B·A`` of each adapter into the base weight (skips already-merged ones).
 
         Raises:
@@ -141,7 +166,7 @@ class LoraLayer(nn.Module):
             with torch.no_grad():
                 new = self._merged_weight(weight, name)
                 if safe_merge and not torch.isfinite(new).all():
-                    self._merge_cache.pop(name, None)
+                    self.merge_cache.pop(name)
                     raise ValueError(f"merging adapter {name!r} into {type(self.base_layer).__name__} gives non-finite "
                                      "weights; the adapter is broken. The base weights were left unchanged.")
                 weight.copy_(new)
@@ -151,7 +176,7 @@ class LoraLayer(nn.Module):
         """Would merging ``name`` keep the base weight finite? Changes nothing."""
         with torch.no_grad():
             ok = bool(torch.isfinite(self._merged_weight(self.base_weight(), name)).all())
-        self._merge_cache.pop(name, None)
+        self.merge_cache.pop(name)
         return ok
 
     def unmerge(self) -> None:
@@ -162,12 +187,21 @@ class LoraLayer(nn.Module):
                 name = self.merged_adapters.pop()
                 weight.copy_(self._unmerged_weight(weight, name))
 
+    def unmerged_base_weight(self) -> torch.Tensor:
+        """W0: the base weight with every merged adapter taken out (a copy, fp32 or wider), the
+        weight the unmerged forward computes with."""
+        weight = self.base_weight().detach()
+        w = weight.to(torch.promote_types(weight.dtype, torch.float32))
+        for name in reversed(self.merged_adapters):
+            w = self._unmerged_weight(w, name, keep_cache=True)
+        return w
+
     def _merged_weight(self, weight: torch.Tensor, name: str) -> torch.Tensor:
         """``W + ΔW``, summed in at least fp32, returned in W's dtype (overridden by DoRA)."""
         acc = torch.promote_types(weight.dtype, torch.float32)
         return (weight.to(acc) + self.delta_weight(name).to(acc)).to(weight.dtype)
 
-    def _unmerged_weight(self, weight: torch.Tensor, name: str) -> torch.Tensor:
+    def _unmerged_weight(self, weight: torch.Tensor, name: str, keep_cache: bool = False) -> torch.Tensor:
         """``W - ΔW``, the inverse of ``_merged_weight``."""
         acc = torch.promote_types(weight.dtype, torch.float32)
         return (weight.to(acc) - self.delta_weight(name).to(acc)).to(weight.dtype)
@@ -175,30 +209,56 @@ class LoraLayer(nn.Module):
     # ------------------------------------------------------------------ forward
     def unmerged_active(self) -> list[str]:
         """Active adapters of this layer whose update is not already inside the base weight."""
+        if self.disabled:
+            return []
         return [a for a in self.active_adapters if a in self.r and a not in self.merged_adapters]
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """``y = base(x) + Σ_a term_a(x)`` over the active, unmerged adapters (``_add_term`` adds one
+        term); inside ``lorakit.mixed_batch``, each row's own adapter instead (``mixed_forward``)."""
         result = self.base_layer(x, *args, **kwargs)
         if self.disabled:
             return result
-        if self.row_adapters is not None:
-            return self._mixed_forward(x, result)
+        route = route_for(self)
+        if route is not None:
+            return self._routed(x, result, route)
         out_dtype = result.dtype
         for name in self.unmerged_active():
-            result = result + self._lora_out(x, name, result)
-        return result.to(out_dtype)
+            result = self._add_term(x, name, result)
+        return result if result.dtype == out_dtype else result.to(out_dtype)
 
-    def _mixed_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        """One adapter per batch row (``lorakit.layers.mixed``: stacked factors, batched matmuls).
-
-        x: (N, ...) with ``len(self.row_adapters) == N``; result: base(x), (N, ...).
-        """
+    def _routed(self, x: torch.Tensor, result: torch.Tensor, route: Route) -> torch.Tensor:
+        """Checks, then ``mixed_forward`` with rows on dimension 0."""
         if self.merged_adapters:
             raise ValueError("mixed_batch needs unmerged adapters; call lorakit.unmerge(model) first")
-        rows = self.row_adapters
-        if x.shape[0] != len(rows):
-            raise ValueError(f"mixed_batch was given {len(rows)} adapter names but the batch has {x.shape[0]} rows")
-        return mixed_forward(self, x, result, rows)
+        rows, dim = list(route.rows), route.batch_dim
+        if x.dim() <= dim or x.shape[dim] != len(rows):
+            rows_found = x.shape[dim] if x.dim() > dim else 0
+            raise ValueError(f"mixed_batch was given {len(rows)} adapter names but the batch has {rows_found} rows "
+                             f"({type(self.base_layer).__name__} input of shape {tuple(x.shape)}, rows on "
+                             f"dimension batch_dim={dim})")
+        names = sorted(n for n in dict.fromkeys(rows) if n != BASE_ROW and n in self.r)
+        if not names:
+            return result
+        if dim == 0:
+            return self.mixed_forward(x, result, rows, names)
+        out = self.mixed_forward(x.movedim(dim, 0), result.movedim(dim, 0), rows, names)
+        return out.movedim(0, dim)
+
+    def mixed_forward(self, x: torch.Tensor, result: torch.Tensor, rows: list[str], names: list[str]) -> torch.Tensor:
+        """One adapter per row (x: (N, ...), ``len(rows) == N``); the reference implementation:
+        rows sharing an adapter go through ``_add_term`` together. Layer types override it with a
+        batched kernel (``lorakit.layers.mixed``) where one computes the same function."""
+        out = result.clone()
+        for name in names:
+            idx = torch.tensor([i for i, n in enumerate(rows) if n == name], device=x.device)
+            part = result.index_select(0, idx)
+            out.index_copy_(0, idx, self._add_term(x.index_select(0, idx), name, part).to(out.dtype))
+        return out
+
+    def _dropout(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        dropout = self.lora_dropout[name]
+        return x if isinstance(dropout, nn.Identity) else dropout(x)
 
     # ------------------------------------------------------------------ subclass hooks
     def _create(self, name: str, r: int, cfg: LoraConfig) -> None:  # pragma: no cover - abstract
@@ -210,7 +270,7 @@ class LoraLayer(nn.Module):
     def delta_weight(self, name: str) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def _lora_out(self, x: torch.Tensor, name: str, base_out: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+    def _add_term(self, x: torch.Tensor, name: str, result: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
     def extra_repr(self) -> str:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from lorakit.config import LoraConfig
+from lorakit.layers import mixed
 from lorakit.layers.base import LoraLayer, init_lora_pair
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -48,10 +49,16 @@ class Conv(LoraLayer):
         B = self.lora_B[name].weight.flatten(1)  # (out, r)
         return torch.einsum("or,ri...->oi...", B, A) * self.scaling[name]  # (out, in, *k)
 
-    def _lora_out(self, x: torch.Tensor, name: str, base_out: torch.Tensor) -> torch.Tensor:
+    def _add_term(self, x: torch.Tensor, name: str, result: torch.Tensor) -> torch.Tensor:
+        """``result + s·B(A(dropout(x)))``, x cast to the factors' dtype as PEFT does."""
         A, B = self.lora_A[name], self.lora_B[name]
-        dropout = self.lora_dropout[name]
-        x = x.to(A.weight.dtype)  # (N, in, *spatial)
-        if not isinstance(dropout, nn.Identity):  # p = 0: no extra call
-            x = dropout(x)
-        return B(A(x)) * self.scaling[name]  # (N, out, *spatial')
+        x = self._dropout(x, name).to(A.weight.dtype)  # (N, in, *spatial)
+        return result + B(A(x)) * self.scaling[name]  # (N, out, *spatial')
+
+    def mixed_forward(self, x: torch.Tensor, result: torch.Tensor, rows: list[str], names: list[str]) -> torch.Tensor:
+        """Per-row A as one grouped convolution, per-row B as one bmm; live dropout takes the loop."""
+        if self.training and any(not isinstance(self.lora_dropout[n], nn.Identity) for n in names):
+            return super().mixed_forward(x, result, rows, names)
+        pairs = [(self.lora_A[n].weight.flatten(1), self.lora_B[n].weight.flatten(1)) for n in names]
+        stack = mixed.stacked(self, names, pairs, [self.scaling[n] for n in names])  # A: (r, in·∏k), B: (out, r)
+        return mixed.conv_gather(self.base_layer, x, result, stack, mixed.row_slots(stack, rows, x.device))

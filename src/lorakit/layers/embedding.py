@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.config import LoraConfig
+from lorakit.layers import mixed
 from lorakit.layers.base import LoraLayer
 
 
@@ -47,9 +48,18 @@ class Embedding(LoraLayer):
         A, B = self.lora_embedding_A[name], self.lora_embedding_B[name]  # (r, num), (dim, r)
         return (B @ A).T * self.scaling[name]  # (num, dim)
 
-    def _lora_out(self, x: torch.Tensor, name: str, base_out: torch.Tensor) -> torch.Tensor:
-        A, B = self.lora_embedding_A[name], self.lora_embedding_B[name]
+    def _add_term(self, x: torch.Tensor, name: str, result: torch.Tensor) -> torch.Tensor:
+        """``result + s·(A^T)[x]·B^T``, looked up with the base layer's own embedding options."""
+        A, B = self.lora_embedding_A[name], self.lora_embedding_B[name]  # (r, num), (dim, r)
         e = self.base_layer
         after_a = F.embedding(x, A.T, e.padding_idx, e.max_norm, e.norm_type,
                               e.scale_grad_by_freq, e.sparse)  # (..., r)
-        return (after_a @ B.T) * self.scaling[name]  # (..., dim)
+        return result + (after_a @ B.T) * self.scaling[name]  # (..., dim)
+
+    def mixed_forward(self, x: torch.Tensor, result: torch.Tensor, rows: list[str], names: list[str]) -> torch.Tensor:
+        """One lookup in the stacked A^T tables; ``max_norm`` (which renormalises in place) takes the loop."""
+        if self.base_layer.max_norm is not None:
+            return super().mixed_forward(x, result, rows, names)
+        pairs = [(self.lora_embedding_A[n], self.lora_embedding_B[n]) for n in names]  # (r, num), (dim, r)
+        stack = mixed.stacked(self, names, pairs, [self.scaling[n] for n in names], lookup=True)
+        return mixed.embedding_gather(x, result, stack, mixed.row_slots(stack, rows, x.device))

@@ -7,7 +7,9 @@ DoRA (Liu et al., 2024) re-normalises the adapted weight row by row and learns t
     W' = m ⊙ (W0 + s·B·A) / ‖W0 + s·B·A‖_row
     y  = W'·x + b = W0·x + b + (m/‖·‖ - 1) ⊙ W0·x + (m/‖·‖) ⊙ s·B·A·x
 
-with the norm detached from the graph, as in the paper and PEFT.
+with the norm detached from the graph, as in the paper and PEFT. The factors are always *called*
+(``lora_A(x)``, ``lora_B(h, acc, s)``), never read as ``.weight`` in a forward, so hooks on them run:
+FSDP2 / ZeRO-3 gather a factor that is its own shard unit, user hooks see its input.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.config import LoraConfig
+from lorakit.layers import mixed
 from lorakit.layers.base import LoraLayer, init_lora_pair
 
 
@@ -33,6 +36,27 @@ def linear_features(module: nn.Module) -> tuple[int, int]:
     return module.in_features, module.out_features
 
 
+class LoraUp(nn.Linear):
+    """``lora_B`` (r → out): an ``nn.Linear`` whose call can also accumulate into an output.
+
+    ``B(h)`` is ``h·Bᵀ``; ``B(h, acc, alpha)`` is ``acc + alpha·h·Bᵀ`` computed by one ``addmm``
+    (in place when ``inplace``), so the adapter adds no ``(..., out)`` temporary to the base output.
+    Being a module call, it runs the module's hooks (FSDP2 unshards B here).
+    """
+
+    def forward(self, h: torch.Tensor, acc: torch.Tensor | None = None, alpha: float = 1.0,
+                inplace: bool = False) -> torch.Tensor:
+        if acc is None:
+            return F.linear(h, self.weight)  # (..., out)
+        if acc.dtype != h.dtype or torch.is_autocast_enabled(h.device.type):
+            return acc + F.linear(h, self.weight) * alpha  # promoted as PEFT: result + B(A(x))·s
+        h2 = h.reshape(-1, h.shape[-1])  # (T, r)
+        acc2 = acc.reshape(-1, acc.shape[-1])  # (T, out), a view of a contiguous acc
+        if inplace and acc._base is None:  # a hook (FSDP2's) may have handed us a view of the caller's tensor
+            return acc2.addmm_(h2, self.weight.T, alpha=alpha).view(acc.shape)
+        return torch.addmm(acc2, h2, self.weight.T, alpha=alpha).view(acc.shape)
+
+
 class Linear(LoraLayer):
     """LoRA wrapper of an ``nn.Linear`` or GPT-2 ``Conv1D``."""
 
@@ -45,10 +69,12 @@ class Linear(LoraLayer):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_magnitude_vector = nn.ParameterDict()  # DoRA: m, (out,)
+        # the base output is a fresh tensor we may add into in place (Conv1D returns a view)
+        self._fresh_output = type(base_layer) is nn.Linear
 
     def _create(self, name: str, r: int, cfg: LoraConfig) -> None:
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False)
-        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False)
+        self.lora_B[name] = LoraUp(r, self.out_features, bias=False)
 
     def _init(self, name: str, cfg: LoraConfig) -> None:
         A, B = self.lora_A[name].weight, self.lora_B[name].weight
@@ -59,7 +85,7 @@ class Linear(LoraLayer):
         else:  # init False keeps nn.Linear's own (non-zero) init: the adapter is not a no-op
             init_lora_pair(A, B, init, self.r[name])
         if cfg.use_dora:
-            self.lora_magnitude_vector[name] = nn.Parameter(self._row_norm(name).to(A.dtype))
+            self.lora_magnitude_vector[name] = nn.Parameter(self._row_norm(name, self._weight_out_in()).to(A.dtype))
 
     def _weight_out_in(self) -> torch.Tensor:
         """The base weight as (out, in), whatever its storage layout."""
@@ -95,80 +121,82 @@ class Linear(LoraLayer):
         delta = (B @ A) * self.scaling[name]  # (out, in)
         return delta.T if self.fan_in_fan_out else delta
 
-    def _row_norm(self, name: str) -> torch.Tensor:
-        """‖W0 + s·B·A‖ per output row, detached, in fp32 or wider: (out,)."""
+    def called_delta(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """ΔW (out, in) computed by *calling* the factors on the identity, ``B(A(I))ᵀ·s``, as PEFT's
+        DoRA does: the factors' hooks run, so it works when a factor is its own FSDP2 shard unit."""
+        A = self.lora_A[name]
+        eye = torch.eye(self.in_features, device=A.weight.device, dtype=dtype)  # (in, in)
+        return self.lora_B[name](A(eye)).T * self.scaling[name]  # (out, in)
+
+    def _row_norm(self, name: str, w_out_in: torch.Tensor) -> torch.Tensor:
+        """‖W0 + s·B·A‖ per output row for the given W0 (out, in), detached, fp32 or wider: (out,)."""
         A, B = self.lora_A[name].weight, self.lora_B[name].weight
         acc = torch.promote_types(A.dtype, torch.float32)
-        w = self._weight_out_in().detach().to(acc) + self.scaling[name] * (B.detach().to(acc) @ A.detach().to(acc))
+        w = w_out_in.detach().to(acc) + self.scaling[name] * (B.detach().to(acc) @ A.detach().to(acc))
         return torch.linalg.norm(w, dim=1)
 
     # ------------------------------------------------------------------ forward
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        """``y = W0·x + b + Σ_a s_a·B_a·(A_a·dropout(x))``, each term accumulated into the base
-        output by one ``addmm`` with ``alpha = s_a`` (no dropout call when p = 0, no ``(..., out)``
-        temporaries); DoRA, mixed batches, autocast and mixed dtypes take the general path."""
-        names = self._lean_adapters(x, args, kwargs)
-        if names is None:
-            return super().forward(x, *args, **kwargs)
-        x2 = x.reshape(-1, x.shape[-1])  # (T, in), a view for contiguous x
-        out = self.base_layer(x2)  # (T, out)
-        inplace = out._base is None  # Conv1D returns a view: in place would make autograd copy the grad
-        for name in names:
-            dropout = self.lora_dropout[name]
-            h = x2 if isinstance(dropout, nn.Identity) else dropout(x2)
-            ax = F.linear(h, self.lora_A[name].weight)  # (T, r)
-            bt = self.lora_B[name].weight.T  # (r, out)
-            s = self.scaling[name]
-            out = out.addmm_(ax, bt, alpha=s) if inplace else torch.addmm(out, ax, bt, alpha=s)  # (T, out)
-        return out.view(*x.shape[:-1], out.shape[-1])
+    def _add_term(self, x: torch.Tensor, name: str, result: torch.Tensor) -> torch.Tensor:
+        """``result + s·B(A(dropout(x)))``: one addmm into the base output (in place when it is a
+        fresh tensor of our own), with x cast to the factors' dtype as PEFT does. DoRA: below."""
+        A = self.lora_A[name]
+        if name in self.lora_magnitude_vector:
+            return self._apply_dora(x, name, result)
+        h = self._dropout(x, name).to(A.weight.dtype)  # (..., in)
+        inplace = self._fresh_output and result._base is None and result.is_contiguous()
+        return self.lora_B[name](A(h), result, self.scaling[name], inplace)  # (..., out)
 
-    def _lean_adapters(self, x: torch.Tensor, args: tuple, kwargs: dict) -> list[str] | None:
-        """The adapters for the lean path, or None when the general path is needed."""
-        if self.disabled or self.row_adapters is not None or args or kwargs or torch.is_autocast_enabled(x.device.type):
-            return None
-        base = self.base_layer
-        if not (type(base) is nn.Linear or is_conv1d(base)) or base.weight.dtype != x.dtype:
-            return None
-        names = self.unmerged_active()
-        for name in names:
-            if name in self.lora_magnitude_vector or self.lora_A[name].weight.dtype != x.dtype:
-                return None
-        return names
+    def _apply_dora(self, x: torch.Tensor, name: str, result: torch.Tensor) -> torch.Tensor:
+        """``result + (m/‖W0 + ΔW‖ - 1) ⊙ W0·x + (m/‖W0 + ΔW‖) ⊙ s·B·A·x`` (PEFT's DoraLinearLayer).
 
-    def _lora_out(self, x: torch.Tensor, name: str, base_out: torch.Tensor) -> torch.Tensor:
-        A, B = self.lora_A[name], self.lora_B[name]
-        dropout = self.lora_dropout[name]
+        ``W0·x`` is ``result - b`` (the running output, as PEFT) unless dropout is live, when it
+        is recomputed on the dropped-out input."""
+        A, B, s = self.lora_A[name], self.lora_B[name], self.scaling[name]
         x = x.to(A.weight.dtype)  # (..., in)
-        if name not in self.lora_magnitude_vector:
-            if not isinstance(dropout, nn.Identity):
-                x = dropout(x)
-            return B(A(x)) * self.scaling[name]  # (..., out)
-        # DoRA
-        s = self.scaling[name]
-        scale = self.lora_magnitude_vector[name] / self._row_norm(name).to(A.weight.dtype)  # (out,)
+        weight = self._weight_out_in().to(x.dtype)  # (out, in)
+        with torch.no_grad():
+            norm = torch.linalg.norm(weight + self.called_delta(name, x.dtype), dim=1)  # (out,), detached
+        scale = self.lora_magnitude_vector[name] / norm  # (out,)
+        dropout = self.lora_dropout[name]
         if isinstance(dropout, nn.Identity) or not self.training:
             bias = getattr(self.base_layer, "bias", None)
-            plain = base_out.to(x.dtype) - (bias.to(x.dtype) if bias is not None else 0)  # W0·x, (..., out)
+            plain = result.to(x.dtype) - (bias.to(x.dtype) if bias is not None else 0)  # W0·x, (..., out)
         else:
             x = dropout(x)
-            plain = F.linear(x, self._weight_out_in().to(x.dtype))
-        return (scale - 1) * plain + scale * B(A(x)) * s
+            plain = F.linear(x, weight)
+        return result + (scale - 1) * plain + scale * B(A(x)) * s
 
+    def mixed_forward(self, x: torch.Tensor, result: torch.Tensor, rows: list[str], names: list[str]) -> torch.Tensor:
+        """Batched (BGMV gather or SGMV segments) unless DoRA or live dropout needs the reference loop."""
+        if any(n in self.lora_magnitude_vector for n in names) or (
+                self.training and any(not isinstance(self.lora_dropout[n], nn.Identity) for n in names)):
+            return super().mixed_forward(x, result, rows, names)
+        if mixed.STRATEGY == "segment" and not torch.is_grad_enabled():  # out= has no autograd
+            factors = {n: (self.lora_A[n].weight, self.lora_B[n].weight, self.scaling[n]) for n in names}
+            return mixed.linear_segment(x, result, rows, factors)
+        pairs = [(self.lora_A[n].weight, self.lora_B[n].weight) for n in names]
+        stack = mixed.stacked(self, names, pairs, [self.scaling[n] for n in names])
+        return mixed.linear_gather(x, result, stack, mixed.row_slots(stack, rows, x.device))
+
+    # ------------------------------------------------------------------ merging (DoRA)
     def _merged_weight(self, weight: torch.Tensor, name: str) -> torch.Tensor:
         if name not in self.lora_magnitude_vector:
             return super()._merged_weight(weight, name)
-        # DoRA: W' = (m / ‖W0 + ΔW‖) ⊙ (W0 + ΔW), row-wise in (out, in) layout
-        norm = self._row_norm(name)
-        self._merge_cache[name] = norm  # ‖W0 + ΔW‖, for an exact unmerge
+        # DoRA: W' = (m / ‖W0 + ΔW‖) ⊙ (W + ΔW), row-wise in (out, in) layout, with W0 the weight
+        # *without* adapters merged before this one — the norm the unmerged forward uses.
+        w0 = self.unmerged_base_weight()
+        norm = self._row_norm(name, w0.T if self.fan_in_fan_out else w0)
+        self.merge_cache[name] = norm  # for an exact unmerge; a buffer, so it follows .to()
         factor = (self.lora_magnitude_vector[name].detach().to(norm.dtype) / norm)  # (out,)
         w = weight.to(norm.dtype) + self.delta_weight(name).to(norm.dtype)
         w = w * (factor[None, :] if self.fan_in_fan_out else factor[:, None])
         return w.to(weight.dtype)
 
-    def _unmerged_weight(self, weight: torch.Tensor, name: str) -> torch.Tensor:
+    def _unmerged_weight(self, weight: torch.Tensor, name: str, keep_cache: bool = False) -> torch.Tensor:
         if name not in self.lora_magnitude_vector:
             return super()._unmerged_weight(weight, name)
-        norm = self._merge_cache.pop(name)
+        norm = self.merge_cache[name] if keep_cache else self.merge_cache.pop(name)
+        norm = norm.to(torch.promote_types(weight.dtype, norm.dtype))
         factor = self.lora_magnitude_vector[name].detach().to(norm.dtype) / norm
         w = weight.to(norm.dtype) / (factor[None, :] if self.fan_in_fan_out else factor[:, None])
         return super()._unmerged_weight(w, name).to(weight.dtype)

@@ -8,7 +8,8 @@ the adapted weights are formed and passed to ``F.multi_head_attention_forward``:
 
 The gradient reaches A and B through W'. This is the same function as PEFT's (which merges and
 unmerges around each call) without mutating the base weights. Like PEFT, lora_dropout is not
-applied here: the update acts on weights, not on one input.
+applied here: the update acts on weights, not on one input. In the forward, each ΔW is formed by
+calling the factors on the identity (``B(A(I))ᵀ·s``), so hooks on the factors run (FSDP2, ZeRO-3).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch import nn
 from lorakit.config import LoraConfig
 from lorakit.layers.base import LoraLayer, init_lora_pair
 from lorakit.layers.linear import Linear
+from lorakit.layers.routing import route_for
 
 
 class MultiheadAttention(LoraLayer):
@@ -42,6 +44,26 @@ class MultiheadAttention(LoraLayer):
     def base_weight(self) -> torch.Tensor:
         return self.base_layer.in_proj_weight
 
+    def release(self) -> nn.MultiheadAttention:
+        """The attention module with its original out_proj back in place."""
+        base = self.base_layer
+        if isinstance(base.out_proj, Linear):
+            base.out_proj = base.out_proj.release()
+        return base
+
+    def set_scale(self, name: str, lora_alpha: float, cfg: LoraConfig) -> None:
+        """in_proj and out_proj share the attention module's rank and alpha."""
+        super().set_scale(name, lora_alpha, cfg)
+        self.out_proj_lora.set_scale(name, lora_alpha, cfg)
+
+    def delete_adapter(self, name: str) -> None:
+        super().delete_adapter(name)
+        self.out_proj_lora.delete_adapter(name)
+
+    def set_active(self, names) -> None:
+        super().set_active(names)
+        self.out_proj_lora.set_active(names)
+
     def add_adapter(self, name: str, r: int, lora_alpha: float, cfg: LoraConfig, *, dtype=None) -> None:
         if cfg.use_dora:
             raise ValueError("use_dora is not supported on nn.MultiheadAttention; set use_dora=False")
@@ -61,21 +83,31 @@ class MultiheadAttention(LoraLayer):
     def delta_weight(self, name: str) -> torch.Tensor:
         return (self.lora_B[name].weight @ self.lora_A[name].weight) * self.scaling[name]  # (3E, E)
 
-    def _adapted(self, layer: LoraLayer, weight: torch.Tensor) -> torch.Tensor:
+    def called_delta(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """ΔW_in (3E, E) by calling the factors on the identity: ``B(A(I))ᵀ·s`` (hooks run)."""
+        A = self.lora_A[name]
+        eye = torch.eye(self.base_layer.embed_dim, device=A.weight.device, dtype=dtype)  # (E, E)
+        return self.lora_B[name](A(eye)).T * self.scaling[name]  # (3E, E)
+
+    @staticmethod
+    def _adapted(layer: LoraLayer, weight: torch.Tensor) -> torch.Tensor:
         """``weight`` plus the updates of ``layer``'s active, unmerged adapters."""
-        names = [] if layer.disabled else layer.unmerged_active()
-        for name in names:
-            weight = weight + layer.delta_weight(name).to(weight.dtype)
+        for name in layer.unmerged_active():
+            dtype = layer.lora_A[name].weight.dtype
+            weight = weight + layer.called_delta(name, dtype).to(weight.dtype)
         return weight
+
+    def mixed_forward(self, x, result, rows, names):
+        raise ValueError("mixed_batch does not support nn.MultiheadAttention layers (their update acts on "
+                         "weights shared by the whole batch); target its sub-layers' Linear modules instead")
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_padding_mask=None,
                 need_weights: bool = True, attn_mask=None, average_attn_weights: bool = True, is_causal: bool = False):
-        if self.row_adapters is not None:
-            raise ValueError("mixed_batch does not support nn.MultiheadAttention layers (their update acts on "
-                             "weights shared by the whole batch)")
+        if route_for(self) is not None:
+            self.mixed_forward(query, None, [], [])
         m = self.base_layer
         out = self.out_proj_lora
-        if (self.disabled or not self.unmerged_active()) and (out.disabled or not out.unmerged_active()):
+        if not self.unmerged_active() and not out.unmerged_active():
             return m(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
                      attn_mask=attn_mask, average_attn_weights=average_attn_weights, is_causal=is_causal)
         key_padding_mask = F._canonical_mask(mask=key_padding_mask, mask_name="key_padding_mask",

@@ -11,11 +11,13 @@ import copy
 import torch
 from torch import nn
 
-from lorakit.layers.base import BASE_ROW
+from lorakit.layers.routing import BASE_ROW, route_for
 
 
 class ModulesToSave(nn.Module):
     """Routes calls to the active adapter's copy; to the original when disabled or no copy is active."""
+
+    adapter_attrs = ("modules_to_save",)
 
     def __init__(self, module: nn.Module) -> None:
         super().__init__()
@@ -23,7 +25,6 @@ class ModulesToSave(nn.Module):
         self.modules_to_save = nn.ModuleDict()
         self.active_adapters: list[str] = []
         self.disabled = False
-        self.row_adapters: list[str] | None = None
 
     def __getattr__(self, name: str):
         try:
@@ -39,10 +40,11 @@ class ModulesToSave(nn.Module):
         return list(self.modules_to_save)
 
     def add_adapter(self, name: str) -> None:
-        copied = copy.deepcopy(self.original_module)
-        for p in copied.parameters():
-            p.requires_grad_(True)
-        self.modules_to_save[name] = copied
+        """A copy of the original module for adapter ``name`` (its trainability is set by the caller)."""
+        self.modules_to_save[name] = copy.deepcopy(self.original_module)
+
+    def release(self) -> nn.Module:
+        return self.original_module
 
     def delete_adapter(self, name: str) -> None:
         if name in self.modules_to_save:
@@ -62,19 +64,24 @@ class ModulesToSave(nn.Module):
         return self.modules_to_save[self.active_adapters[0]]
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
-        if self.row_adapters is None or self.disabled:
+        route = None if self.disabled else route_for(self)
+        if route is None:
             return self._current()(x, *args, **kwargs)
-        rows = self.row_adapters
-        if x.shape[0] != len(rows):
-            raise ValueError(f"mixed_batch was given {len(rows)} adapter names but the batch has {x.shape[0]} rows")
+        rows, dim = list(route.rows), route.batch_dim
+        if x.dim() <= dim or x.shape[dim] != len(rows):
+            rows_found = x.shape[dim] if x.dim() > dim else 0
+            raise ValueError(f"mixed_batch was given {len(rows)} adapter names but the batch has {rows_found} rows "
+                             f"(input of shape {tuple(x.shape)}, rows on dimension batch_dim={dim})")
         out = None
         for name in dict.fromkeys(rows):
             module = self.modules_to_save[name] if name in self.modules_to_save else self.original_module
             idx = torch.tensor([i for i, n in enumerate(rows) if n == name], device=x.device)
-            part = module(x.index_select(0, idx), *args, **kwargs)
+            part = module(x.index_select(dim, idx), *args, **kwargs)
             if out is None:
-                out = part.new_empty((x.shape[0], *part.shape[1:]))
-            out.index_copy_(0, idx, part)
+                shape = list(part.shape)
+                shape[dim] = x.shape[dim]
+                out = part.new_empty(shape)
+            out.index_copy_(dim, idx, part)
         return out
 
     def extra_repr(self) -> str:
