@@ -135,7 +135,7 @@ def test_multiple_adapters_mixed_modules_to_save(order):
         lk.set_adapter(model, name)
         outs[name] = model(X)
     with torch.no_grad():
-        model.lin1.modules_to_save[saver].weight.add_(1.0)  # perturb the copy: only its adapter sees it
+        model.lin1.modules_to_save[saver].weight[0].add_(1.0)  # perturb the copy: only its adapter sees it
     for name in ("default", "other"):
         lk.set_adapter(model, name)
         assert torch.equal(model(X), outs[name]) is (name != saver)
@@ -307,9 +307,9 @@ def test_unload_keeps_trained_modules_to_save_like_peft():
     base = pm.MLP().eval()
     ours = lk.inject(copy.deepcopy(base), pm.lk_config(LIN0_SAVE_LIN1))
     ref = peft.get_peft_model(base, pm.peft_config(LIN0_SAVE_LIN1))
-    with torch.no_grad():  # "train" the saved copy the same way in both
-        ours.lin1.modules_to_save["default"].weight.add_(1.0)
-        ref.base_model.model.lin1.modules_to_save["default"].weight.add_(1.0)
+    with torch.no_grad():  # "train" the saved copy the same way in both (one class: log-softmax sees it)
+        ours.lin1.modules_to_save["default"].weight[0].add_(1.0)
+        ref.base_model.model.lin1.modules_to_save["default"].weight[0].add_(1.0)
     X = pm.inputs()
     torch.testing.assert_close(lk.unload(ours).eval()(X), ref.unload().eval()(X), atol=1e-6, rtol=1e-6)
 
