@@ -414,18 +414,7 @@ def module_types(model: nn.Module) -> list[type]:
 # ------------------------------------------------------------------ known failures
 # {check: {case id: reason}}: checks that fail on today's lorakit; the lead removes rows as the
 # core is fixed (strict xfail: a row that starts passing fails the suite until it is removed).
-_NESTED = ("nested lk.disable_adapters: leaving the inner block re-enables every layer (adapters.py "
-           "disable_adapters sets w.disabled = False on exit instead of restoring the flag it found), so the "
-           "rest of the outer block runs with the adapters on (defect 14)")
-_BIAS = ("a second adapter with bias='all' is accepted; both then train and save the same base biases "
-         "(defect 3; PEFT raises ValueError)")
-_ATOMIC = ("inject is not all-or-nothing: the refused target keeps its new lorakit wrapper (inject.py wraps and "
-           "replaces the module before add_adapter raises for use_dora), defect 6")
-XFAIL: dict[str, dict[str, str]] = {
-    "disable_adapters_exiting_context_restores_previous_state": {c: _NESTED for c in SUPPORTED},
-    "adding_multiple_adapters_with_bias_raises": {c: _BIAS for c in SUPPORTED},
-    "unsupported_inject_refused": {c: _ATOMIC for c, row in UNSUPPORTED.items() if row[4] == "dora"},
-}
+XFAIL: dict[str, dict[str, str]] = {}
 
 
 def cases(check: str, table: dict | None = None) -> list:

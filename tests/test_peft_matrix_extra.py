@@ -70,8 +70,6 @@ def test_delete_adapter_multiple_adapters_with_modules_to_save():
     model(X)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11: lk.active_adapters raises 'has no lorakit adapters' once every "
-                   "adapter is deleted (require_state), where lk.adapter_names gives [] and PEFT's active_adapters []")
 def test_active_adapters_after_deleting_all():
     model = _mlp(("adapter0", LIN0))
     lk.delete_adapter(model, "adapter0")
@@ -87,8 +85,6 @@ def _deep(kw0: dict, kw1: dict) -> torch.nn.Module:
     return model
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11: set_adapter accepts two active adapters whose modules_to_save "
-                   "copies are the same module; ModulesToSave._current silently uses the first one")
 @pytest.mark.parametrize("saves", [(["layers.0.lin1"], ["layers.0.lin1"]),
                                    (["layers.0.lin1", "layers.1.lin1"], ["layers.2.lin1", "layers.1.lin1"])],
                          ids=["same", "overlapping"])
@@ -142,8 +138,6 @@ def test_multiple_adapters_mixed_modules_to_save(order):
 
 
 # ------------------------------------------------------------------ weighted combinations
-@pytest.mark.xfail(strict=True, reason="issue 11 defect 4: combine_adapters drops modules_to_save (lin1 gets no "
-                   "copy for the combined adapter)")
 def test_multiple_adapters_mixed_modules_to_save_merging_adapters():
     model = _mlp(("default", LIN0_SAVE_LIN1), ("other", LIN0))
     lk.combine_adapters(model, ["default", "other"], [1.0, 1.0], "merged")
@@ -152,8 +146,6 @@ def test_multiple_adapters_mixed_modules_to_save_merging_adapters():
     model(pm.inputs())
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11: combine_adapters accepts two adapters that both save lin1 "
-                   "(PEFT refuses: the saved copies cannot be summed)")
 def test_multiple_adapters_same_modules_to_save_merging_adapters_raises():
     model = _mlp(("default", LIN0_SAVE_LIN1), ("other", LIN0_SAVE_LIN1))
     with pytest.raises(ValueError, match="modules_to_save"):
@@ -230,8 +222,6 @@ def test_requires_grad(case):
     assert _trainable(model) == adapter1
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11: parameters keep requires_grad=True inside lk.disable_adapters "
-                   "(PEFT turns them off while disabled; lorakit's disabled layers just skip the adapters)")
 @pytest.mark.parametrize("case", list(REQUIRES_GRAD))
 def test_requires_grad_disabled(case):
     kw0, kw1, _default, adapter1 = REQUIRES_GRAD[case]
@@ -242,12 +232,7 @@ def test_requires_grad_disabled(case):
     assert _trainable(model) == adapter1
 
 
-_REFROZEN = pytest.mark.xfail(strict=True, reason="issue 11: a second load_adapter(..., is_trainable=False) "
-                              "unfreezes the first inference-mode adapter (io/adapter.py load_adapter calls "
-                              "refresh_trainable, which turns requires_grad on for every active adapter)")
-
-
-@pytest.mark.parametrize("is_trainable", [pytest.param(False, marks=_REFROZEN), True])
+@pytest.mark.parametrize("is_trainable", [False, True])
 @pytest.mark.parametrize("save", [None, ["layers.0.lin1"]], ids=["plain", "modules_to_save"])
 def test_loading_model_requires_grad_set_correctly(is_trainable, save, tmp_path):
     """``is_trainable`` decides whether a loaded adapter trains; a second loaded adapter is not
@@ -299,9 +284,6 @@ def test_unload_adapter_multihead_attention():
     torch.testing.assert_close(model(X), out_base, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11 defect 27: lk.unload puts the original module back where PEFT's "
-                   "unload keeps the active adapter's trained modules_to_save copy (inject.py unload, "
-                   "keep_trained_copy_of=None)")
 def test_unload_keeps_trained_modules_to_save_like_peft():
     torch.manual_seed(0)
     base = pm.MLP().eval()
@@ -314,13 +296,7 @@ def test_unload_keeps_trained_modules_to_save_like_peft():
     torch.testing.assert_close(lk.unload(ours).eval()(X), ref.unload().eval()(X), atol=1e-6, rtol=1e-6)
 
 
-_DORA_MERGE = pytest.mark.xfail(strict=True, reason="issue 11 defect 27: with the plain adapter merged first, "
-                                "DoRA's merge takes its norm ‖W + ΔW‖ from the already-merged weight "
-                                "(layers/linear.py _merged_weight -> _row_norm reads base_weight()), so merged != "
-                                "unmerged (max |Δ| ≈ 9 on this model)")
-
-
-@pytest.mark.parametrize("order", ["dora_first", pytest.param("lora_first", marks=_DORA_MERGE)])
+@pytest.mark.parametrize("order", ["dora_first", "lora_first"])
 def test_merge_dora_and_lora_adapters_on_one_layer(order):
     """Two active adapters on lin0, one DoRA: merging both gives the unmerged output (and PEFT's)."""
     dora = {**LIN0, "use_dora": True, "init_lora_weights": False}

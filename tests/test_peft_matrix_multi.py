@@ -211,9 +211,6 @@ def test_mixed_adapter_batches_same_as_peft(case):
     torch.testing.assert_close(mixed, ref(_mixed_inputs(model_id), adapter_names=rows), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11: a GRU modules_to_save copy in a mixed batch crashes with "
-                   "AttributeError: 'tuple' object has no attribute 'new_empty' (layers/saved.py "
-                   "ModulesToSave.forward assumes a tensor output) instead of a clear refusal")
 def test_mixed_adapter_batches_unsupported_layer_raises():
     """PEFT's row "LoRA mixed adapter with unsupported layer": a saved module whose output is not
     one batch-first tensor (a GRU returns (output, h_n), h_n batch-second) cannot be split by row;

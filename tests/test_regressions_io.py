@@ -134,9 +134,12 @@ def test_04_combine_adapters_carries_modules_to_save():
     lk.combine_adapters(model, ["a"], [1.0], "only_a")
     lk.set_adapter(model, "only_a")
     torch.testing.assert_close(_logits(model, x), a_out)
-    lk.combine_adapters(model, ["a", "b"], [0.5, 0.5], "mix")
-    head = model.classifier.modules_to_save
-    torch.testing.assert_close(head["mix"].weight, 0.5 * head["a"].weight + 0.5 * head["b"].weight)
+    lk.combine_adapters(model, ["a"], [0.5], "half_a")  # the head is carried as is; only ΔW is weighted
+    torch.testing.assert_close(model.classifier.modules_to_save["half_a"].weight,
+                               model.classifier.modules_to_save["a"].weight)
+    with pytest.raises(ValueError, match="modules_to_save"):  # two trained heads do not add up (as PEFT)
+        lk.combine_adapters(model, ["a", "b"], [0.5, 0.5], "mix")
+    assert "mix" not in lk.adapter_names(model)
 
 
 # ---------------------------------------------------------------- 5: save_merged leaves no stale shards

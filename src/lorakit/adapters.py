@@ -14,7 +14,7 @@ from typing import Union
 
 from torch import nn
 
-from lorakit.layers import BASE_ROW, LoraLayer, ModulesToSave, Wrapper, wrappers
+from lorakit.layers import BASE_ROW, LoraLayer, ModulesToSave, MultiheadAttention, Wrapper, wrappers
 from lorakit.layers.routing import Route, routed
 from lorakit.state import get_state, require_state
 
@@ -30,7 +30,9 @@ def adapter_names(model: nn.Module) -> list[str]:
 
 
 def active_adapters(model: nn.Module) -> list[str]:
-    return list(require_state(model).active)
+    """The active adapters' names ([] once every adapter is deleted)."""
+    state = get_state(model)
+    return list(state.active) if state else []
 
 
 def _check_names(model: nn.Module, names: Sequence[str], what: str) -> None:
@@ -62,6 +64,11 @@ def set_adapter(model: nn.Module, name: Union[str, Sequence[str]], *, inference_
     if not names:
         raise ValueError("set_adapter needs at least one adapter name")
     _check_names(model, names, "set_adapter")
+    clash = [p for p, w in wrappers(model)
+             if isinstance(w, ModulesToSave) and sum(n in w.modules_to_save for n in names) > 1]
+    if clash:
+        raise ValueError(f"set_adapter: adapters {names} each have their own trained copy of {clash[:3]} "
+                         "(modules_to_save); copies do not add up, so at most one active adapter may have one")
     state = require_state(model)
     state.active = names
     for _, w in wrappers(model):
@@ -102,16 +109,20 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """Inside the block the model computes exactly its base function.
 
-    Merged adapters are taken out of the weights on entry and merged back on exit; on exit every
-    wrapper gets back the state it had on entry, so blocks nest.
+    Merged adapters are taken out of the weights on entry and merged back on exit; adapter
+    parameters do not require grad inside (as PEFT). On exit every wrapper and flag gets back the
+    state it had on entry, so blocks nest.
     """
-    require_state(model)
+    state = require_state(model)
     layers = [w for _, w in wrappers(model)]
     before = [(w, w.disabled, list(w.merged_adapters) if isinstance(w, LoraLayer) else []) for w in layers]
+    flags = [(p, p.requires_grad) for w in layers for n in state.configs for p in w.adapter_parameters(n)]
     for w in layers:
         if isinstance(w, LoraLayer):
             w.unmerge()
         w.disabled = True
+    for p, _ in flags:
+        p.requires_grad_(False)
     try:
         yield model
     finally:
@@ -119,6 +130,8 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
             w.disabled = disabled
             if merged:
                 w.merge(merged)
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 def _sequence_first(model: nn.Module) -> list[str]:
@@ -163,6 +176,10 @@ def mixed_batch(model: nn.Module, names: Sequence[str], *, batch_dim: int = 0) -
     layers = [w for _, w in wrappers(model)]
     if any(isinstance(w, LoraLayer) and w.merged for w in layers):
         raise ValueError("mixed_batch needs unmerged adapters; call lorakit.unmerge(model) first")
+    attn = [p for p, w in wrappers(model) if isinstance(w, MultiheadAttention)]
+    if attn:
+        raise ValueError(f"mixed_batch does not support adapted nn.MultiheadAttention layers ({attn[:3]}): their "
+                         "update acts on weights the whole batch shares")
     if batch_dim == 0:
         seq_first = _sequence_first(model)
         if seq_first:

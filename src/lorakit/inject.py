@@ -174,7 +174,7 @@ def _check_bias_modes(state: LorakitState | None, cfg: LoraConfig, adapter_name:
 
 
 def inject(model: nn.Module, cfg: LoraConfig, adapter_name: str = "default", *,
-           autocast_adapter_dtype: bool = True, strict_targets: bool = True) -> nn.Module:
+           autocast_adapter_dtype: bool = True, strict_targets: bool = True, peft_numerics: bool = False) -> nn.Module:
     """Add LoRA adapter ``adapter_name`` to the modules ``cfg`` targets, in place.
 
     The first call wraps each target in a lorakit layer and freezes the base model; later calls
@@ -186,8 +186,13 @@ def inject(model: nn.Module, cfg: LoraConfig, adapter_name: str = "default", *,
         model: any nn.Module (a Hugging Face model stays one).
         cfg: the adapter's configuration.
         adapter_name: a new name for this adapter.
-        autocast_adapter_dtype: keep adapter weights in fp32 on fp16/bf16 layers (PEFT's default).
+        autocast_adapter_dtype: keep adapter weights in fp32 on fp16/bf16 layers (PEFT's default):
+            fp32 master weights, optimizer state and gradients.
         strict_targets: see :func:`find_targets`.
+        peft_numerics: compute the LoRA term as PEFT does, with the input cast to the adapter's
+            dtype (an fp32 copy of every adapted activation on a half-precision base). By default
+            the small factors are cast to the activation's dtype instead. Applies to the layers
+            this adapter adapts.
 
     Returns:
         ``model`` itself.
@@ -199,12 +204,12 @@ def inject(model: nn.Module, cfg: LoraConfig, adapter_name: str = "default", *,
     """
     with transaction(model) as txn:
         inject_into(txn, cfg, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
-                    strict_targets=strict_targets)
+                    strict_targets=strict_targets, peft_numerics=peft_numerics)
     return model
 
 
 def inject_into(txn: Transaction, cfg: LoraConfig, adapter_name: str, *, autocast_adapter_dtype: bool = True,
-                strict_targets: bool = True) -> LoraConfig:
+                strict_targets: bool = True, peft_numerics: bool = False) -> LoraConfig:
     """``inject``'s work, journaled in ``txn`` (``load_adapter`` runs it inside its own transaction).
 
     Returns:
@@ -240,6 +245,9 @@ def inject_into(txn: Transaction, cfg: LoraConfig, adapter_name: str, *, autocas
         weight = module.base_weight()
         module.add_adapter(adapter_name, cfg.rank_for(name), cfg.alpha_for(name), cfg,
                            dtype=None if autocast_adapter_dtype else weight.dtype)
+        for layer in module.modules():  # an attention's out_proj wrapper too
+            if isinstance(layer, LoraLayer):
+                layer.peft_numerics = peft_numerics
         module.train(module.base_layer.training)  # new dropout modules follow the model's train/eval mode
     for name in saved:
         module = model.get_submodule(name)

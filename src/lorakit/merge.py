@@ -120,26 +120,14 @@ def _concat_into(layer: LoraLayer, parts: list[tuple[str, float]], new_name: str
                 torch.cat([w * layer.scaling[n] * layer.lora_B[n].weight for n, w in parts], 1))
 
 
-def _combine_copies(saved: ModulesToSave, parts: list[tuple[str, float]], new_name: str) -> None:
-    """The new adapter's copy of a ``modules_to_save`` module: ``θ_new = Σ_i w_i·θ_i`` over every
-    floating tensor (an adapter without a copy contributes the original module's), the rest taken
-    from the first adapter's copy. One adapter with weight 1.0 gives exactly its own copy."""
+def _carry_copy(saved: ModulesToSave, source: str, new_name: str) -> None:
+    """The new adapter's copy of a ``modules_to_save`` module: an exact copy of ``source``'s (the
+    one combined adapter that has one). A trained head is not a delta, so no weight applies."""
     saved.add_adapter(new_name)
-    sources = [(saved.modules_to_save[n] if n in saved.modules_to_save else saved.original_module, w)
-               for n, w in parts]
-    target = saved.modules_to_save[new_name].state_dict(keep_vars=True)
     with torch.no_grad():
-        for k, t in target.items():
-            values = [(m.state_dict(keep_vars=True)[k], w) for m, w in sources]
-            if not t.is_floating_point():
-                t.copy_(values[0][0])
-            elif len(values) == 1 and values[0][1] == 1.0:
-                t.copy_(values[0][0])
-            else:
-                acc = torch.zeros_like(t, dtype=torch.promote_types(t.dtype, torch.float32))
-                for v, w in values:
-                    acc.add_(v.to(acc.dtype), alpha=w)
-                t.copy_(acc)
+        for t, v in zip(saved.modules_to_save[new_name].state_dict(keep_vars=True).values(),
+                        saved.modules_to_save[source].state_dict(keep_vars=True).values()):
+            t.copy_(v)
 
 
 def combine_adapters(model: nn.Module, names: Sequence[str], weights: Sequence[float], new_name: str) -> None:
@@ -149,12 +137,14 @@ def combine_adapters(model: nn.Module, names: Sequence[str], weights: Sequence[f
 
     Each layer's rank is the sum over the adapters present in it; the new config records it per
     layer (exact-name ``rank_pattern``/``alpha_pattern``, alpha = rank), so that it rebuilds the
-    same shapes. ``modules_to_save`` copies combine with the same weights (``θ = Σ w_i·θ_i``), so a
-    combination carries its heads and one adapter with weight 1.0 gives exactly that adapter. The
-    new adapter is added inactive; ``set_adapter(model, new_name)`` uses it.
+    same shapes. A ``modules_to_save`` copy (a trained head) is carried over exactly from the one
+    combined adapter that has it, so one adapter with weight 1.0 gives exactly that adapter; as in
+    PEFT, two combined adapters with copies of the same module are refused (heads do not add up).
+    The new adapter is added inactive; ``set_adapter(model, new_name)`` uses it.
 
     Raises:
-        ValueError: unknown names, mismatched lengths, an existing ``new_name``, or DoRA adapters.
+        ValueError: unknown names, mismatched lengths, an existing ``new_name``, DoRA adapters, or
+            two adapters saving the same module.
     """
     state = require_state(model)
     names = list(names)
@@ -172,11 +162,16 @@ def combine_adapters(model: nn.Module, names: Sequence[str], weights: Sequence[f
         layer = model.get_submodule(t)
         ranks[t] = sum(layer.r[n] for n in names if n in layer.r)
     patterns = {re.escape(t): r for t, r in ranks.items()}
-    saved = [p for p, w in wrappers(model)
-             if isinstance(w, ModulesToSave) and any(n in w.modules_to_save for n in names)]
+    saved = {p: [n for n in names if n in w.modules_to_save] for p, w in wrappers(model)
+             if isinstance(w, ModulesToSave) and any(n in w.modules_to_save for n in names)}
+    clash = {p: ns for p, ns in saved.items() if len(ns) > 1}
+    if clash:
+        raise ValueError(f"combine_adapters: {clash} — several of the adapters have their own trained copy of the "
+                         "same module (modules_to_save); copies do not add up. Combine adapters whose saved "
+                         "modules differ")
     cfg = LoraConfig(r=max(ranks.values()), lora_alpha=max(ranks.values()), target_modules=targets,
                      rank_pattern=patterns, alpha_pattern=dict(patterns), init_lora_weights=False,
-                     modules_to_save=saved or None)
+                     modules_to_save=list(saved) or None)
     with transaction(model) as txn:
         for t in targets:
             layer = model.get_submodule(t)
@@ -186,10 +181,10 @@ def combine_adapters(model: nn.Module, names: Sequence[str], weights: Sequence[f
             _concat_into(layer, parts, new_name)
             if isinstance(layer, MultiheadAttention):  # its out_proj wrapper got the adapter too
                 _concat_into(layer.out_proj_lora, parts, new_name)
-        for p in saved:
+        for p, (source,) in saved.items():
             module = model.get_submodule(p)
             txn.on_undo(lambda m=module: m.delete_adapter(new_name))
-            _combine_copies(module, list(zip(names, weights)), new_name)
+            _carry_copy(module, source, new_name)
         state.configs[new_name] = cfg
         state.targets[new_name] = targets
         for _, w in wrappers(model):

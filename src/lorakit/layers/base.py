@@ -76,6 +76,9 @@ class LoraLayer(nn.Module):
         self.active_adapters: list[str] = []
         self.disabled: bool = False
         self.merged_adapters: list[str] = []  # a stack: unmerge pops in reverse order
+        # False: the LoRA term in the activation's dtype (factors cast); True: PEFT's numerics
+        # (the input cast to the factors' dtype: fp32 on a half-precision base)
+        self.peft_numerics: bool = False
         self.merge_cache = BufferDict()  # per merged adapter, what an exact unmerge needs (DoRA norms)
 
     def __getattr__(self, name: str):
@@ -255,6 +258,10 @@ class LoraLayer(nn.Module):
             part = result.index_select(0, idx)
             out.index_copy_(0, idx, self._add_term(x.index_select(0, idx), name, part).to(out.dtype))
         return out
+
+    def _input(self, x: torch.Tensor, factor_dtype: torch.dtype) -> torch.Tensor:
+        """The adapter's input: x itself, or (``peft_numerics``) x cast to the factors' dtype."""
+        return x.to(factor_dtype) if self.peft_numerics else x
 
     def _dropout(self, x: torch.Tensor, name: str) -> torch.Tensor:
         dropout = self.lora_dropout[name]

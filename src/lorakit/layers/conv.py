@@ -14,6 +14,7 @@ from torch import nn
 from lorakit.config import LoraConfig
 from lorakit.layers import mixed
 from lorakit.layers.base import LoraLayer, init_lora_pair
+from lorakit.layers.factors import CONV_FACTORS
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -35,7 +36,7 @@ class Conv(LoraLayer):
         if cfg.init_lora_weights in ("pissa", "olora"):
             raise ValueError(f"init_lora_weights={cfg.init_lora_weights!r} is implemented for Linear layers only")
         b = self.base_layer
-        conv = type(b)
+        conv = CONV_FACTORS[next(t for t in CONV_TYPES if isinstance(b, t))]
         ones = (1,) * (b.weight.dim() - 2)
         self.lora_A[name] = conv(b.in_channels, r, b.kernel_size, b.stride, b.padding, b.dilation,
                                  bias=False, padding_mode=b.padding_mode)
@@ -50,9 +51,9 @@ class Conv(LoraLayer):
         return torch.einsum("or,ri...->oi...", B, A) * self.scaling[name]  # (out, in, *k)
 
     def _add_term(self, x: torch.Tensor, name: str, result: torch.Tensor) -> torch.Tensor:
-        """``result + s·B(A(dropout(x)))``, x cast to the factors' dtype as PEFT does."""
+        """``result + s·B(A(dropout(x)))`` in x's dtype (PEFT's numerics: x cast to the factors')."""
         A, B = self.lora_A[name], self.lora_B[name]
-        x = self._dropout(x, name).to(A.weight.dtype)  # (N, in, *spatial)
+        x = self._input(self._dropout(x, name), A.weight.dtype)  # (N, in, *spatial)
         return result + B(A(x)) * self.scaling[name]  # (N, out, *spatial')
 
     def mixed_forward(self, x: torch.Tensor, result: torch.Tensor, rows: list[str], names: list[str]) -> torch.Tensor:
@@ -60,5 +61,6 @@ class Conv(LoraLayer):
         if self.training and any(not isinstance(self.lora_dropout[n], nn.Identity) for n in names):
             return super().mixed_forward(x, result, rows, names)
         pairs = [(self.lora_A[n].weight.flatten(1), self.lora_B[n].weight.flatten(1)) for n in names]
-        stack = mixed.stacked(self, names, pairs, [self.scaling[n] for n in names])  # A: (r, in·∏k), B: (out, r)
+        dtype = pairs[0][0].dtype if self.peft_numerics else x.dtype
+        stack = mixed.stacked(self, names, pairs, [self.scaling[n] for n in names], dtype)  # A: (r, in·∏k), B: (out, r)
         return mixed.conv_gather(self.base_layer, x, result, stack, mixed.row_slots(stack, rows, x.device))

@@ -53,13 +53,15 @@ class Embedding(LoraLayer):
         A, B = self.lora_embedding_A[name], self.lora_embedding_B[name]  # (r, num), (dim, r)
         e = self.base_layer
         after_a = F.embedding(x, A.T, e.padding_idx, e.max_norm, e.norm_type,
-                              e.scale_grad_by_freq, e.sparse)  # (..., r)
-        return result + (after_a @ B.T) * self.scaling[name]  # (..., dim)
+                              e.scale_grad_by_freq, e.sparse)  # (..., r), the factors' dtype
+        dtype = A.dtype if self.peft_numerics else result.dtype  # an r-wide cast, never an activation's
+        return result + (after_a.to(dtype) @ B.T.to(dtype)) * self.scaling[name]  # (..., dim)
 
     def mixed_forward(self, x: torch.Tensor, result: torch.Tensor, rows: list[str], names: list[str]) -> torch.Tensor:
         """One lookup in the stacked A^T tables; ``max_norm`` (which renormalises in place) takes the loop."""
         if self.base_layer.max_norm is not None:
             return super().mixed_forward(x, result, rows, names)
         pairs = [(self.lora_embedding_A[n], self.lora_embedding_B[n]) for n in names]  # (r, num), (dim, r)
-        stack = mixed.stacked(self, names, pairs, [self.scaling[n] for n in names], lookup=True)
+        dtype = pairs[0][0].dtype if self.peft_numerics else result.dtype
+        stack = mixed.stacked(self, names, pairs, [self.scaling[n] for n in names], dtype, lookup=True)
         return mixed.embedding_gather(x, result, stack, mixed.row_slots(stack, rows, x.device))

@@ -10,6 +10,10 @@ DoRA (Liu et al., 2024) re-normalises the adapted weight row by row and learns t
 with the norm detached from the graph, as in the paper and PEFT. The factors are always *called*
 (``lora_A(x)``, ``lora_B(h, acc, s)``), never read as ``.weight`` in a forward, so hooks on them run:
 FSDP2 / ZeRO-3 gather a factor that is its own shard unit, user hooks see its input.
+
+Precision: the term is computed in the activation's dtype from fp32 master factors
+(``lorakit.layers.factors``); with ``peft_numerics`` the input is cast to the factors' dtype
+instead, as PEFT does (an fp32 copy of the activation on a half-precision base).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from torch import nn
 from lorakit.config import LoraConfig
 from lorakit.layers import mixed
 from lorakit.layers.base import LoraLayer, init_lora_pair
+from lorakit.layers.factors import Down, Up
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -34,27 +39,6 @@ def linear_features(module: nn.Module) -> tuple[int, int]:
         in_f, out_f = module.weight.shape  # (in, out)
         return in_f, out_f
     return module.in_features, module.out_features
-
-
-class LoraUp(nn.Linear):
-    """``lora_B`` (r → out): an ``nn.Linear`` whose call can also accumulate into an output.
-
-    ``B(h)`` is ``h·Bᵀ``; ``B(h, acc, alpha)`` is ``acc + alpha·h·Bᵀ`` computed by one ``addmm``
-    (in place when ``inplace``), so the adapter adds no ``(..., out)`` temporary to the base output.
-    Being a module call, it runs the module's hooks (FSDP2 unshards B here).
-    """
-
-    def forward(self, h: torch.Tensor, acc: torch.Tensor | None = None, alpha: float = 1.0,
-                inplace: bool = False) -> torch.Tensor:
-        if acc is None:
-            return F.linear(h, self.weight)  # (..., out)
-        if acc.dtype != h.dtype or torch.is_autocast_enabled(h.device.type):
-            return acc + F.linear(h, self.weight) * alpha  # promoted as PEFT: result + B(A(x))·s
-        h2 = h.reshape(-1, h.shape[-1])  # (T, r)
-        acc2 = acc.reshape(-1, acc.shape[-1])  # (T, out), a view of a contiguous acc
-        if inplace and acc._base is None:  # a hook (FSDP2's) may have handed us a view of the caller's tensor
-            return acc2.addmm_(h2, self.weight.T, alpha=alpha).view(acc.shape)
-        return torch.addmm(acc2, h2, self.weight.T, alpha=alpha).view(acc.shape)
 
 
 class Linear(LoraLayer):
@@ -73,8 +57,8 @@ class Linear(LoraLayer):
         self._fresh_output = type(base_layer) is nn.Linear
 
     def _create(self, name: str, r: int, cfg: LoraConfig) -> None:
-        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False)
-        self.lora_B[name] = LoraUp(r, self.out_features, bias=False)
+        self.lora_A[name] = Down(self.in_features, r, bias=False)
+        self.lora_B[name] = Up(r, self.out_features, bias=False)
 
     def _init(self, name: str, cfg: LoraConfig) -> None:
         A, B = self.lora_A[name].weight, self.lora_B[name].weight
@@ -138,11 +122,11 @@ class Linear(LoraLayer):
     # ------------------------------------------------------------------ forward
     def _add_term(self, x: torch.Tensor, name: str, result: torch.Tensor) -> torch.Tensor:
         """``result + s·B(A(dropout(x)))``: one addmm into the base output (in place when it is a
-        fresh tensor of our own), with x cast to the factors' dtype as PEFT does. DoRA: below."""
+        fresh tensor of our own), in x's dtype (PEFT's numerics: x cast to the factors'). DoRA: below."""
         A = self.lora_A[name]
         if name in self.lora_magnitude_vector:
             return self._apply_dora(x, name, result)
-        h = self._dropout(x, name).to(A.weight.dtype)  # (..., in)
+        h = self._input(self._dropout(x, name), A.weight.dtype)  # (..., in)
         inplace = self._fresh_output and result._base is None and result.is_contiguous()
         return self.lora_B[name](A(h), result, self.scaling[name], inplace)  # (..., out)
 
@@ -152,11 +136,12 @@ class Linear(LoraLayer):
         ``W0·x`` is ``result - b`` (the running output, as PEFT) unless dropout is live, when it
         is recomputed on the dropped-out input."""
         A, B, s = self.lora_A[name], self.lora_B[name], self.scaling[name]
-        x = x.to(A.weight.dtype)  # (..., in)
-        weight = self._weight_out_in().to(x.dtype)  # (out, in)
+        x = self._input(x, A.weight.dtype)  # (..., in)
+        acc = torch.promote_types(x.dtype, torch.float32)  # the norm in fp32 or wider
         with torch.no_grad():
-            norm = torch.linalg.norm(weight + self.called_delta(name, x.dtype), dim=1)  # (out,), detached
-        scale = self.lora_magnitude_vector[name] / norm  # (out,)
+            norm = torch.linalg.norm(self._weight_out_in().to(acc) + self.called_delta(name, acc), dim=1)  # (out,)
+        scale = (self.lora_magnitude_vector[name] / norm).to(x.dtype)  # (out,)
+        weight = self._weight_out_in().to(x.dtype)  # (out, in)
         dropout = self.lora_dropout[name]
         if isinstance(dropout, nn.Identity) or not self.training:
             bias = getattr(self.base_layer, "bias", None)
@@ -171,11 +156,13 @@ class Linear(LoraLayer):
         if any(n in self.lora_magnitude_vector for n in names) or (
                 self.training and any(not isinstance(self.lora_dropout[n], nn.Identity) for n in names)):
             return super().mixed_forward(x, result, rows, names)
+        dtype = self.lora_A[names[0]].weight.dtype if self.peft_numerics else x.dtype
         if mixed.STRATEGY == "segment" and not torch.is_grad_enabled():  # out= has no autograd
-            factors = {n: (self.lora_A[n].weight, self.lora_B[n].weight, self.scaling[n]) for n in names}
-            return mixed.linear_segment(x, result, rows, factors)
+            factors = {n: (self.lora_A[n].weight.to(dtype), self.lora_B[n].weight.to(dtype), self.scaling[n])
+                       for n in names}
+            return mixed.linear_segment(x.to(dtype), result, rows, factors)
         pairs = [(self.lora_A[n].weight, self.lora_B[n].weight) for n in names]
-        stack = mixed.stacked(self, names, pairs, [self.scaling[n] for n in names])
+        stack = mixed.stacked(self, names, pairs, [self.scaling[n] for n in names], dtype)
         return mixed.linear_gather(x, result, stack, mixed.row_slots(stack, rows, x.device))
 
     # ------------------------------------------------------------------ merging (DoRA)

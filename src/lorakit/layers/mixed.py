@@ -60,15 +60,16 @@ def _factor_key(t: torch.Tensor) -> tuple:
 
 
 def stacked(owner: nn.Module, names: Sequence[str], pairs: Sequence[Factors], scalings: Sequence[float],
-            lookup: bool = False) -> Stack:
-    """The factors ``pairs`` of adapters ``names`` stacked as in the module docstring; cached on
+            dtype: torch.dtype, lookup: bool = False) -> Stack:
+    """The factors ``pairs`` of adapters ``names`` stacked as in the module docstring, in ``dtype``
+    (the activations': fp32 masters are cast once per build, activations never); cached on
     ``owner`` until they change. ``lookup`` stores A transposed, as an embedding table.
 
     With autograd recording and a factor requiring grad the stack is built in the graph (and not
     cached), so a mixed batch can also be differentiated.
     """
     grad = torch.is_grad_enabled() and any(t.requires_grad for p in pairs for t in p)
-    key = (tuple(names), tuple(scalings), tuple(_factor_key(t) for p in pairs for t in p))
+    key = (tuple(names), tuple(scalings), dtype, tuple(_factor_key(t) for p in pairs for t in p))
     cached = owner.__dict__.get("_mixed_stack")
     if not grad and cached is not None and cached[0] == key:
         return cached[1]
@@ -76,15 +77,15 @@ def stacked(owner: nn.Module, names: Sequence[str], pairs: Sequence[Factors], sc
     r_max = max(a.shape[0] for a, _ in pairs)
     with torch.set_grad_enabled(grad):
         if grad:  # out-of-place, so autograd sees every factor
-            A = torch.stack([F.pad(a, (0, 0, 0, r_max - a.shape[0])) for a, _ in pairs])
-            B = torch.stack([F.pad(b * s, (0, r_max - b.shape[1])) for (_, b), s in zip(pairs, scalings)])
+            A = torch.stack([F.pad(a.to(dtype), (0, 0, 0, r_max - a.shape[0])) for a, _ in pairs])
+            B = torch.stack([F.pad((b * s).to(dtype), (0, r_max - b.shape[1])) for (_, b), s in zip(pairs, scalings)])
             A, B = F.pad(A, (0, 0, 0, 0, 1, 0)), F.pad(B, (0, 0, 0, 0, 1, 0))  # slot 0 = zeros
         else:
-            A = A0.new_zeros((len(names) + 1, r_max, A0.shape[1]))  # (n+1, r_max, K)
-            B = B0.new_zeros((len(names) + 1, B0.shape[0], r_max))  # (n+1, M, r_max)
+            A = A0.new_zeros((len(names) + 1, r_max, A0.shape[1]), dtype=dtype)  # (n+1, r_max, K)
+            B = B0.new_zeros((len(names) + 1, B0.shape[0], r_max), dtype=dtype)  # (n+1, M, r_max)
             for j, ((a, b), s) in enumerate(zip(pairs, scalings), start=1):
                 A[j, : a.shape[0]].copy_(a)
-                B[j, :, : b.shape[1]].copy_(b).mul_(s)
+                B[j, :, : b.shape[1]].copy_(b * s)  # scaled in the masters' precision, then cast
     if lookup:  # lookup table layout: row j·num + t is A_j^T[t]
         A = A.transpose(1, 2).contiguous()  # (n+1, num, r_max)
     stack = Stack({BASE_ROW: 0, **{n: j for j, n in enumerate(names, start=1)}}, A, B)
@@ -109,7 +110,7 @@ def add_into(result: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
 def linear_gather(x: torch.Tensor, result: torch.Tensor, stack: Stack, idx: torch.Tensor) -> torch.Tensor:
     """BGMV: each row's ``s·B·A`` gathered from the stacks, applied in two batched matmuls."""
     n = x.shape[0]
-    x3 = x.reshape(n, -1, x.shape[-1]).to(stack.A.dtype)  # (N, L, in)
+    x3 = x.reshape(n, -1, x.shape[-1]).to(stack.A.dtype)  # (N, L, in); a no-op unless PEFT's numerics
     ax = torch.bmm(x3, stack.A[idx].transpose(1, 2))  # (N, L, r_max)
     delta = torch.bmm(ax, stack.B[idx].transpose(1, 2))  # (N, L, out)
     return add_into(result, delta.view(result.shape))
@@ -120,20 +121,20 @@ def linear_segment(x: torch.Tensor, result: torch.Tensor, rows: Sequence[str],
     """SGMV: rows sorted by adapter; each adapter's segment is one 2-D matmul on its own factors.
 
     Args:
-        factors: adapter name -> (A (r, in), B (out, r), scaling) for every adapter in ``rows``.
+        factors: adapter name -> (A (r, in), B (out, r), scaling) for every adapter in ``rows``,
+            A and B in the dtype of ``x``.
     """
     order = sorted(range(len(rows)), key=lambda i: rows[i])
     perm = torch.tensor(order, device=x.device)
     n = x.shape[0]
     xs = x.index_select(0, perm).reshape(n, -1, x.shape[-1])  # (N, L, in), rows sorted by adapter
-    dtype = next(iter(factors.values()))[0].dtype
-    ys = xs.new_zeros((*xs.shape[:2], result.shape[-1]), dtype=dtype)  # (N, L, out)
+    ys = xs.new_zeros((*xs.shape[:2], result.shape[-1]))  # (N, L, out), the activations' dtype
     start = 0
     for name in sorted(dict.fromkeys(rows)):
         count = rows.count(name)
         if name in factors:
-            A, B, s = factors[name]  # (r, in), (out, r)
-            seg = xs[start : start + count].to(A.dtype)  # (c, L, in)
+            A, B, s = factors[name]  # (r, in), (out, r), in the activations' dtype
+            seg = xs[start : start + count]  # (c, L, in)
             torch.matmul(seg @ A.T, B.T, out=ys[start : start + count]).mul_(s)
         start += count
     delta = torch.empty_like(ys).index_copy_(0, perm, ys)  # (N, L, out), original row order

@@ -77,6 +77,10 @@ class ModulesToSave(nn.Module):
             module = self.modules_to_save[name] if name in self.modules_to_save else self.original_module
             idx = torch.tensor([i for i, n in enumerate(rows) if n == name], device=x.device)
             part = module(x.index_select(dim, idx), *args, **kwargs)
+            if not isinstance(part, torch.Tensor):
+                raise TypeError(f"mixed_batch cannot route rows through this {type(module).__name__} "
+                                f"(modules_to_save): it returns a {type(part).__name__}, not one tensor with a row "
+                                "per batch item; run the adapters in separate batches")
             if out is None:
                 shape = list(part.shape)
                 shape[dim] = x.shape[dim]
