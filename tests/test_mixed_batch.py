@@ -116,32 +116,58 @@ def test_embedding_linear_conv_rows(use_grad):
         assert model.emb.lora_embedding_B["a"].grad.abs().sum() > 0
 
 
+def _rows_equal_alone(model: nn.Module, x: torch.Tensor, rows: list[str]) -> None:
+    with torch.no_grad(), lk.mixed_batch(model, rows):
+        got = model(input_ids=x).logits
+    want = per_row(model, rows, lambda i: model(input_ids=x[i:i + 1]).logits[0])
+    for i in range(len(rows)):
+        torch.testing.assert_close(got[i], want[i], atol=ATOL, rtol=1e-5)
+
+
 def test_stack_cache_reused_and_invalidated():
+    """Stacks are built once per block and reused by every forward in it; lorakit's own changes,
+    optimizer steps and ``lk.adapters_updated()`` make them stale; a change made between blocks is
+    caught on entering the next one."""
     model = tiny_llama()
     x = torch.randint(0, 64, (3, 4), generator=torch.Generator().manual_seed(6))
     rows = ["a", "b", "c"]
     layer = model.model.layers[0].self_attn.q_proj
+    factors = [p for p in model.parameters() if p.requires_grad or p.dim() == 2 and p.shape[0] <= 8]
+
+    def stack():
+        return layer.__dict__["_mixed_stack"][1].A
+
     with torch.no_grad(), lk.mixed_batch(model, rows):
         model(input_ids=x)
-        first = layer.__dict__["_mixed_stack"][1].A
+        first = stack()
         model(input_ids=x)
-        assert layer.__dict__["_mixed_stack"][1].A is first  # nothing changed: no rebuild
-        for p in model.parameters():  # an in-place write (as an optimizer step does)
-            if p.requires_grad or p.dim() == 2 and p.shape[0] <= 8:
-                p.mul_(1.5)
+        assert stack() is first  # nothing changed: no rebuild
+        for p in factors:  # an in-place write of our own, announced
+            p.mul_(1.5)
+        lk.adapters_updated()
         got = model(input_ids=x).logits
-    assert layer.__dict__["_mixed_stack"][1].A is not first
+        assert stack() is not first
     want = per_row(model, rows, lambda i: model(input_ids=x[i:i + 1]).logits[0])
     for i in range(3):
         torch.testing.assert_close(got[i], want[i], atol=ATOL, rtol=1e-5)
+
+    lk.set_adapter(model, ["a", "b", "c"])  # an optimizer step: the global optimizer hook marks stacks stale
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    with lk.mixed_batch(model, rows):
+        model(input_ids=x).logits.sum().backward()
+        opt.step()
+    lk.set_adapter(model, "a")
+    _rows_equal_alone(model, x, rows)
+
+    with torch.no_grad():  # between blocks, unannounced: seen when the next block starts
+        for p in factors:
+            p.mul_(0.5)
+    _rows_equal_alone(model, x, rows)
+
     lk.delete_adapter(model, "b")  # a new "b" of another rank: new parameters, new stacks
     lk.inject(model, lk.LoraConfig(r=7, lora_alpha=3, target_modules=PROJ), adapter_name="b")
     randomise(model, 7)
-    with torch.no_grad(), lk.mixed_batch(model, rows):
-        got = model(input_ids=x).logits
-    want = per_row(model, rows, lambda i: model(input_ids=x[i:i + 1]).logits[0])
-    for i in range(3):
-        torch.testing.assert_close(got[i], want[i], atol=ATOL, rtol=1e-5)
+    _rows_equal_alone(model, x, rows)
 
 
 def test_dora_rows_fall_back_to_loop():

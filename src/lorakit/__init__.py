@@ -22,6 +22,7 @@ from lorakit.config import LoraConfig
 from lorakit.hotswap import hotswap_adapter
 from lorakit.inject import find_targets, inject, unload
 from lorakit.io import load_adapter, load_full, save_adapter, save_full, save_merged
+from lorakit.layers.mixed import adapters_updated
 from lorakit.merge import combine_adapters, merge, merge_and_unload, unmerge
 
 __version__ = "0.1.0"
@@ -44,7 +45,7 @@ def __getattr__(name: str):
 __all__ = [
     "LoraConfig", "inject", "find_targets", "unload",
     "adapter_names", "active_adapters", "set_adapter", "delete_adapter", "disable_adapters", "mixed_batch",
-    "hotswap_adapter",
+    "hotswap_adapter", "adapters_updated",
     "trainable_parameters", "summary", "print_trainable_parameters",
     "merge", "unmerge", "merge_and_unload", "combine_adapters",
     "save_adapter", "load_adapter", "save_merged", "save_full", "load_full",

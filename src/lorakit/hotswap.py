@@ -36,6 +36,7 @@ from lorakit.config import LoraConfig
 from lorakit.io.keymap import PREFIX, parse_in_memory_key
 from lorakit.io.peft_format import CONFIG_NAME, load_plan, read_config_dict, read_tensors, weights_path
 from lorakit.layers import LoraLayer, wrappers
+from lorakit.layers.mixed import adapters_updated
 from lorakit.state import require_state
 from lorakit.transaction import transaction
 
@@ -156,6 +157,7 @@ def hotswap_adapter(model: nn.Module, source: Source, adapter_name: str = "defau
         for dest, value in pairs:
             txn.keep(dest)
             dest.copy_(value)
+        adapters_updated()
         if config is not None:
             old_cfg, old_alpha = state.configs[adapter_name], {t: w.lora_alpha[adapter_name] for t, w in targets}
 

@@ -34,6 +34,7 @@ from lorakit.io.peft_format import (
     weights_path,
 )
 from lorakit.io.safe_write import write_files_atomically, write_text_file
+from lorakit.layers.mixed import adapters_updated
 from lorakit.state import get_state, require_state
 from lorakit.transaction import Transaction, transaction
 
@@ -178,6 +179,7 @@ def _load_tensors(txn: Transaction, name: str, tensors: dict[str, torch.Tensor],
                     continue
                 txn.keep(targets[base[k]])
             targets[plan[k]].copy_(tensors[fk])
+    adapters_updated()
 
 
 def _equal(current: torch.Tensor, value: torch.Tensor) -> bool:

@@ -37,6 +37,7 @@ from lorakit.inject import inject_into
 from lorakit.io.peft_format import PathLike, effective_config, read_tensors
 from lorakit.io.safe_write import ensure_dir, write_files_atomically, write_text_file
 from lorakit.layers import LoraLayer
+from lorakit.layers.mixed import adapters_updated
 from lorakit.merge import merge_and_unload, untie_adapted_weights
 from lorakit.state import get_state, require_state
 from lorakit.transaction import transaction
@@ -240,3 +241,4 @@ def _load_all(model: nn.Module, tensors: dict[str, torch.Tensor], aliases: dict[
     with torch.no_grad():
         for k, t in targets.items():
             t.copy_(tensors[aliases.get(k, k)])
+    adapters_updated()

@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from lorakit.config import LoraConfig
-from lorakit.layers.routing import BASE_ROW, Route, route_for
+from lorakit.layers import mixed
+from lorakit.layers.routing import Route, blocks_open, route_for
 
 
 def init_lora_pair(A: torch.Tensor, B: torch.Tensor, init: Union[bool, str], r: int) -> None:
@@ -119,11 +120,24 @@ class LoraLayer(nn.Module):
                 holder[name] = holder[name].to(device=device, dtype=dtype) if isinstance(holder, nn.ModuleDict) else \
                     nn.Parameter(holder[name].detach().to(device=device, dtype=dtype))
         self._init(name, cfg)
+        mixed.adapters_updated()
 
     def set_scale(self, name: str, lora_alpha: float, cfg: LoraConfig) -> None:
         """A new ``lora_alpha`` (and so scaling) for adapter ``name``, e.g. after a hot swap."""
         self.lora_alpha[name] = lora_alpha
         self.scaling[name] = cfg.scaling(self.r[name], lora_alpha)
+        mixed.adapters_updated()
+
+    def _apply(self, fn, recurse: bool = True):
+        """``.to()`` / ``.cuda()`` / ``.half()``: the factors are new tensors, so cached stacks are stale."""
+        out = super()._apply(fn, recurse)
+        mixed.adapters_updated()
+        return out
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        """``load_state_dict`` writes into the factors: cached stacks are stale."""
+        super()._load_from_state_dict(*args, **kwargs)
+        mixed.adapters_updated()
 
     def delete_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
@@ -135,6 +149,7 @@ class LoraLayer(nn.Module):
         for d in (self.r, self.lora_alpha, self.scaling):
             d.pop(name, None)
         self.active_adapters = [a for a in self.active_adapters if a != name]
+        mixed.adapters_updated()
 
     def set_active(self, names: Sequence[str]) -> None:
         self.active_adapters = [n for n in names if n in self.r]
@@ -222,42 +237,75 @@ class LoraLayer(nn.Module):
         result = self.base_layer(x, *args, **kwargs)
         if self.disabled:
             return result
-        route = route_for(self)
-        if route is not None:
-            return self._routed(x, result, route)
+        if blocks_open():
+            routed = self._routed(x, result)
+            if routed is not None:
+                return routed
         out_dtype = result.dtype
         for name in self.unmerged_active():
             result = self._add_term(x, name, result)
         return result if result.dtype == out_dtype else result.to(out_dtype)
 
-    def _routed(self, x: torch.Tensor, result: torch.Tensor, route: Route) -> torch.Tensor:
-        """Checks, then ``mixed_forward`` with rows on dimension 0."""
+    @torch.compiler.disable
+    def _routed(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor | None:
+        """Inside a ``mixed_batch`` block of this thread: checks, then ``mixed_forward`` with rows on
+        dimension 0; None when this layer is not routed. Runs outside torch.compile: the routing is
+        Python state, and a compiled graph around it sees only tensors of fixed shapes, so changing
+        the rows' adapters never recompiles."""
+        route = route_for(self)
+        if route is None:
+            return None
         if self.merged_adapters:
             raise ValueError("mixed_batch needs unmerged adapters; call lorakit.unmerge(model) first")
-        rows, dim = list(route.rows), route.batch_dim
-        if x.dim() <= dim or x.shape[dim] != len(rows):
+        dim = route.batch_dim
+        if x.dim() <= dim or x.shape[dim] != len(route.rows):
             rows_found = x.shape[dim] if x.dim() > dim else 0
-            raise ValueError(f"mixed_batch was given {len(rows)} adapter names but the batch has {rows_found} rows "
-                             f"({type(self.base_layer).__name__} input of shape {tuple(x.shape)}, rows on "
+            raise ValueError(f"mixed_batch was given {len(route.rows)} adapter names but the batch has {rows_found} "
+                             f"rows ({type(self.base_layer).__name__} input of shape {tuple(x.shape)}, rows on "
                              f"dimension batch_dim={dim})")
-        names = sorted(n for n in dict.fromkeys(rows) if n != BASE_ROW and n in self.r)
-        if not names:
+        if not any(n in self.r for n in route.names):
             return result
         if dim == 0:
-            return self.mixed_forward(x, result, rows, names)
-        out = self.mixed_forward(x.movedim(dim, 0), result.movedim(dim, 0), rows, names)
-        return out.movedim(0, dim)
+            return self.mixed_forward(x, result, route)
+        return self.mixed_forward(x.movedim(dim, 0), result.movedim(dim, 0), route).movedim(0, dim)
 
-    def mixed_forward(self, x: torch.Tensor, result: torch.Tensor, rows: list[str], names: list[str]) -> torch.Tensor:
-        """One adapter per row (x: (N, ...), ``len(rows) == N``); the reference implementation:
+    def mixed_forward(self, x: torch.Tensor, result: torch.Tensor, route: Route) -> torch.Tensor:
+        """One adapter per row (x: (N, ...), ``len(route.rows) == N``); the reference implementation:
         rows sharing an adapter go through ``_add_term`` together. Layer types override it with a
         batched kernel (``lorakit.layers.mixed``) where one computes the same function."""
         out = result.clone()
-        for name in names:
-            idx = torch.tensor([i for i, n in enumerate(rows) if n == name], device=x.device)
+        for name in route.names:
+            if name not in self.r:
+                continue
+            idx = torch.tensor([i for i, n in enumerate(route.rows) if n == name], device=x.device)
             part = result.index_select(0, idx)
             out.index_copy_(0, idx, self._add_term(x.index_select(0, idx), name, part).to(out.dtype))
         return out
+
+    def stack_pairs(self, route: Route) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        """Per adapter of ``route.names``, the factors a batched kernel stacks (A, B), or None where
+        this layer lacks the adapter; [] for layer types without a batched kernel."""
+        return []
+
+    def _stack(self, route: Route, dtype: torch.dtype) -> mixed.Stack:
+        """This layer's stacked factors for ``route`` in ``dtype`` (cached; see ``lorakit.layers.mixed``)."""
+        return mixed.stacked(self, route, lambda: self.stack_pairs(route),
+                             lambda: [self.scaling.get(n, 0.0) for n in route.names], dtype)
+
+    def _row_blocks(self, route: Route, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's (A, B) blocks for ``route``: (N, K, r), (N, r, M) with r padded to a multiple of 8."""
+        return mixed.row_blocks(self, self._stack(route, dtype), route.slots(device))
+
+    def check_stack(self, route: Route) -> None:
+        """Entering a mixed-batch block: drop a cached stack whose factors changed since it was built."""
+        mixed.check(self, self.stack_pairs(route))
+
+    def _route_flag(self, route: Route, what: str, compute) -> bool:
+        """A per-layer fact about a route (e.g. "needs the loop"), computed once per block."""
+        key = (what, id(self), self.training)
+        if key not in route._cache:
+            route._cache[key] = compute()
+        return route._cache[key]
 
     def _input(self, x: torch.Tensor, factor_dtype: torch.dtype) -> torch.Tensor:
         """The adapter's input: x itself, or (``peft_numerics``) x cast to the factors' dtype."""

@@ -15,6 +15,7 @@ from lorakit.config import LoraConfig
 from lorakit.layers import mixed
 from lorakit.layers.base import LoraLayer, init_lora_pair
 from lorakit.layers.factors import CONV_FACTORS
+from lorakit.layers.routing import Route
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -56,11 +57,14 @@ class Conv(LoraLayer):
         x = self._input(self._dropout(x, name), A.weight.dtype)  # (N, in, *spatial)
         return result + B(A(x)) * self.scaling[name]  # (N, out, *spatial')
 
-    def mixed_forward(self, x: torch.Tensor, result: torch.Tensor, rows: list[str], names: list[str]) -> torch.Tensor:
+    def stack_pairs(self, route: Route) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        return [(self.lora_A[n].weight, self.lora_B[n].weight) if n in self.r else None for n in route.names]
+
+    def mixed_forward(self, x: torch.Tensor, result: torch.Tensor, route: Route) -> torch.Tensor:
         """Per-row A as one grouped convolution, per-row B as one bmm; live dropout takes the loop."""
-        if self.training and any(not isinstance(self.lora_dropout[n], nn.Identity) for n in names):
-            return super().mixed_forward(x, result, rows, names)
-        pairs = [(self.lora_A[n].weight.flatten(1), self.lora_B[n].weight.flatten(1)) for n in names]
-        dtype = pairs[0][0].dtype if self.peft_numerics else x.dtype
-        stack = mixed.stacked(self, names, pairs, [self.scaling[n] for n in names], dtype)  # A: (r, in·∏k), B: (out, r)
-        return mixed.conv_gather(self.base_layer, x, result, stack, mixed.row_slots(stack, rows, x.device))
+        if self._route_flag(route, "loop", lambda: self.training and any(
+                not isinstance(self.lora_dropout[n], nn.Identity) for n in route.names if n in self.r)):
+            return super().mixed_forward(x, result, route)
+        dtype = self.lora_A[next(n for n in route.names if n in self.r)].weight.dtype if self.peft_numerics \
+            else x.dtype
+        return mixed.conv_gather(self.base_layer, x, result, self._row_blocks(route, dtype, x.device))

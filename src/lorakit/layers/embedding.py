@@ -15,6 +15,7 @@ from torch import nn
 from lorakit.config import LoraConfig
 from lorakit.layers import mixed
 from lorakit.layers.base import LoraLayer
+from lorakit.layers.routing import Route
 
 
 class Embedding(LoraLayer):
@@ -57,11 +58,14 @@ class Embedding(LoraLayer):
         dtype = A.dtype if self.peft_numerics else result.dtype  # an r-wide cast, never an activation's
         return result + (after_a.to(dtype) @ B.T.to(dtype)) * self.scaling[name]  # (..., dim)
 
-    def mixed_forward(self, x: torch.Tensor, result: torch.Tensor, rows: list[str], names: list[str]) -> torch.Tensor:
+    def stack_pairs(self, route: Route) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        return [(self.lora_embedding_A[n], self.lora_embedding_B[n]) if n in self.r else None for n in route.names]
+
+    def mixed_forward(self, x: torch.Tensor, result: torch.Tensor, route: Route) -> torch.Tensor:
         """One lookup in the stacked A^T tables; ``max_norm`` (which renormalises in place) takes the loop."""
         if self.base_layer.max_norm is not None:
-            return super().mixed_forward(x, result, rows, names)
-        pairs = [(self.lora_embedding_A[n], self.lora_embedding_B[n]) for n in names]  # (r, num), (dim, r)
-        dtype = pairs[0][0].dtype if self.peft_numerics else result.dtype
-        stack = mixed.stacked(self, names, pairs, [self.scaling[n] for n in names], dtype, lookup=True)
-        return mixed.embedding_gather(x, result, stack, mixed.row_slots(stack, rows, x.device))
+            return super().mixed_forward(x, result, route)
+        dtype = self.lora_embedding_A[next(n for n in route.names if n in self.r)].dtype if self.peft_numerics \
+            else result.dtype
+        stack, idx = self._stack(route, dtype), route.slots(x.device)
+        return mixed.embedding_gather(x, result, stack, idx, self._row_blocks(route, dtype, x.device)[1])

@@ -26,6 +26,7 @@ from lorakit.config import LoraConfig
 from lorakit.layers import mixed
 from lorakit.layers.base import LoraLayer, init_lora_pair
 from lorakit.layers.factors import Down, Up
+from lorakit.layers.routing import Route
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -151,19 +152,23 @@ class Linear(LoraLayer):
             plain = F.linear(x, weight)
         return result + (scale - 1) * plain + scale * B(A(x)) * s
 
-    def mixed_forward(self, x: torch.Tensor, result: torch.Tensor, rows: list[str], names: list[str]) -> torch.Tensor:
-        """Batched (BGMV gather or SGMV segments) unless DoRA or live dropout needs the reference loop."""
-        if any(n in self.lora_magnitude_vector for n in names) or (
-                self.training and any(not isinstance(self.lora_dropout[n], nn.Identity) for n in names)):
-            return super().mixed_forward(x, result, rows, names)
-        dtype = self.lora_A[names[0]].weight.dtype if self.peft_numerics else x.dtype
-        if mixed.STRATEGY == "segment" and not torch.is_grad_enabled():  # out= has no autograd
-            factors = {n: (self.lora_A[n].weight.to(dtype), self.lora_B[n].weight.to(dtype), self.scaling[n])
-                       for n in names}
-            return mixed.linear_segment(x.to(dtype), result, rows, factors)
-        pairs = [(self.lora_A[n].weight, self.lora_B[n].weight) for n in names]
-        stack = mixed.stacked(self, names, pairs, [self.scaling[n] for n in names], dtype)
-        return mixed.linear_gather(x, result, stack, mixed.row_slots(stack, rows, x.device))
+    def stack_pairs(self, route: Route) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        return [(self.lora_A[n].weight, self.lora_B[n].weight) if n in self.r else None for n in route.names]
+
+    def mixed_forward(self, x: torch.Tensor, result: torch.Tensor, route: Route) -> torch.Tensor:
+        """BGMV gather to decode (one token per row), ``mixed.PREFILL`` for longer rows; DoRA or live
+        dropout take the reference loop."""
+        if self._route_flag(route, "loop", lambda: any(
+                n in self.lora_magnitude_vector or (self.training and not isinstance(self.lora_dropout[n], nn.Identity))
+                for n in route.names if n in self.r)):
+            return super().mixed_forward(x, result, route)
+        dtype = self.lora_A[next(n for n in route.names if n in self.r)].weight.dtype if self.peft_numerics else x.dtype
+        strategy = mixed.STRATEGY
+        if strategy == "auto":
+            strategy = "gather" if x.numel() == x.shape[0] * x.shape[-1] else mixed.PREFILL
+        if strategy == "segment" and not torch.is_grad_enabled():
+            return mixed.linear_segment(x, result, self._stack(route, dtype), route)  # out= has no autograd
+        return mixed.linear_gather(x, result, self._row_blocks(route, dtype, x.device))
 
     # ------------------------------------------------------------------ merging (DoRA)
     def _merged_weight(self, weight: torch.Tensor, name: str) -> torch.Tensor:

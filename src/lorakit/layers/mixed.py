@@ -4,163 +4,223 @@ The idea of punica's BGMV kernel (Chen et al., 2023), in plain PyTorch. For the 
 uses, a layer stacks its factors once, zero-padded to the largest rank and with each adapter's
 scaling folded into B:
 
-    A_stack: (n + 1, r_max, K)      B_stack: (n + 1, M, r_max)      slot 0 = zeros ("__base__")
-    A_stack[j, :r_j] = A_j          B_stack[j, :, :r_j] = s_j · B_j
+    A_stack: (n + 1, K, r_max)      B_stack: (n + 1, r_max, M)      slot 0 = zeros ("__base__")
+    A_stack[j, :, :r_j] = A_jᵀ      B_stack[j, :r_j] = s_j · B_jᵀ
 
 (for Linear K = in, M = out; Embedding K = num_embeddings, M = dim; Conv K = in·∏kernel, M = out).
-Row i with slot j_i then gets ``y_i = base(x_i) + B_stack[j_i] · A_stack[j_i] · x_i`` in one
-``torch.bmm``/``baddbmm`` over rows. Zero padding adds exact zeros, so adapters of different ranks
-mix freely, and a "__base__" row adds exactly 0.
+Row i with slot j_i then gets ``y_i = base(x_i) + x_i · A_stack[j_i] · B_stack[j_i]`` in one
+``torch.bmm`` and one ``baddbmm`` over rows (the transposed layout lets ``index_select`` gather
+contiguous blocks; an embedding reads A_stack as its lookup table). Zero padding adds exact zeros,
+so adapters of different ranks mix freely, and a "__base__" row adds exactly 0.
 
-The stacks are cached on the layer and rebuilt only when something they depend on changes: the
-adapter names, their scalings, or any factor's identity, storage (``data_ptr``) or in-place version
-counter (``tensor._version``, bumped by ``copy_``, optimizer steps and every other in-place write,
-including lorakit's hot swap).
+Stacks are built once per ``mixed_batch`` block and layer (over the block's adapters, in the
+order of its :class:`~lorakit.layers.routing.Route`, so one row-slot index serves every layer) and
+reused by every forward in the block. A stack is rebuilt only when the adapters may have changed:
+a global epoch counter is bumped by lorakit's own operations (add, delete, load, hot swap, a new
+alpha, ``.to()``, ``load_state_dict``), by every optimizer step (a global optimizer hook), and by
+:func:`adapters_updated` — call it after changing factors in place yourself inside a block. Entering
+a block also compares each layer's factors (identity, storage, version) with those its stack was
+built from, once, so changes made between blocks are always seen. Slot and rank counts are padded
+to multiples of 8, so a compiled model sees few distinct shapes as adapters come and go. Each row's
+gathered blocks (``A_stack[j_i]``, ``B_stack[j_i]``) are kept with the stack too: every decoding step
+of a block reuses them instead of gathering again.
 
 Each layer type calls the kernel that fits it (``Linear.mixed_forward`` and so on); this module
-knows nothing about the layer classes. Two strategies exist for Linear layers, chosen by measurement:
+knows nothing about the layer classes. Two strategies exist for Linear layers:
 
 * ``"gather"`` (BGMV): gather each row's A and B from the stacks, one ``bmm`` + one ``bmm``;
-* ``"segment"`` (SGMV): sort rows by adapter, run each adapter's contiguous segment as one 2-D
-  matmul on the un-padded factors, scatter back with one ``index_copy_``.
+* ``"segment"`` (SGMV): rows grouped by adapter, each adapter's contiguous segment one 2-D matmul,
+  scattered back with one ``index_copy_``;
+
+``"auto"`` (the default) takes gather to decode (one token per row) and ``PREFILL`` for longer rows.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from lorakit.layers.routing import BASE_ROW
+from lorakit.layers.routing import Route
 
-# Linear strategy; "gather" measured faster on CPU for 8 rows x 4 adapters (benchmarks/results/).
-STRATEGY = "gather"
-STRATEGIES = ("gather", "segment")
+STRATEGY = "auto"
+STRATEGIES = ("auto", "gather", "segment")
+PREFILL = "gather"  # measured on CPU (benchmarks/bench_multi.py): see the README
 
 Factors = tuple[torch.Tensor, torch.Tensor]  # A (r, K), B (M, r) as 2-D matrices
 
+_EPOCH = [0]
+
+
+def adapters_updated() -> None:
+    """Mark every mixed-batch stack as stale (they are rebuilt on next use). lorakit calls this
+    itself on every change it makes to adapters, and after every optimizer step; call it after
+    changing adapter tensors in place yourself while inside a ``mixed_batch`` block."""
+    _EPOCH[0] += 1
+
+
+register_optimizer_step_post_hook(lambda optimizer, args, kwargs: adapters_updated())
+
 
 class Stack(NamedTuple):
-    """A layer's stacked factors for one set of adapters."""
+    """A layer's stacked factors for one route."""
 
-    slots: dict[str, int]  # adapter name -> slot (BASE_ROW -> 0)
-    A: torch.Tensor  # (n + 1, r_max, K), slot 0 zeros; lookup layout: (n + 1, K, r_max)
-    B: torch.Tensor  # (n + 1, M, r_max), scaling folded in, slot 0 zeros
-
-
-def _factor_key(t: torch.Tensor) -> tuple:
-    try:
-        version = t._version
-    except RuntimeError:  # an inference tensor has no version counter: never cache on it
-        version = object()
-    return id(t), t.data_ptr(), version
+    A: torch.Tensor  # (slots, K, r_max): A_jᵀ, slot 0 zeros
+    B: torch.Tensor  # (slots, r_max, M): s_j·B_jᵀ, slot 0 zeros
 
 
-def stacked(owner: nn.Module, names: Sequence[str], pairs: Sequence[Factors], scalings: Sequence[float],
-            dtype: torch.dtype, lookup: bool = False) -> Stack:
-    """The factors ``pairs`` of adapters ``names`` stacked as in the module docstring, in ``dtype``
-    (the activations': fp32 masters are cast once per build, activations never); cached on
-    ``owner`` until they change. ``lookup`` stores A transposed, as an embedding table.
+def bucket(n: int) -> int:
+    """n rounded up to a multiple of 8: few distinct shapes for a compiled model, little padding."""
+    return -(-n // 8) * 8
 
-    With autograd recording and a factor requiring grad the stack is built in the graph (and not
-    cached), so a mixed batch can also be differentiated.
+
+def fingerprint(pairs: Sequence[Factors | None]) -> tuple:
+    """What a stack was built from: each factor's identity, storage and in-place version."""
+    key = []
+    for pair in pairs:
+        for t in pair or ():
+            try:
+                version = t._version
+            except RuntimeError:  # an inference tensor has no version counter: never equal
+                version = object()
+            key.append((id(t), t.data_ptr(), version))
+    return tuple(key)
+
+
+def check(owner: nn.Module, pairs: Sequence[Factors | None]) -> None:
+    """At the start of a block: drop ``owner``'s stack if its factors changed since it was built."""
+    fp = fingerprint(pairs)
+    if owner.__dict__.get("_mixed_fingerprint") != fp:
+        owner.__dict__.pop("_mixed_stack", None)
+        owner.__dict__["_mixed_fingerprint"] = fp
+
+
+def stacked(owner: nn.Module, route: Route, pairs: Callable[[], list[Factors | None]],
+            scalings: Callable[[], list[float]], dtype: torch.dtype) -> Stack:
+    """``owner``'s factors for ``route.names`` (``pairs()[j]`` for slot ``j + 1``, flattened to
+    A (r, K), B (M, r); None where the layer lacks that adapter) stacked as in the module
+    docstring, in ``dtype`` (the activations': fp32 masters are cast once per build, activations
+    never). Cached on ``owner`` (see the module docstring); built in the autograd graph,
+    uncached, when grad is on and a factor requires it, so a mixed batch can be differentiated.
     """
-    grad = torch.is_grad_enabled() and any(t.requires_grad for p in pairs for t in p)
-    key = (tuple(names), tuple(scalings), dtype, tuple(_factor_key(t) for p in pairs for t in p))
+    key = (route.names, dtype, _EPOCH[0])
     cached = owner.__dict__.get("_mixed_stack")
+    if not torch.is_grad_enabled() and cached is not None and cached[0] == key:
+        return cached[1]
+    factors = [None if p is None else (p[0].flatten(1), p[1].flatten(1)) for p in pairs()]  # conv: (r, in·∏k)
+    scale = scalings()
+    grad = torch.is_grad_enabled() and any(t.requires_grad for p in factors if p for t in p)
     if not grad and cached is not None and cached[0] == key:
         return cached[1]
-    A0, B0 = pairs[0]
-    r_max = max(a.shape[0] for a, _ in pairs)
+    present = [p for p in factors if p is not None]
+    A0, B0 = present[0]
+    slots, r_max = bucket(len(factors) + 1), bucket(max(a.shape[0] for a, _ in present))
     with torch.set_grad_enabled(grad):
         if grad:  # out-of-place, so autograd sees every factor
-            A = torch.stack([F.pad(a.to(dtype), (0, 0, 0, r_max - a.shape[0])) for a, _ in pairs])
-            B = torch.stack([F.pad((b * s).to(dtype), (0, r_max - b.shape[1])) for (_, b), s in zip(pairs, scalings)])
-            A, B = F.pad(A, (0, 0, 0, 0, 1, 0)), F.pad(B, (0, 0, 0, 0, 1, 0))  # slot 0 = zeros
+            zA, zB = A0.new_zeros((A0.shape[1], r_max), dtype=dtype), B0.new_zeros((r_max, B0.shape[0]), dtype=dtype)
+            As, Bs = [zA], [zB]
+            for p, s in zip(factors, scale):
+                As.append(zA if p is None else F.pad(p[0].T.to(dtype), (0, r_max - p[0].shape[0])))
+                Bs.append(zB if p is None else F.pad((p[1] * s).T.to(dtype), (0, 0, 0, r_max - p[1].shape[1])))
+            As += [zA] * (slots - len(As))
+            Bs += [zB] * (slots - len(Bs))
+            A, B = torch.stack(As), torch.stack(Bs)
         else:
-            A = A0.new_zeros((len(names) + 1, r_max, A0.shape[1]), dtype=dtype)  # (n+1, r_max, K)
-            B = B0.new_zeros((len(names) + 1, B0.shape[0], r_max), dtype=dtype)  # (n+1, M, r_max)
-            for j, ((a, b), s) in enumerate(zip(pairs, scalings), start=1):
-                A[j, : a.shape[0]].copy_(a)
-                B[j, :, : b.shape[1]].copy_(b * s)  # scaled in the masters' precision, then cast
-    if lookup:  # lookup table layout: row j·num + t is A_j^T[t]
-        A = A.transpose(1, 2).contiguous()  # (n+1, num, r_max)
-    stack = Stack({BASE_ROW: 0, **{n: j for j, n in enumerate(names, start=1)}}, A, B)
+            A = A0.new_zeros((slots, A0.shape[1], r_max), dtype=dtype)  # (slots, K, r_max)
+            B = B0.new_zeros((slots, r_max, B0.shape[0]), dtype=dtype)  # (slots, r_max, M)
+            for j, (p, s) in enumerate(zip(factors, scale), start=1):
+                if p is not None:
+                    A[j, :, : p[0].shape[0]].copy_(p[0].T)
+                    B[j, : p[1].shape[1]].copy_((p[1] * s).T)  # scaled in the masters' precision, then cast
+    stack = Stack(A, B)
     if not grad:
-        owner.__dict__["_mixed_stack"] = (key, stack)
+        owner.__dict__["_mixed_stack"] = (key, stack, {})
     return stack
 
 
-def row_slots(stack: Stack, rows: Sequence[str], device: torch.device) -> torch.Tensor:
-    """Slot index of every row: (N,) int64 on ``device``."""
-    return torch.tensor([stack.slots.get(n, 0) for n in rows], device=device)
+def row_blocks(owner: nn.Module, stack: Stack, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's blocks ``(A_stack[idx], B_stack[idx])``: (N, K, r_max), (N, r_max, M); kept with
+    ``owner``'s cached stack for the route's index tensor ``idx`` (reused by every decoding step)."""
+    cached = owner.__dict__.get("_mixed_stack")
+    if cached is None or cached[1] is not stack:  # a stack built in the autograd graph: not cached
+        return stack.A.index_select(0, idx), stack.B.index_select(0, idx)
+    rows = cached[2]
+    if id(idx) not in rows:
+        rows.clear()  # one route's index at a time
+        rows[id(idx)] = (idx, stack.A.index_select(0, idx), stack.B.index_select(0, idx))
+    return rows[id(idx)][1:]
 
 
 def add_into(result: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """``result + delta`` in result's dtype; in place when autograd does not need result."""
     delta = delta.to(result.dtype)
-    if torch.is_grad_enabled() and (result.requires_grad or delta.requires_grad):
+    if _needs_graph(result, delta):
         return result + delta
     return result.add_(delta)
 
 
-def linear_gather(x: torch.Tensor, result: torch.Tensor, stack: Stack, idx: torch.Tensor) -> torch.Tensor:
-    """BGMV: each row's ``s·B·A`` gathered from the stacks, applied in two batched matmuls."""
+def _needs_graph(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _accumulate(result: torch.Tensor, ax: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """``result + ax·B`` over rows: ax (N, L, r), B (N, r, M), result (N, ..., M) — one ``baddbmm``
+    (in place when autograd allows) where the dtypes agree, else a ``bmm`` added in result's dtype."""
+    n = result.shape[0]
+    r3 = result.reshape(n, -1, result.shape[-1])  # (N, L, M), a view of a contiguous result
+    if result.dtype != ax.dtype or (result.dtype in (torch.float16, torch.bfloat16) and _needs_graph(ax, B)):
+        return add_into(result, torch.bmm(ax, B).view(result.shape))  # half precision with grads: as factors.Up
+    if _needs_graph(result, ax, B):
+        return torch.baddbmm(r3, ax, B).view(result.shape)
+    return r3.baddbmm_(ax, B).view(result.shape)  # r3 is result itself (a view) or a copy of it
+
+
+def linear_gather(x: torch.Tensor, result: torch.Tensor, blocks: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """BGMV: each row's ``x·A_i·B_i`` with its blocks from :func:`row_blocks`."""
+    A, B = blocks  # (N, in, r_max), (N, r_max, out)
     n = x.shape[0]
-    x3 = x.reshape(n, -1, x.shape[-1]).to(stack.A.dtype)  # (N, L, in); a no-op unless PEFT's numerics
-    ax = torch.bmm(x3, stack.A[idx].transpose(1, 2))  # (N, L, r_max)
-    delta = torch.bmm(ax, stack.B[idx].transpose(1, 2))  # (N, L, out)
-    return add_into(result, delta.view(result.shape))
+    x3 = x.reshape(n, -1, x.shape[-1]).to(A.dtype)  # (N, L, in); a no-op unless PEFT's numerics
+    return _accumulate(result, torch.bmm(x3, A), B)  # (N, ..., out)
 
 
-def linear_segment(x: torch.Tensor, result: torch.Tensor, rows: Sequence[str],
-                   factors: dict[str, tuple[torch.Tensor, torch.Tensor, float]]) -> torch.Tensor:
-    """SGMV: rows sorted by adapter; each adapter's segment is one 2-D matmul on its own factors.
-
-    Args:
-        factors: adapter name -> (A (r, in), B (out, r), scaling) for every adapter in ``rows``,
-            A and B in the dtype of ``x``.
-    """
-    order = sorted(range(len(rows)), key=lambda i: rows[i])
-    perm = torch.tensor(order, device=x.device)
+def linear_segment(x: torch.Tensor, result: torch.Tensor, stack: Stack, route: Route) -> torch.Tensor:
+    """SGMV: rows grouped by adapter; each adapter's segment is one 2-D matmul (no grad: uses ``out=``)."""
+    perm, segments = route.groups(x.device)
     n = x.shape[0]
-    xs = x.index_select(0, perm).reshape(n, -1, x.shape[-1])  # (N, L, in), rows sorted by adapter
-    ys = xs.new_zeros((*xs.shape[:2], result.shape[-1]))  # (N, L, out), the activations' dtype
-    start = 0
-    for name in sorted(dict.fromkeys(rows)):
-        count = rows.count(name)
-        if name in factors:
-            A, B, s = factors[name]  # (r, in), (out, r), in the activations' dtype
-            seg = xs[start : start + count]  # (c, L, in)
-            torch.matmul(seg @ A.T, B.T, out=ys[start : start + count]).mul_(s)
-        start += count
+    xs = x.index_select(0, perm).reshape(n, -1, x.shape[-1]).to(stack.A.dtype)  # (N, L, in), grouped by adapter
+    ys = xs.new_zeros((*xs.shape[:2], stack.B.shape[2]))  # (N, L, out)
+    for j, start, stop in segments:
+        torch.matmul(xs[start:stop] @ stack.A[j], stack.B[j], out=ys[start:stop])  # (c, L, out)
     delta = torch.empty_like(ys).index_copy_(0, perm, ys)  # (N, L, out), original row order
     return add_into(result, delta.view(result.shape))
 
 
-def embedding_gather(x: torch.Tensor, result: torch.Tensor, stack: Stack, idx: torch.Tensor) -> torch.Tensor:
-    """Row i's ``s·(A_i^T)[x_i]·B_i^T``: one lookup in the flattened stack of all A^T, one ``bmm``."""
+def embedding_gather(x: torch.Tensor, result: torch.Tensor, stack: Stack, idx: torch.Tensor,
+                     B: torch.Tensor) -> torch.Tensor:
+    """Row i's ``s·(A_i^T)[x_i]·B_i^T``: one lookup in the flattened A stack (row j·num + t is
+    A_jᵀ[t]), one ``baddbmm`` with the rows' B blocks ``B`` (N, r_max, dim)."""
     n, num = x.shape[0], stack.A.shape[1]
-    table = stack.A.view(-1, stack.A.shape[2])  # ((n+1)·num, r_max)
+    table = stack.A.view(-1, stack.A.shape[2])  # (slots·num, r_max)
     ids = (x.reshape(n, -1) + idx[:, None] * num)  # (N, L) rows of the flat table
     after_a = F.embedding(ids, table)  # (N, L, r_max)
-    delta = torch.bmm(after_a, stack.B[idx].transpose(1, 2))  # (N, L, dim)
-    return add_into(result, delta.view(result.shape))
+    return _accumulate(result, after_a, B)  # (N, ..., dim)
 
 
-def conv_gather(base: nn.Module, x: torch.Tensor, result: torch.Tensor, stack: Stack,
-                idx: torch.Tensor) -> torch.Tensor:
+def conv_gather(base: nn.Module, x: torch.Tensor, result: torch.Tensor,
+                blocks: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """Per-row A as one grouped convolution (groups = N), per-row 1×1 B as one ``bmm``.
 
     ``base`` is the wrapped Conv1d/2d/3d, whose stride, padding, dilation and padding mode A shares.
     """
+    A, B = blocks  # (N, in·∏k, r_max), (N, r_max, out)
     n, c = x.shape[:2]
-    r_max = stack.A.shape[1]
+    r_max = A.shape[2]
     kernel = base.weight.shape[2:]
-    weight = stack.A[idx].reshape(n * r_max, c, *kernel)  # (N·r_max, in, *k)
+    weight = A.transpose(1, 2).reshape(n * r_max, c, *kernel)  # (N·r_max, in, *k)
     conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[len(kernel)]
     xg = x.to(weight.dtype).reshape(1, n * c, *x.shape[2:])  # (1, N·in, *spatial)
     padding = base.padding
@@ -168,5 +228,5 @@ def conv_gather(base: nn.Module, x: torch.Tensor, result: torch.Tensor, stack: S
         xg = F.pad(xg, base._reversed_padding_repeated_twice, mode=base.padding_mode)
         padding = 0
     after_a = conv(xg, weight, None, base.stride, padding, base.dilation, groups=n)  # (1, N·r_max, *out)
-    delta = torch.bmm(stack.B[idx], after_a.reshape(n, r_max, -1))  # (N, out, ∏out spatial)
+    delta = torch.bmm(B.transpose(1, 2), after_a.reshape(n, r_max, -1))  # (N, out, ∏out spatial)
     return add_into(result, delta.view(result.shape))

@@ -11,7 +11,7 @@ import copy
 import torch
 from torch import nn
 
-from lorakit.layers.routing import BASE_ROW, route_for
+from lorakit.layers.routing import BASE_ROW, blocks_open, route_for
 
 
 class ModulesToSave(nn.Module):
@@ -64,7 +64,7 @@ class ModulesToSave(nn.Module):
         return self.modules_to_save[self.active_adapters[0]]
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
-        route = None if self.disabled else route_for(self)
+        route = None if self.disabled or not blocks_open() else route_for(self)
         if route is None:
             return self._current()(x, *args, **kwargs)
         rows, dim = list(route.rows), route.batch_dim
