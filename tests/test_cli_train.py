@@ -140,10 +140,20 @@ def test_config_file_then_flags_override(tmp_path, suffix):
     assert s == {"lr": 1e-4, "batch_size": 4, "target_modules": ["q_proj", "v_proj"], "use_dora": False}
 
 
-def test_config_file_unknown_key(tmp_path):
-    path = tmp_path / "bad.toml"
-    path.write_text("learning_rate = 0.1\n")
-    with pytest.raises(ValueError, match=r"unknown setting\(s\) \['learning_rate'\]"):
+def test_config_file_takes_hf_trl_names_and_suggests_for_typos(tmp_path):
+    path = tmp_path / "hf.toml"
+    path.write_text("learning_rate = 0.1\nnum_train_epochs = 2\nper_device_train_batch_size = 4\n"
+                    "gradient_accumulation_steps = 2\nlora_r = 4\n")
+    s = settings_from_args(parse(["train", "--config", str(path)]))
+    assert s == {"lr": 0.1, "epochs": 2, "batch_size": 4, "grad_accum": 2, "r": 4}
+    # the flags take the same names
+    s = settings_from_args(parse(["train", "--learning-rate", "0.2", "--num-train-epochs", "3"]))
+    assert s == {"lr": 0.2, "epochs": 3.0}
+    path.write_text("learnig_rate = 0.1\n")
+    with pytest.raises(ValueError, match=r"unknown setting 'learnig_rate'; did you mean 'lr'\?"):
+        settings_from_args(parse(["train", "--config", str(path)]))
+    path.write_text("lr = 0.1\nlearning_rate = 0.2\n")
+    with pytest.raises(ValueError, match=r"'lr' is given twice"):
         settings_from_args(parse(["train", "--config", str(path)]))
 
 
