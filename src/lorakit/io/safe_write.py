@@ -63,6 +63,7 @@ def write_files_atomically(directory: PathLike, writers: Mapping[str, Writer]) -
         for name, write in writers.items():
             fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
             os.close(fd)
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the file gets the mode open() would give
             temps[name] = tmp
             write(tmp)
             _fsync(tmp)
@@ -75,6 +76,12 @@ def write_files_atomically(directory: PathLike, writers: Mapping[str, Writer]) -
         raise
     _fsync_dir(directory)
     return list(targets.values())
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_text_file(path: str, text: str) -> None:

@@ -57,6 +57,9 @@ def save_checkpoint(run_dir: str, step: int, model: nn.Module, optimizer: torch.
     final = os.path.join(root, f"step-{step:06d}")
     tmp = tempfile.mkdtemp(prefix=f".step-{step:06d}-", dir=root)
     try:
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes 0700; the directory gets the mode makedirs would give
         tensors = {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
         save_file(tensors, os.path.join(tmp, "trainable.safetensors"))
         torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
