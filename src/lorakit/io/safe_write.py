@@ -63,9 +63,9 @@ def write_files_atomically(directory: PathLike, writers: Mapping[str, Writer]) -
         for name, write in writers.items():
             fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
             os.close(fd)
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the file gets the mode open() would give
             temps[name] = tmp
             write(tmp)
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp (and safetensors) make 0600; give the mode open() gives
             _fsync(tmp)
         for name, tmp in temps.items():
             os.replace(tmp, targets[name])

@@ -31,7 +31,7 @@ from lorakit.data.formats import infer_task
 from lorakit.extras import available, install_hint, require
 from lorakit.inject import find_targets, inject
 from lorakit.models import ORIGIN, default_targets, head_modules, load_model, load_tokenizer
-from lorakit.train.checkpoint import list_checkpoints
+from lorakit.train.checkpoint import default_modes, list_checkpoints
 from lorakit.train.config import TrainConfig
 from lorakit.train.logging import EvalPrinter, StepPrinter, close_all, make_reporters, parse_report_to
 from lorakit.train.loop import fit, plan_steps
@@ -255,6 +255,7 @@ def run_job(settings: dict[str, Any], resume: str | None = None, callbacks=()) -
         from safetensors.torch import save_file
 
         save_file(method.stored_state(model), os.path.join(out, "trainable.safetensors"))
+        default_modes(os.path.join(out, "trainable.safetensors"))
     metrics = {"method": s["method"], "model": s["model"], "data": s["data"], "task": s["task"],
                "threads": torch.get_num_threads(), **metrics}
     with open(os.path.join(out, "metrics.json"), "w", encoding="utf-8") as f:
