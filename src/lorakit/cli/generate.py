@@ -32,6 +32,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=None, help="sampling: keep the k most likely tokens (default: off)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     p.add_argument("--device", default="cpu", help="cpu, cuda ... (default: cpu)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", action="store_true", help="print JSON lines {prompt, completion}")
     return p
 
@@ -50,6 +51,10 @@ def run(args: argparse.Namespace) -> int:
         prompts = [line.rstrip("\r\n") for line in sys.stdin if line.strip()]
     if not prompts:
         raise ValueError("no prompt: give --prompt TEXT, PROMPT arguments or lines on stdin")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     model, tok, settings = load_trained(args.adapter, "causal-lm", args.device)
     chat = args.chat if args.chat is not None else settings.get("layout") == "chat"
     if args.system is not None and not chat:

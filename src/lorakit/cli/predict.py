@@ -28,6 +28,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=None,
                    help="truncate texts to this many tokens (default: the run's, as in training)")
     p.add_argument("--device", default="cpu", help="cpu, cuda ... (default: cpu)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", action="store_true", help="print JSON lines {text, label, probability}")
     return p
 
@@ -45,6 +46,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     model, tok, settings = load_trained(args.adapter, "seq-cls", args.device)
     max_length = args.max_length or settings.get("max_length") or (16 if settings.get("data") == "vader" else 512)
     stream = open(args.input, encoding="utf-8") if args.input else None  # closed below
