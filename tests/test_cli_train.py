@@ -117,6 +117,9 @@ def test_default_job_reduced_and_predict(tmp_path, capsys):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["eval_accuracy"] >= 0.85, metrics
     assert metrics["trainable_params"] == 74_498  # q/v LoRA r=8 on 6 layers + 384x2 head, as PEFT counts
+    # the adapter names where its base comes from, not a path inside the installed package
+    cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == "sentence-transformers/all-MiniLM-L6-v2"
     capsys.readouterr()
     assert main(["predict", "--adapter", str(out), "--json", "wonderful", "horrible"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]

@@ -72,3 +72,28 @@ def test_export_tiny_llama_is_the_seeded_builtin(tmp_path):
         assert torch.equal(p, q), n
     assert AutoTokenizer.from_pretrained(tmp_path / "tl").get_vocab() == tok.get_vocab()
     assert os.path.isfile(tmp_path / "tl" / "config.json")
+
+
+def test_cli_trains_and_generates_from_a_hub_id_offline(cached, tmp_path, capsys):
+    import json
+
+    from lorakit.cli import main
+
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps({"prompt": w, "completion": w[::-1]}) + "\n" for w in ["ab", "abc", "ba"] * 4))
+    out = tmp_path / "run"
+    n = torch.get_num_threads()
+    try:
+        assert main(["train", "--model", "someorg/tiny", "--data", str(data), "--max-steps", "1", "--eval-split", "0",
+                     "--threads", "1", "--no-progress", "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(n)
+    assert json.loads((out / "run_config.json").read_text())["model"] == "someorg/tiny"
+    adapter_cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert adapter_cfg["base_model_name_or_path"] == "someorg/tiny"
+    capsys.readouterr()
+    assert main(["generate", "--adapter", str(out), "--prompt", "ab", "--max-new-tokens", "2"]) == 0
+    assert main(["train", "--model", "someorg/absent", "--data", str(data), "--out", str(tmp_path / "r2")]) == 1
+    err = capsys.readouterr().err
+    assert "'someorg/absent' is not in the Hugging Face cache" in err and err.count("\n") == 1
+    assert not (tmp_path / "r2").exists()
