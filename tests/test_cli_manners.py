@@ -272,3 +272,10 @@ def test_bench_json_has_no_warning_above_it(monkeypatch, capsys):
         assert main(["bench", "--rounds", "1"]) == 0
     assert not [w for w in caught if issubclass(w.category, FutureWarning)], [str(w.message) for w in caught]
     assert json.loads(capsys.readouterr().out) == {"ratios": {"x": 1.0}}
+
+
+def test_import_lorakit_loads_no_application_dependency():
+    code = ("import sys, lorakit; heavy = ('transformers', 'matplotlib', 'datasets', 'tensorboard', 'wandb', 'mlflow', "
+            "'yaml', 'peft'); print(sorted({m.split('.')[0] for m in sys.modules} & set(heavy)))")
+    out = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"  # (tqdm is imported by torch itself, through torch.hub)
