@@ -117,6 +117,9 @@ def test_default_job_reduced_and_predict(tmp_path, capsys):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["eval_accuracy"] >= 0.85, metrics
     assert metrics["trainable_params"] == 74_498  # q/v LoRA r=8 on 6 layers + 384x2 head, as PEFT counts
+    # the adapter names where its base comes from, not a path inside the installed package
+    cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == "sentence-transformers/all-MiniLM-L6-v2"
     capsys.readouterr()
     assert main(["predict", "--adapter", str(out), "--json", "wonderful", "horrible"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
@@ -140,10 +143,20 @@ def test_config_file_then_flags_override(tmp_path, suffix):
     assert s == {"lr": 1e-4, "batch_size": 4, "target_modules": ["q_proj", "v_proj"], "use_dora": False}
 
 
-def test_config_file_unknown_key(tmp_path):
-    path = tmp_path / "bad.toml"
-    path.write_text("learning_rate = 0.1\n")
-    with pytest.raises(ValueError, match=r"unknown setting\(s\) \['learning_rate'\]"):
+def test_config_file_takes_hf_trl_names_and_suggests_for_typos(tmp_path):
+    path = tmp_path / "hf.toml"
+    path.write_text("learning_rate = 0.1\nnum_train_epochs = 2\nper_device_train_batch_size = 4\n"
+                    "gradient_accumulation_steps = 2\nlora_r = 4\n")
+    s = settings_from_args(parse(["train", "--config", str(path)]))
+    assert s == {"lr": 0.1, "epochs": 2, "batch_size": 4, "grad_accum": 2, "r": 4}
+    # the flags take the same names
+    s = settings_from_args(parse(["train", "--learning-rate", "0.2", "--num-train-epochs", "3"]))
+    assert s == {"lr": 0.2, "epochs": 3.0}
+    path.write_text("learnig_rate = 0.1\n")
+    with pytest.raises(ValueError, match=r"unknown setting 'learnig_rate'; did you mean 'lr'\?"):
+        settings_from_args(parse(["train", "--config", str(path)]))
+    path.write_text("lr = 0.1\nlearning_rate = 0.2\n")
+    with pytest.raises(ValueError, match=r"'lr' is given twice"):
         settings_from_args(parse(["train", "--config", str(path)]))
 
 

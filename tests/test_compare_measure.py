@@ -53,13 +53,18 @@ def test_size_on_disk_is_the_tensor_bytes_plus_a_small_header():
     assert 100 * 10 * 4 + 7 * 2 < n < 100 * 10 * 4 + 7 * 2 + 1024
 
 
-def test_paired_latency_is_positive_and_restores_modes():
+def test_paired_latency_is_positive_restores_modes_and_reports_its_spread():
     base, other = tiny_bert(), tiny_bert()
     other.train()
     b = {k: v for k, v in _batch().items() if k != "labels"}
-    base_ms, other_ms = paired_latency(base, other, b, reps=3, warmup=1)
-    assert base_ms > 0 and other_ms > 0
+    lat = paired_latency(base, other, b, reps=4, warmup=1, max_reps=12)
+    assert lat["base_ms"] > 0 and lat["other_ms"] > 0 and lat["ratio"] > 0
+    assert 4 <= lat["pairs"] <= 12 and lat["spread"] >= 0
+    assert lat["pairs"] == 12 or lat["spread"] <= 0.02  # it stops early only once the spread is small
     assert not base.training and other.training
+    # an impossible target: it times the cap and says how noisy that was
+    lat = paired_latency(base, other, b, reps=3, warmup=0, max_reps=5, target_spread=-1.0)
+    assert lat["pairs"] == 5
 
 
 def _row(label, method, seed, acc, params=100):
@@ -68,7 +73,8 @@ def _row(label, method, seed, acc, params=100):
             "served_architecture": "M", "inference": "as is", "steps": 1, "seed": seed, "accuracy": acc,
             "served_accuracy": acc, "train_seconds": 1.0, "memory_total_mb": 1.0, "memory_weights_mb": 1.0,
             "memory_grads_mb": 0.0, "memory_optimizer_mb": 0.0, "memory_activations_mb": 0.0,
-            "latency_base_ms": 1.0, "latency_ms": 1.0, "latency_overhead_pct": 0.0, "train_loss": 0.5}
+            "latency_base_ms": 1.0, "latency_ms": 1.0, "latency_overhead_pct": 0.0, "latency_spread_pct": 1.0,
+            "train_loss": 0.5}
 
 
 def test_aggregate_gives_mean_and_sample_std_per_label_in_order():
@@ -90,6 +96,21 @@ def test_verdict_checks_the_three_targets_from_the_rows():
     bad = aggregate([_row("L", "lora", 0, 85.0, 50), _row("F", "full", 0, 90.0, 1000), _row("H", "head", 0, 80.0)],
                     ["L", "F", "H"])
     assert all("not met" in line for line in verdict(bad)[:3])
+
+
+def test_verdict_claims_nothing_a_budget_that_did_not_learn_did_not_show():
+    """Issue 11 #24: every method at the majority class (52.0%) printed "→ met"."""
+    flat = aggregate([_row("L", "lora", 0, 52.0, 5), _row("F", "full", 0, 52.0, 1000), _row("H", "head", 0, 52.0, 2)],
+                     ["L", "F", "H"])
+    lines = verdict(flat, majority=52.0)
+    assert "not shown" in lines[0] and "met" not in lines[0].replace("not shown", "")
+    assert "met" in lines[1] and "not shown" not in lines[1]  # a parameter count needs no learning
+    assert "not shown" in lines[2] and "majority class (52.0%)" in lines[2]
+    assert lines[-1].startswith("- Majority class of the test set: 52.0%")
+    learned = aggregate([_row("L", "lora", 0, 89.5, 5), _row("F", "full", 0, 90.0, 1000),
+                         _row("H", "head", 0, 52.0, 2)], ["L", "F", "H"])
+    lines = verdict(learned, majority=52.0)
+    assert lines[0].endswith("→ met.") and lines[2].endswith("→ met.")
 
 
 def test_markdown_has_a_row_per_method_and_the_command():

@@ -1,5 +1,3 @@
-import sys
+from lorakit.cli import entry_point
 
-from lorakit.cli import main
-
-sys.exit(main())
+entry_point()

@@ -1,4 +1,4 @@
-"""Models for ``lorakit train``: built-in names, local Hugging Face directories, tiny test models.
+"""Models for ``lorakit train``: built-in names, local directories, Hugging Face Hub ids, tiny test models.
 
 Built-in names:
 
@@ -7,18 +7,27 @@ Built-in names:
 * ``tiny-llama``: a randomly initialised LLaMA-shaped causal LM with a character-level tokenizer,
   built from a config on the spot (for smoke tests and benchmarks; it knows nothing).
 
-Nothing is fetched from a model hub: ``HF_HUB_OFFLINE=1`` is set before transformers loads.
+Anything else is a local model directory (with ``config.json``) or a Hub id (``gpt2``,
+``meta-llama/Llama-3.2-1B``), loaded with transformers' ``from_pretrained`` through the Hugging
+Face cache (``HF_HUB_CACHE``, else ``$HF_HOME/hub``, else ``~/.cache/huggingface/hub``): the cache
+first, a download only when it is not there and ``HF_HUB_OFFLINE`` is not set; where neither
+works the error says how to pre-fetch the model.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import string
 
 import torch
 from torch import nn
 
 BUILTIN = ("minilm", "tiny-llama")
+# where a built-in model comes from, recorded as an adapter's base_model_name_or_path (portable, unlike a venv path)
+ORIGIN = {"minilm": "sentence-transformers/all-MiniLM-L6-v2", "tiny-llama": "tiny-llama"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 # default LoRA targets per model family (as PEFT's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING)
 DEFAULT_TARGETS = {
     "bert": ["query", "value"], "roberta": ["query", "value"], "distilbert": ["q_lin", "v_lin"],
@@ -79,72 +88,183 @@ def tiny_llama(hidden_size: int = 64, num_layers: int = 2, vocab_size: int | Non
     return model, tok
 
 
+def hub_cache_dir() -> str:
+    """The Hugging Face hub cache, read from the environment now (``HF_HUB_CACHE``, ``HF_HOME``)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or
+                                                     os.path.expanduser("~/.cache"), "huggingface")
+    return os.path.join(home, "hub")
+
+
+def hub_offline() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` forbids downloads (read from the environment now)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
 def resolve(name_or_path: str) -> str:
-    """A built-in name's directory, or the given local directory.
+    """A built-in name's directory, the given local directory, or the Hub id itself.
 
     Raises:
-        FileNotFoundError: neither a built-in name nor an existing directory with a config.json.
+        FileNotFoundError: neither a built-in name, an existing directory with a config.json, nor
+            something shaped like a Hub id (``name`` or ``org/name``).
     """
     if name_or_path == "minilm":
         return minilm_path()
-    if not os.path.isdir(name_or_path) or not os.path.isfile(os.path.join(name_or_path, "config.json")):
-        raise FileNotFoundError(f"model {name_or_path!r} is neither a built-in name {list(BUILTIN)} nor a local "
-                                "Hugging Face model directory (with config.json); lorakit downloads nothing")
+    if os.path.isdir(name_or_path):
+        if not os.path.isfile(os.path.join(name_or_path, "config.json")):
+            raise FileNotFoundError(f"model directory {name_or_path!r} has no config.json; give a directory written "
+                                    f"by save_pretrained, a built-in name {list(BUILTIN)} or a Hub id")
+        return name_or_path
+    if not is_hub_id(name_or_path):
+        raise FileNotFoundError(f"model {name_or_path!r} is neither a built-in name {list(BUILTIN)}, a local Hugging "
+                                "Face model directory (with config.json), nor a Hub id like 'gpt2' or 'org/name'")
     return name_or_path
 
 
+def is_hub_id(name: str) -> bool:
+    """``name`` or ``org/name`` that is not an existing path."""
+    return bool(_HUB_ID.fullmatch(name)) and ".." not in name and not os.path.exists(name)
+
+
+def from_pretrained(loader, name_or_path: str, **kwargs):
+    """``loader.from_pretrained`` for a local directory or a Hub id: the cache first, then a download
+    unless ``HF_HUB_OFFLINE`` is set.
+
+    Raises:
+        FileNotFoundError: a Hub id that is not cached and cannot be downloaded, with how to pre-fetch it.
+    """
+    if not is_hub_id(name_or_path):
+        return loader.from_pretrained(name_or_path, local_files_only=True, **kwargs)
+    cache = hub_cache_dir()
+    try:
+        return loader.from_pretrained(name_or_path, cache_dir=cache, local_files_only=True, **kwargs)
+    except OSError as cached_error:
+        how = (f"pre-fetch it where there is network with `hf download {name_or_path}` (with the same HF_HOME / "
+               "HF_HUB_CACHE), or give a local model directory")
+        if hub_offline():
+            raise FileNotFoundError(f"model {name_or_path!r} is not in the Hugging Face cache ({cache}) and "
+                                    f"HF_HUB_OFFLINE is set, so it cannot be downloaded: {how}") from cached_error
+    try:
+        return loader.from_pretrained(name_or_path, cache_dir=cache, **kwargs)
+    except OSError as e:
+        raise FileNotFoundError(f"model {name_or_path!r} is not in the Hugging Face cache ({cache}) and could not be "
+                                f"downloaded ({str(e).splitlines()[0]}): {how}") from None
+
+
+def quiet_transformers() -> None:
+    """No advisory warnings or progress bars from transformers (a new head's "newly initialized"
+    weights are expected; loading bars would clutter the CLI's output)."""
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    except ImportError:  # pragma: no cover - very old huggingface_hub
+        pass
+
+
 def load_tokenizer(name_or_path: str):
-    """The tokenizer of a built-in name or local model directory (offline); pad = eos if unset."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    """The tokenizer of a built-in name, local model directory or Hub id; pad = eos if unset.
+
+    Raises:
+        FileNotFoundError: see :func:`resolve` and :func:`from_pretrained`.
+    """
     if name_or_path == "tiny-llama":
         return char_tokenizer()
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(resolve(name_or_path))
+    quiet_transformers()
+    tok = from_pretrained(AutoTokenizer, resolve(name_or_path))
     if tok.pad_token_id is None and tok.eos_token_id is not None:
         tok.pad_token = tok.eos_token
     return tok
 
 
+def parse_dtype(name: str | None) -> torch.dtype | str | None:
+    """``--dtype``: ``None``/``"float32"`` (fp32), ``"bfloat16"``, ``"float16"``, or ``"auto"`` (the checkpoint's).
+
+    Raises:
+        ValueError: another name.
+    """
+    if name is None or name == "auto":
+        return name
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {[*DTYPES, 'auto']}, got {name!r}")
+    return DTYPES[name]
+
+
 def load_model(name_or_path: str, task: str, *, num_labels: int = 2, label_names: list[str] | None = None,
-               seed: int = 0, dtype: torch.dtype | None = None):
-    """Load ``(model, tokenizer)`` for ``task`` from a built-in name or a local directory, offline.
+               seed: int = 0, dtype: torch.dtype | str | None = None):
+    """Load ``(model, tokenizer)`` for ``task`` from a built-in name, a local directory or a Hub id.
 
     For ``seq-cls`` the classification head is new: it is initialised after
     ``torch.manual_seed(seed)``, so the same seed gives the same head.
 
     Raises:
-        FileNotFoundError: see :func:`resolve`.
-        ValueError: an unknown task.
+        FileNotFoundError: see :func:`resolve` and :func:`from_pretrained`.
+        ValueError: an unknown task or dtype.
     """
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    if isinstance(dtype, str):
+        dtype = parse_dtype(dtype)
     if name_or_path == "tiny-llama":
         if task != "causal-lm":
             raise ValueError("the built-in 'tiny-llama' is a causal LM; use --task causal-lm")
-        return tiny_llama(seed=seed)
+        model, tok = tiny_llama(seed=seed)
+        if isinstance(dtype, torch.dtype):
+            model.to(dtype)
+        return model, tok
+    if task not in ("seq-cls", "causal-lm"):
+        raise ValueError(f"task must be 'seq-cls' or 'causal-lm', got {task!r}")
     path = resolve(name_or_path)
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()  # "some weights were newly initialized" is expected for a new head
-    hf_logging.disable_progress_bar()
+    quiet_transformers()
     tok = load_tokenizer(path)
     torch.manual_seed(seed)
     kwargs = {"dtype": dtype} if dtype is not None else {}
     if task == "seq-cls":
         names = label_names or [str(i) for i in range(num_labels)]
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=len(names), id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)},
-            **kwargs)
-    elif task == "causal-lm":
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-        model.config.use_cache = False
+        model = from_pretrained(AutoModelForSequenceClassification, path, num_labels=len(names),
+                                id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)}, **kwargs)
+        if getattr(model.config, "pad_token_id", None) is None:
+            model.config.pad_token_id = tok.pad_token_id
     else:
-        raise ValueError(f"task must be 'seq-cls' or 'causal-lm', got {task!r}")
-    if task == "seq-cls" and getattr(model.config, "pad_token_id", None) is None:
-        model.config.pad_token_id = tok.pad_token_id
+        model = from_pretrained(AutoModelForCausalLM, path, **kwargs)
+        model.config.use_cache = False
     return model, tok
+
+
+def export(name: str, out: str, *, task: str | None = None, seed: int = 0) -> str:
+    """Write a built-in model (and its tokenizer) to ``out`` as a plain transformers directory,
+    loadable with ``from_pretrained`` and by ``lorakit merge --base``.
+
+    ``tiny-llama`` is random: ``seed`` picks it (a run trained with ``--seed S`` used seed S).
+    ``minilm`` is written as the bare encoder (``BertModel``) unless ``task="seq-cls"``.
+
+    Raises:
+        ValueError: not a built-in name.
+    """
+    if name not in BUILTIN:
+        raise ValueError(f"{name!r} is not a built-in model; built-in: {list(BUILTIN)}")
+    if name == "tiny-llama":
+        model, tok = tiny_llama(seed=seed)
+    else:
+        from transformers import AutoModel, AutoTokenizer
+
+        quiet_transformers()
+        path = minilm_path()
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = load_model(name, "seq-cls", seed=seed)[0] if task == "seq-cls" else \
+            AutoModel.from_pretrained(path, local_files_only=True)
+    os.makedirs(out, exist_ok=True)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
 
 
 def default_targets(model: nn.Module) -> list[str] | str:

@@ -26,7 +26,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     "its config, the modules it adapts and their ranks, its parameter count, its size on disk "
                     "and the PEFT version that wrote it, if recorded. Reads tensor headers only.",
     )
-    p.add_argument("directory", metavar="DIR", help="adapter directory (the one holding adapter_config.json)")
+    p.add_argument("directory", metavar="DIR",
+                   help="adapter directory (the one holding adapter_config.json), or a lorakit train run directory")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a text report")
 
 
@@ -145,6 +146,13 @@ def format_report(info: dict[str, Any], indent: str = "") -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    info = describe(args.directory)
+    directory = Path(args.directory)
+    if (directory / "run_config.json").is_file() and not (directory / "adapter_config.json").is_file():
+        # a lorakit train run, as predict / generate / merge accept it: its adapter is in adapter/
+        if not (directory / "adapter").is_dir():
+            raise FileNotFoundError(f"{str(directory)!r} is a lorakit train run without adapter/: it has not finished, "
+                                    "or it trained another method (its tensors are in trainable.safetensors)")
+        directory = directory / "adapter"
+    info = describe(directory)
     print(json.dumps(info, indent=2) if args.json else format_report(info))
     return 0

@@ -1,17 +1,18 @@
-"""``lorakit merge --base MODEL_DIR --adapter DIR --out OUT``: fold a LoRA adapter into its base model.
+"""``lorakit merge --base MODEL --adapter DIR --out OUT``: fold a LoRA adapter into its base model.
 
-The base is a local transformers model directory; its class comes from the adapter's
-``task_type`` (``CAUSAL_LM`` -> ``AutoModelForCausalLM``, ...) or, when that is not recorded,
-from ``architectures`` in the base's ``config.json``. The result (form b) is a plain
-transformers model directory of the same architecture, loadable with ``from_pretrained``;
-tokenizer files found in the base directory are copied beside it.
+The base is a local transformers model directory, a built-in name (``minilm``, ``tiny-llama``
+with ``--seed``) or a Hub id from the Hugging Face cache; with ``--adapter`` a ``lorakit train``
+run directory, ``--base`` may be left out: the run's own base model (name, seed, labels) is used.
+For a directory, the class comes from the adapter's ``task_type`` (``CAUSAL_LM`` ->
+``AutoModelForCausalLM``, ...) or, when that is not recorded, from ``architectures`` in the base's
+``config.json``. The result (form b) is a plain transformers model directory of the same
+architecture, loadable with ``from_pretrained``, with the base's tokenizer beside it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -34,12 +35,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Load a local transformers base model, apply a PEFT-format LoRA adapter (from lorakit or "
                     "PEFT), fold W + ΔW into the weights and save the result as a plain model directory of the "
                     "same architecture (loadable with AutoModel*.from_pretrained, no lorakit or PEFT needed). "
-                    "Nothing is downloaded.",
+                    "The base: a local model directory, a built-in name or a Hub id already in the Hugging Face "
+                    "cache; left out for a lorakit train run directory, whose own base is used.",
+        epilog="examples:\n  lorakit merge --adapter runs/sft --out merged/          # a lorakit run: its own base\n"
+               "  lorakit merge --base ./llama --adapter peft-adapter/ --out merged/",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--base", required=True, metavar="MODEL_DIR",
-                   help="local directory of the base model (config.json + weights), as save_pretrained writes")
+    p.add_argument("--base", default=None, metavar="MODEL",
+                   help="base model: a directory written by save_pretrained, a built-in name (minilm, tiny-llama) or "
+                        "a cached Hub id (default: the run's model, when --adapter is a lorakit train run)")
     p.add_argument("--adapter", required=True, metavar="DIR",
-                   help="adapter directory holding adapter_config.json and adapter_model.safetensors")
+                   help="adapter directory (adapter_config.json + adapter_model.safetensors) or a lorakit train run")
+    p.add_argument("--seed", type=int, default=None,
+                   help="with --base tiny-llama: the seed that built it (default: the run's, else 0)")
     p.add_argument("--out", required=True, metavar="OUT", help="output directory for the merged model (created)")
     p.add_argument("--adapter-name", default="default", metavar="NAME",
                    help="for a directory with several adapters: which one (a sub-directory name); default: default")
@@ -72,26 +80,51 @@ def model_class(base_dir: Path, task_type: str | None):
     return transformers.AutoModel
 
 
+def _load_base(args: argparse.Namespace, adapter_dir: Path, task_type: str | None):
+    """``(model, tokenizer or None, description)`` of the base to merge into."""
+    from lorakit.models import BUILTIN, is_hub_id, load_model, quiet_transformers
+    from lorakit.train.inference import RUN_CONFIG, find_run
+
+    quiet_transformers()  # no "Loading weights" bars from transformers
+    base = args.base
+    run_dir = Path(args.adapter)
+    if base is None or base in BUILTIN or is_hub_id(base):
+        settings = find_run(str(run_dir))[0] if (run_dir / RUN_CONFIG).is_file() or base is None else {}
+        name = base or settings["model"]
+        task = settings.get("task") or ("seq-cls" if task_type == "SEQ_CLS" else "causal-lm")
+        seed = args.seed if args.seed is not None else settings.get("seed", 0)
+        model, tok = load_model(name, task, label_names=settings.get("labels"), seed=seed)
+        return model, tok, name
+    base_dir = Path(base)
+    if not base_dir.is_dir():
+        raise FileNotFoundError(f"--base {base!r} is not a directory, a built-in name {list(BUILTIN)} or a Hub id")
+    cls = model_class(base_dir, task_type)
+    return cls.from_pretrained(str(base_dir), local_files_only=True), None, str(base_dir)
+
+
 def run(args: argparse.Namespace) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import lorakit as lk
     from lorakit.io.peft_format import read_config_dict, resolve_adapter_dir
+    from lorakit.train.inference import RUN_CONFIG
 
-    base_dir = Path(args.base)
-    if not base_dir.is_dir():
-        raise FileNotFoundError(f"--base {str(base_dir)!r} is not a directory")
-    adapter_dir = resolve_adapter_dir(args.adapter, args.adapter_name)
+    adapter_arg = Path(args.adapter)
+    if (adapter_arg / RUN_CONFIG).is_file() and (adapter_arg / "adapter").is_dir():
+        adapter_arg = adapter_arg / "adapter"
+    adapter_dir = resolve_adapter_dir(adapter_arg, args.adapter_name)
     task_type = read_config_dict(adapter_dir).get("task_type")
-    cls = model_class(base_dir, task_type)
-    model = cls.from_pretrained(str(base_dir), local_files_only=True)
+    model, tok, base_desc = _load_base(args, adapter_dir, task_type)
     n_base = sum(p.numel() for p in model.parameters())
     lk.load_adapter(model, adapter_dir, adapter_name=args.adapter_name)
     lk.set_adapter(model, args.adapter_name)
     out = lk.save_merged(model, args.out)
-    copied = [f for f in TOKENIZER_FILES if (base_dir / f).is_file()]
-    for f in copied:
-        shutil.copyfile(base_dir / f, out / f)
-    print(f"merged {str(adapter_dir)!r} into {type(model).__name__} from {str(base_dir)!r} -> {str(out)!r}"
-          + (f" (+ {len(copied)} tokenizer file(s))" if copied else ""))
+    if tok is not None:
+        tok.save_pretrained(out)
+        extra = " (+ tokenizer)"
+    else:
+        copied = [f for f in TOKENIZER_FILES if (Path(base_desc) / f).is_file()]
+        for f in copied:
+            shutil.copyfile(Path(base_desc) / f, out / f)
+        extra = f" (+ {len(copied)} tokenizer file(s))" if copied else ""
+    print(f"merged {str(adapter_dir)!r} into {type(model).__name__} from {base_desc!r} -> {str(out)!r}{extra}")
     print(f"base model parameters: {n_base:,d} (the merged model has the same, unless tied weights were untied)")
     return 0

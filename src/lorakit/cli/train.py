@@ -8,22 +8,36 @@ import os
 import sys
 from typing import Any
 
+from lorakit.train.settings import FLAG_ALIASES, parse_modules
+
 DESCRIPTION = """Fine-tune a model with LoRA and write the adapter, metrics.json, curves.png and checkpoints.
 
 With no arguments: the embedded default job — the pretrained all-MiniLM-L6-v2 encoder learns word
 sentiment from the VADER lexicon (4,596 training words, 1,000 held out), LoRA r=8 on query/value plus
 the classifier head, 5 epochs; about 95% test accuracy in a few minutes on 2 CPU cores.
 
-Data: JSONL or CSV. Classification (--task seq-cls): columns text, label. Causal-LM SFT (--task
-causal-lm): prompt + completion, or a chat in 'messages' ([{role, content}, ...]); the loss is taken
-on completion / assistant tokens only. The task is inferred from the columns if not given.
+Models: a built-in name (minilm, tiny-llama), a local Hugging Face model directory, or a Hub id
+(gpt2, org/name) loaded through the Hugging Face cache (HF_HOME / HF_HUB_CACHE; HF_HUB_OFFLINE=1
+forbids downloads).
 
-Settings can come from --config FILE (TOML or YAML; keys are the flag names, with - or _);
-flags given on the command line override it. Ctrl-C saves a checkpoint; --resume OUT continues it."""
+Data: .jsonl, .json (array or lines), .csv, .tsv, .parquet, .arrow, or a dataset directory
+(datasets' save_to_disk, or a folder of data files; Parquet/Arrow/directories need lorakit[data]).
+Layouts: text + label (classification, --task seq-cls); messages (chat), prompt + completion,
+instruction + output [+ input] (Alpaca), or text alone (language modelling) for --task causal-lm,
+with the loss on the answer / assistant tokens only (on every token for plain text). Columns with
+other names: --text-column, --label-column, --prompt-column, --completion-column, --messages-column.
+The task is inferred from the columns if not given. Examples longer than --max-length are truncated
+(or skipped when their answer would be cut off entirely), and the count is reported.
+
+Settings can come from --config FILE (TOML or YAML; keys are the flag names, with - or _, or the
+names of transformers' TrainingArguments / TRL / PEFT: learning_rate, num_train_epochs,
+per_device_train_batch_size, gradient_accumulation_steps, lora_r, ...); flags given on the command
+line override it. Ctrl-C saves a checkpoint; --resume OUT continues it."""
 
 EPILOG = """examples:
   lorakit train                                   # the default job
   lorakit train --model ./my-llama --data sft.jsonl --task causal-lm --target-modules all-linear --epochs 1
+  lorakit train --model gpt2 --data corpus.parquet --text-column body --report-to tensorboard
   lorakit train --config run.toml --lr 5e-4       # file settings, lr overridden
   lorakit train --resume runs/20250101-120000     # continue an interrupted run
   lorakit predict --adapter runs/... "wonderful"  # try a classifier"""
@@ -32,11 +46,6 @@ EPILOG = """examples:
 def _bool_or_str(v: str) -> bool | str:
     low = v.lower()
     return {"true": True, "false": False}.get(low, low)
-
-
-def _csv_list(v: str) -> list[str] | str:
-    """'q_proj,v_proj' -> list; a single regex or 'all-linear' stays a string."""
-    return [x.strip() for x in v.split(",") if x.strip()] if "," in v or v.isidentifier() else v
 
 
 def _int_list(v: str) -> list[int]:
@@ -51,19 +60,28 @@ OPTIONS: list[tuple[str, str, Any, str]] = [
     ("train", "--method", ["lora", "full", "bitfit", "adapter", "prefix", "head"],
      "what trains: LoRA (the --r/--lora-* flags apply), full fine-tuning, BitFit (biases), Houlsby adapters, "
      "prefix tuning, or the head only; non-LoRA runs store trainable.safetensors instead of adapter/"),
-    ("data", "--model", str, "built-in name (minilm, tiny-llama) or a local Hugging Face model directory"),
-    ("data", "--data", str, "training file (.jsonl/.csv), or 'vader' for the built-in word-sentiment data"),
+    ("data", "--model", str, "built-in name (minilm, tiny-llama), a local Hugging Face model directory or a Hub id"),
+    ("data", "--dtype", ["float32", "bfloat16", "float16", "auto"],
+     "weights' dtype when loading the model (default: float32; auto: the checkpoint's)"),
+    ("data", "--data", str, "training data (file or dataset directory, see above), or 'vader' for the built-in "
+                            "word-sentiment data"),
     ("data", "--eval-data", str, "evaluation file; if absent, --eval-split of --data is held out"),
     ("data", "--eval-split", float, "fraction of --data held out for evaluation when --eval-data is absent"),
     ("data", "--task", ["seq-cls", "causal-lm"], "seq-cls (text -> label) or causal-lm (SFT); default: from the data"),
     ("data", "--labels", lambda v: v.split(","), "comma-separated label set (seq-cls); default: labels in --data"),
-    ("data", "--max-length", int, "truncate examples to this many tokens (default 16 for vader, else 512)"),
+    ("data", "--max-length", int, "truncate examples to this many tokens (default: 16 for vader, else 512)"),
+    ("data", "--text-column", str, "column holding the text (default: text)"),
+    ("data", "--label-column", str, "column holding the label (default: label)"),
+    ("data", "--prompt-column", str, "column holding the prompt (default: prompt)"),
+    ("data", "--completion-column", str, "column holding the completion (default: completion)"),
+    ("data", "--messages-column", str, "column holding a chat, a list of {role, content} (default: messages)"),
     ("lora", "--r", int, "LoRA rank r of ΔW = (alpha/r)·B·A"),
     ("lora", "--lora-alpha", float, "LoRA alpha (scaling = alpha/r, or alpha/√r with --use-rslora)"),
     ("lora", "--lora-dropout", float, "dropout on the adapter input"),
-    ("lora", "--target-modules", _csv_list, "modules to adapt: comma-separated names/suffixes, a regex, or "
-                                            "all-linear (default: the model family's attention projections)"),
-    ("lora", "--exclude-modules", _csv_list, "modules never adapted (same forms as --target-modules)"),
+    ("lora", "--target-modules", parse_modules, "modules to adapt: comma-separated names or dotted suffixes "
+                                                "(self_attn.q_proj), a regex, or all-linear (default: the model "
+                                                "family's attention projections)"),
+    ("lora", "--exclude-modules", parse_modules, "modules never adapted (same forms as --target-modules)"),
     ("lora", "--layers-to-transform", _int_list, "only these layer indices, e.g. 0,1"),
     ("lora", "--layers-pattern", str, "name of the layer list for --layers-to-transform, e.g. layers"),
     ("lora", "--modules-to-save", lambda v: v.split(","), "modules trained in full (default for seq-cls: the head)"),
@@ -92,33 +110,38 @@ OPTIONS: list[tuple[str, str, Any, str]] = [
     ("train", "--group-by-length", "bool", "batch similar lengths together (less padding)"),
     ("train", "--device", str, "auto, cpu, cuda, cuda:1 ..."),
     ("train", "--threads", int, "torch CPU threads (default: torch's choice)"),
-    ("train", "--progress", "bool", "show the progress bar"),
+    ("train", "--progress", "bool", "show the progress bar (default: a bar on a terminal, plain lines in a log)"),
+    ("train", "--report-to", str, "experiment tracking: tensorboard, wandb, mlflow or none; comma-separated for "
+                                  "several (tensorboard writes OUT/tensorboard/)"),
     ("output", "--out", str, "run directory (default runs/<timestamp>); an existing non-empty one is refused"),
     ("output", "--overwrite", "bool", "allow --out to be an existing non-empty directory"),
 ]
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from lorakit.train.job import DEFAULTS  # light: no torch model code runs at import
+    from lorakit.train.settings import DEFAULTS  # light: no torch model code runs at import
 
     p = subparsers.add_parser("train", help="fine-tune with LoRA (no arguments: the embedded default job)",
                               description=DESCRIPTION, epilog=EPILOG,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", metavar="FILE",
                    help="TOML or YAML file of settings (keys = flag names); flags override it")
-    p.add_argument("--resume", metavar="OUT", help="continue the interrupted run in OUT from its newest checkpoint")
+    p.add_argument("--resume", metavar="OUT", help="continue the interrupted run in OUT from its newest checkpoint "
+                                                   "(only --device, --threads, --progress, --report-to may change)")
     groups = {"data": p.add_argument_group("data"), "lora": p.add_argument_group("LoRA (as PEFT's LoraConfig)"),
               "train": p.add_argument_group("training"), "output": p.add_argument_group("output")}
     for group, flag, kind, help_text in OPTIONS:
         dest = flag[2:].replace("-", "_")
-        full_help = f"{help_text} (default: {DEFAULTS[dest]})"
+        # a default is shown once: the help's own wording, else the value
+        full_help = help_text if "default" in help_text else f"{help_text} (default: {DEFAULTS[dest]})"
+        flags = [flag, *FLAG_ALIASES.get(dest, [])]
         g = groups[group]
         if kind == "bool":
-            g.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=full_help)
+            g.add_argument(*flags, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=full_help)
         elif isinstance(kind, list):
-            g.add_argument(flag, dest=dest, choices=kind, default=None, help=full_help)
+            g.add_argument(*flags, dest=dest, choices=kind, default=None, help=full_help)
         else:
-            g.add_argument(flag, dest=dest, type=kind, default=None, help=full_help, metavar=dest.upper())
+            g.add_argument(*flags, dest=dest, type=kind, default=None, help=full_help, metavar=dest.upper())
     return p
 
 
@@ -128,7 +151,7 @@ def read_config_file(path: str) -> dict[str, Any]:
     Raises:
         FileNotFoundError / ValueError: missing file, unknown suffix, unparsable content, unknown keys.
     """
-    from lorakit.train.job import check_keys
+    from lorakit.train.settings import normalize
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config file {path!r} does not exist")
@@ -155,10 +178,10 @@ def read_config_file(path: str) -> dict[str, Any]:
         raise ValueError(f"config file {path!r} cannot be parsed: {e}") from None
     if not isinstance(data, dict):
         raise ValueError(f"config file {path!r} must hold a table/mapping of settings")
-    data = {str(k).replace("-", "_"): v for k, v in data.items()}
-    check_keys(data, f"config file {path!r}")
-    if isinstance(data.get("target_modules"), str):
-        data["target_modules"] = _csv_list(data["target_modules"])
+    data = normalize(data, f"config file {path!r}")
+    for key in ("target_modules", "exclude_modules"):
+        if isinstance(data.get(key), str):
+            data[key] = parse_modules(data[key])
     return data
 
 
@@ -174,23 +197,28 @@ def settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lorakit.train.job import run_job
+    from lorakit.train.job import RESUME_OVERRIDES, RunInterrupted, run_job
 
     settings = settings_from_args(args)
     if args.resume:
-        changed = sorted(set(settings) - {"progress", "device", "threads"})
+        changed = sorted(set(settings) - set(RESUME_OVERRIDES))
         if changed:
             raise ValueError(f"--resume continues a run with its own saved settings; drop {changed} "
-                             "(only --device, --threads and --progress may change)")
+                             f"(only {', '.join('--' + k.replace('_', '-') for k in RESUME_OVERRIDES)} may change)")
     try:
         metrics = run_job(settings, resume=args.resume)
-    except KeyboardInterrupt as e:
-        out = e.args[0] if e.args else args.resume or settings.get("out") or "OUT"
-        print(f"\ninterrupted: checkpoint saved; continue with: lorakit train --resume {out}", file=sys.stderr)
+    except RunInterrupted as e:
+        if e.checkpoint is not None:
+            print(f"\ninterrupted: checkpoint saved ({os.path.basename(e.checkpoint)}); continue with: "
+                  f"lorakit train --resume {e.out}", file=sys.stderr)
+        else:
+            print("\ninterrupted before training started: no checkpoint was written, nothing to resume"
+                  + (f" (the run directory {e.out} can be removed)" if e.out else ""), file=sys.stderr)
         return 130
     keys = ("eval_accuracy", "eval_loss", "perplexity", "train_seconds", "tokens_per_second", "peak_memory_mb")
     shown = ", ".join(f"{k}={metrics[k]:.4g}" for k in keys if k in metrics)
     print(f"done: {shown}, trainable {metrics['trainable_params']:,} of {metrics['total_params']:,} params")
     stored = "adapter/" if metrics["method"] == "lora" else "trainable.safetensors"
-    print(f"outputs in {metrics['out']}: {stored}, metrics.json, curves.png, checkpoints/")
+    plot = ", curves.png" if os.path.isfile(os.path.join(metrics["out"], "curves.png")) else ""
+    print(f"outputs in {metrics['out']}: {stored}, metrics.json{plot}, checkpoints/")
     return 0

@@ -19,19 +19,38 @@ from typing import Any
 import torch
 
 from lorakit.compare.report import aggregate, write
-from lorakit.compare.runs import BUDGETS, LINEUP, TARGET_SETS, Budget, RunSpec, lora_spec, run_one, sweep_specs
+from lorakit.compare.runs import (
+    BUDGETS,
+    DEFAULT_BUDGET,
+    LINEUP,
+    TARGET_SETS,
+    Budget,
+    RunSpec,
+    lora_spec,
+    run_one,
+    sweep_specs,
+)
 
-__all__ = ["compare", "BUDGETS", "LINEUP", "TARGET_SETS", "Budget", "RunSpec", "lora_spec", "run_one", "sweep_specs"]
+__all__ = ["compare", "BUDGETS", "DEFAULT_BUDGET", "LINEUP", "TARGET_SETS", "Budget", "RunSpec", "lora_spec", "run_one",
+           "sweep_specs", "majority_pct"]
 
 
-def compare(out_dir: str, budget: str | Budget = "full", seeds: int | Sequence[int] = 1,
+def majority_pct(ds) -> float:
+    """Accuracy (%) of always answering the most frequent label of ``ds`` (what a model that learned nothing gets)."""
+    from collections import Counter
+
+    counts = Counter(int(e["labels"]) for e in ds.examples)
+    return 100.0 * max(counts.values()) / max(1, len(ds))
+
+
+def compare(out_dir: str, budget: str | Budget = DEFAULT_BUDGET, seeds: int | Sequence[int] = 1,
             methods: Sequence[str] | None = None, sweep: bool = True, progress: bool = True,
             command: str | None = None) -> dict[str, Any]:
     """Run the comparison and write its results into ``out_dir``.
 
     Args:
         out_dir: directory for results.json, results.md, methods.png and sweep.png.
-        budget: a key of :data:`BUDGETS` (``small``, ``medium``, ``full``) or a :class:`Budget`.
+        budget: a key of :data:`BUDGETS` (``small``, ``quick``, ``medium``, ``full``) or a :class:`Budget`.
         seeds: how many seeds (0, 1, ...) or the seeds themselves; >1 gives mean ± std.
         methods: restrict the lineup to these method names (``full``, ``bitfit``, ``adapter``,
             ``prefix``, ``lora``, ``head``); default all.
@@ -72,7 +91,7 @@ def compare(out_dir: str, budget: str | Budget = "full", seeds: int | Sequence[i
            "machine": platform.machine()}
     result: dict[str, Any] = {}
 
-    def report(task) -> None:  # after every run, so that an interrupted comparison leaves its table so far
+    def report(task, plots: bool = False) -> None:  # after every run: an interrupted comparison keeps its table
         sweep_runs = [{**r, "label": s.label} for s in grid for r in runs if r["label"] == by_key[s.key]]
         result.clear()
         result.update({
@@ -81,13 +100,14 @@ def compare(out_dir: str, budget: str | Budget = "full", seeds: int | Sequence[i
                     "pretrained all-MiniLM-L6-v2 + new 2-way head",
             "budget": asdict(budget), "seeds": seed_list, "complete": len(runs) == len(unique) * len(seed_list),
             "train_examples": len(task.train), "test_examples": len(task.eval),
+            "majority_class_pct": majority_pct(task.eval),
             "environment": {**env, "device": runs[0]["device"]},
             "elapsed_seconds": time.perf_counter() - start,
             "methods": aggregate(runs, [s.label for s in lineup]),
             "sweep": aggregate(sweep_runs, [s.label for s in grid]),
             "runs": runs,
         })
-        result["paths"] = write(result, out_dir)
+        result["paths"] = write(result, out_dir, plots=plots)
 
     bar = tqdm(total=len(unique) * len(seed_list), desc="compare", unit="run", disable=not progress,
                dynamic_ncols=True)
@@ -103,4 +123,5 @@ def compare(out_dir: str, budget: str | Budget = "full", seeds: int | Sequence[i
                       f"trainable={row['trainable_params']:,} train={row['train_seconds']:.0f}s")
             report(task)
     bar.close()
+    report(task, plots=True)  # the plots once, at the end
     return result

@@ -85,25 +85,54 @@ def size_on_disk(tensors: dict[str, torch.Tensor]) -> int:
 
 
 @torch.no_grad()
-def paired_latency(base: nn.Module, other: nn.Module, batch: dict[str, torch.Tensor],
-                   reps: int = 30, warmup: int = 3) -> tuple[float, float]:
-    """Median forward latency in milliseconds of ``base`` and ``other`` on ``batch``, in eval mode.
+def paired_latency(base: nn.Module, other: nn.Module, batch: dict[str, torch.Tensor], reps: int = 30,
+                   warmup: int = 3, max_reps: int | None = None, target_spread: float = 0.02) -> dict[str, float]:
+    """Forward latency of ``other`` against ``base`` on ``batch``, in eval mode, honest about noise.
 
-    Calls alternate (base, other, base, ...) so that load from other processes on a shared machine
-    hits both alike; the medians ignore the odd slow call.
+    Calls come in pairs, alternating which model goes first (base, other | other, base | ...), so
+    load from other processes on a shared machine hits both alike. Each pair gives a ratio
+    ``t_other / t_base``; pairs are added (``reps`` at least, ``max_reps`` at most, default
+    ``4 · reps``) until the spread of the ratios — half their interquartile range, relative to
+    their median — is at most ``target_spread``; whatever it is then is reported with the result.
+
+    Returns:
+        ``base_ms`` and ``other_ms`` (medians, milliseconds), ``ratio`` (median per-pair ratio),
+        ``spread`` (half the IQR of the ratios / their median) and ``pairs`` (how many were timed).
     """
+    max_reps = max(reps, max_reps if max_reps is not None else 4 * reps)
     modes = (base.training, other.training)
     base.eval()
     other.eval()
     times: tuple[list[float], list[float]] = ([], [])
+
+    def timed(model: nn.Module) -> float:
+        t0 = time.perf_counter()
+        model(**batch)
+        return 1000 * (time.perf_counter() - t0)
+
     try:
-        for i in range(warmup + reps):
-            for k, model in enumerate((base, other)):
-                t0 = time.perf_counter()
-                model(**batch)
-                if i >= warmup:
-                    times[k].append(1000 * (time.perf_counter() - t0))
+        for _ in range(warmup):
+            timed(base), timed(other)
+        while True:
+            i = len(times[0])
+            first, second = ((0, base), (1, other)) if i % 2 == 0 else ((1, other), (0, base))
+            for k, model in (first, second):
+                times[k].append(timed(model))
+            n = len(times[0])
+            if n >= reps:
+                ratios = [o / b for b, o in zip(*times)]
+                spread = _half_iqr(ratios) / statistics.median(ratios)
+                if spread <= target_spread or n >= max_reps:
+                    break
     finally:
         base.train(modes[0])
         other.train(modes[1])
-    return statistics.median(times[0]), statistics.median(times[1])
+    return {"base_ms": statistics.median(times[0]), "other_ms": statistics.median(times[1]),
+            "ratio": statistics.median(ratios), "spread": spread, "pairs": n}
+
+
+def _half_iqr(xs: list[float]) -> float:
+    if len(xs) < 4:
+        return (max(xs) - min(xs)) / 2
+    q1, _, q3 = statistics.quantiles(xs, n=4)
+    return (q3 - q1) / 2

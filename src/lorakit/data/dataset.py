@@ -34,6 +34,7 @@ class TokenDataset:
         pad_id: token id used to pad ``input_ids``.
         label_names: class names (index = class id), seq-cls only.
         source: where the examples came from, for messages.
+        notes: what loading changed (examples truncated or skipped for ``max_length``), to report.
     """
 
     examples: list[dict[str, Any]]
@@ -41,6 +42,7 @@ class TokenDataset:
     pad_id: int = 0
     label_names: list[str] = field(default_factory=list)
     source: str = ""
+    notes: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -56,7 +58,8 @@ class TokenDataset:
         return [len(e["input_ids"]) for e in self.examples]
 
     def subset(self, indices: list[int]) -> TokenDataset:
-        return TokenDataset([self.examples[i] for i in indices], self.task, self.pad_id, self.label_names, self.source)
+        return TokenDataset([self.examples[i] for i in indices], self.task, self.pad_id, self.label_names, self.source,
+                            list(self.notes))
 
 
 def batch_order(lengths: list[int], batch_size: int, seed: int, epoch: int, group_by_length: bool = True,

@@ -35,7 +35,7 @@ from lorakit.adapters import adapter_names, set_adapter, wrappers
 from lorakit.config import LoraConfig
 from lorakit.inject import inject_into
 from lorakit.io.peft_format import PathLike, effective_config, read_tensors
-from lorakit.io.safe_write import ensure_dir, write_files_atomically, write_text_file
+from lorakit.io.safe_write import _umask, ensure_dir, write_files_atomically, write_text_file
 from lorakit.layers import LoraLayer
 from lorakit.layers.mixed import adapters_updated
 from lorakit.merge import merge_and_unload, untie_adapted_weights
@@ -97,6 +97,7 @@ def save_merged(model: nn.Module, directory: PathLike, adapter_names: Sequence[s
             if (out / f).is_dir():
                 raise IsADirectoryError(f"cannot write {f!r}: {str(out / f)!r} is an existing directory")
         for f in sorted(written):
+            os.chmod(os.path.join(tmp, f), 0o666 & ~_umask())  # safetensors writes 0600: give open()'s mode
             os.replace(os.path.join(tmp, f), out / f)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

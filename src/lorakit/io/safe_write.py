@@ -65,6 +65,7 @@ def write_files_atomically(directory: PathLike, writers: Mapping[str, Writer]) -
             os.close(fd)
             temps[name] = tmp
             write(tmp)
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp (and safetensors) make 0600; give the mode open() gives
             _fsync(tmp)
         for name, tmp in temps.items():
             os.replace(tmp, targets[name])
@@ -75,6 +76,12 @@ def write_files_atomically(directory: PathLike, writers: Mapping[str, Writer]) -
         raise
     _fsync_dir(directory)
     return list(targets.values())
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_text_file(path: str, text: str) -> None:

@@ -61,6 +61,7 @@ def save_checkpoint(run_dir: str, step: int, model: nn.Module, optimizer: torch.
         save_file(tensors, os.path.join(tmp, "trainable.safetensors"))
         torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "rng": rng, **extra}, os.path.join(tmp, "state.pt"))
+        default_modes(tmp)
         if os.path.exists(final):  # the same step saved again (e.g. interrupted right after a periodic save)
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -70,6 +71,20 @@ def save_checkpoint(run_dir: str, step: int, model: nn.Module, optimizer: torch.
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def default_modes(path: str) -> None:
+    """Give ``path`` (a file, or a directory and the files in it) the mode ``open()`` / ``makedirs``
+    would: ``mkdtemp`` makes 0700 and safetensors' ``save_file`` 0600, unreadable by a team's group."""
+    mask = os.umask(0)
+    os.umask(mask)
+    if os.path.isdir(path):
+        os.chmod(path, 0o777 & ~mask)
+        for name in os.listdir(path):
+            if os.path.isfile(os.path.join(path, name)):
+                os.chmod(os.path.join(path, name), 0o666 & ~mask)
+    else:
+        os.chmod(path, 0o666 & ~mask)
 
 
 def list_checkpoints(run_dir: str) -> list[str]:

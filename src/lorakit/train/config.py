@@ -11,6 +11,8 @@ from typing import Any
 class TrainConfig:
     """Hyperparameters of a training run (method-agnostic: it trains whatever requires grad).
 
+    The defaults are ``lorakit train``'s (the embedded default job's recipe: 5 epochs, batch 16, lr 1e-3).
+
     Args:
         epochs: passes over the training set (ignored when ``max_steps`` is set).
         max_steps: optimizer steps in total; overrides ``epochs``.
@@ -27,7 +29,7 @@ class TrainConfig:
         gradient_checkpointing: recompute activations in backward (less memory, ~30% slower).
         bf16: bfloat16 autocast for the forward pass (weights and optimizer stay fp32).
         seed: seeds data order, dropout and any random init done by ``fit``.
-        eval_every: evaluate every N optimizer steps (``0``: only at the end).
+        eval_every: evaluate every N optimizer steps (``0``: after every epoch) and at the end.
         eval_batch_size: micro-batch size for evaluation.
         log_every: record the training loss every N steps.
         checkpoint_every: write a checkpoint every N steps (``0``: only on interrupt and at the end).
@@ -40,10 +42,10 @@ class TrainConfig:
         progress: show a tqdm progress bar.
     """
 
-    epochs: float = 3.0
+    epochs: float = 5.0
     max_steps: int | None = None
     lr: float = 1e-3
-    batch_size: int = 32
+    batch_size: int = 16
     grad_accum: int = 1
     weight_decay: float = 0.0
     warmup_ratio: float = 0.06

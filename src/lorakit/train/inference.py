@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -41,40 +42,80 @@ def load_trained(path: str, task: str, device: str = "cpu"):
     """``(model, tokenizer, settings)`` with the run's adapter loaded, in eval mode.
 
     Raises:
-        ValueError: the run was trained for another task.
+        ValueError: the run was trained for another task, or ``device`` is not usable here.
     """
     from lorakit import load_adapter
+    from lorakit.train.settings import check_device
 
+    check_device(device)
     settings, adapter = find_run(path)
     if settings["task"] != task:
         raise ValueError(f"the run in {path!r} was trained for --task {settings['task']}, not {task}; use "
                          + ("lorakit predict" if settings["task"] == "seq-cls" else "lorakit generate"))
-    model, tok = load_model(settings["model"], task, label_names=settings.get("labels"), seed=settings["seed"])
+    model, tok = load_model(settings["model"], task, label_names=settings.get("labels"), seed=settings["seed"],
+                            dtype=settings.get("dtype"))
     load_adapter(model, adapter)
     return model.to(device).eval(), tok, settings
 
 
+def batches(items: Iterable[str], size: int) -> Iterator[list[str]]:
+    """``items`` in lists of ``size`` (the last one shorter), consumed lazily."""
+    batch: list[str] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
 @torch.no_grad()
-def predict(model, tok, texts: list[str], max_length: int = 512) -> list[tuple[str, float]]:
-    """``(label, probability)`` of the most likely class for each text."""
-    enc = tok(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+def predict(model, tok, texts: Iterable[str], max_length: int = 512, batch_size: int = 64
+            ) -> Iterator[tuple[str, str, float]]:
+    """``(text, label, probability)`` of the most likely class for each text, ``batch_size`` texts at
+    a time: a generator, so memory stays bounded by one batch however many texts stream in.
+
+    Texts are truncated to ``max_length`` tokens (the run's ``--max-length``, as in training).
+    """
     device = next(model.parameters()).device
-    probs = model(**{k: v.to(device) for k, v in enc.items()}).logits.float().softmax(-1)  # (N, C)
-    p, idx = probs.max(-1)
     names = model.config.id2label
-    return [(names[int(i)], float(q)) for i, q in zip(idx, p)]
+    for chunk in batches(texts, batch_size):
+        enc = tok(chunk, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        probs = model(**{k: v.to(device) for k, v in enc.items()}).logits.float().softmax(-1)  # (B, C)
+        p, idx = probs.max(-1)  # (B,), (B,)
+        yield from ((text, names[int(i)], float(q)) for text, i, q in zip(chunk, idx.tolist(), p.tolist()))
 
 
 @torch.no_grad()
-def generate(model, tok, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, seed: int = 0) -> str:
-    """The completion of ``prompt`` (greedy, or sampled with ``temperature`` > 0)."""
-    ids = tok(prompt, add_special_tokens=False)["input_ids"]
-    if tok.bos_token_id is not None:
-        ids = [tok.bos_token_id] + list(ids)
+def generate(model, tok, prompt: str | None = None, max_new_tokens: int = 64, temperature: float = 0.0, seed: int = 0,
+             *, messages: list[dict[str, str]] | None = None, top_p: float | None = None,
+             top_k: int | None = None) -> str:
+    """The completion of ``prompt``, or the assistant's reply to the chat ``messages``.
+
+    The input is built as in training: ``[bos] + tok(prompt)`` (no second BOS when the prompt
+    already starts with it), or for a chat the tokenizer's chat template with the generation prompt
+    (``apply_chat_template(messages, add_generation_prompt=True)``: the template's own BOS, none
+    added) — the plain ``role: content`` layout when it has no template. Greedy when ``temperature``
+    is 0; else sampling at that temperature, with nucleus ``top_p`` and ``top_k`` filtering.
+
+    Raises:
+        ValueError: neither or both of ``prompt`` and ``messages``; sampling options without a temperature.
+    """
+    from lorakit.data.tokenize import chat_prompt_ids, prompt_ids
+
+    if (prompt is None) == (messages is None):
+        raise ValueError("give either a prompt or chat messages")
+    if temperature <= 0 and (top_p is not None or top_k is not None):
+        raise ValueError("--top-p / --top-k apply to sampling: give --temperature > 0 as well")
+    ids = chat_prompt_ids(tok, messages) if messages is not None else prompt_ids(tok, prompt)
     device = next(model.parameters()).device
     x = torch.tensor([ids], device=device)  # (1, T)
     torch.manual_seed(seed)
-    kw = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    kw: dict[str, Any] = {"do_sample": False}
+    if temperature > 0:
+        kw = {"do_sample": True, "temperature": temperature, "top_p": 1.0 if top_p is None else top_p,
+              "top_k": 0 if top_k is None else top_k}
     out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
                          pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **kw)  # (1, T + new)
     return tok.decode(out[0, x.shape[1]:], skip_special_tokens=True)

@@ -4,15 +4,19 @@ Outputs in the run directory:
 
 * ``adapter/`` — PEFT-compatible adapter (``adapter_config.json`` + ``adapter_model.safetensors``);
 * ``metrics.json`` — method, parameter counts, eval metrics, time, throughput, peak memory;
-* ``curves.png`` — training loss and eval curves; ``history.json`` — the numbers behind them;
+* ``curves.png`` — training loss (raw and smoothed) and eval curves; ``history.json`` — the raw numbers;
 * ``run_config.json`` — the resolved settings (what ``--resume``, ``predict`` and ``generate`` read);
-* ``checkpoints/step-*/`` — resumable training state.
+* ``checkpoints/step-*/`` — resumable training state; ``tensorboard/`` with ``--report-to tensorboard``.
+
+Everything that can be checked (settings, device, data, model, optional packages) is checked
+before the run directory is created, so a refused job leaves nothing behind.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 from typing import Any
@@ -20,46 +24,60 @@ from typing import Any
 import torch
 
 from lorakit.config import LoraConfig
-from lorakit.data import TokenDataset, classification_dataset, load_dataset, read_records, vader_split
+from lorakit.data import Columns, TokenDataset, classification_dataset, detect_layout, load_dataset, vader_split
 from lorakit.data.builtin import LABELS
-from lorakit.inject import inject
-from lorakit.models import default_targets, head_modules, load_model, load_tokenizer
+from lorakit.data.files import read_records
+from lorakit.data.formats import infer_task
+from lorakit.extras import available, install_hint, require
+from lorakit.inject import find_targets, inject
+from lorakit.models import ORIGIN, default_targets, head_modules, load_model, load_tokenizer
+from lorakit.train.checkpoint import default_modes, list_checkpoints
 from lorakit.train.config import TrainConfig
-from lorakit.train.loop import fit
-from lorakit.train.plots import plot_history
+from lorakit.train.logging import EvalPrinter, StepPrinter, close_all, make_reporters, parse_report_to
+from lorakit.train.loop import fit, plan_steps
+from lorakit.train.settings import DEFAULTS, LORA_KEYS, TRAIN_KEYS, check_device, normalize, parse_modules
 
 BUILTIN_DATA = "vader"
 RUN_CONFIG = "run_config.json"
+# what a run writes into its directory: removed by --overwrite, so that nothing of an older run survives
+OUTPUTS = ("adapter", "checkpoints", "tensorboard", "wandb", "metrics.json", "history.json", "curves.png",
+           "trainable.safetensors", RUN_CONFIG)
+RESUME_OVERRIDES = ("device", "threads", "progress", "report_to")
 
-# every setting of a job and its default; TrainConfig and LoraConfig fields keep their own names
-DEFAULTS: dict[str, Any] = {
-    "method": "lora", "model": "minilm", "data": BUILTIN_DATA, "eval_data": None, "eval_split": 0.1, "task": None,
-    "labels": None, "max_length": None,
-    "r": 8, "lora_alpha": 16.0, "lora_dropout": 0.0, "target_modules": None, "exclude_modules": None,
-    "layers_to_transform": None, "layers_pattern": None, "modules_to_save": None, "bias": "none",
-    "use_rslora": False, "use_dora": False, "init_lora_weights": True,
-    "epochs": 5.0, "max_steps": None, "lr": 1e-3, "batch_size": 16, "grad_accum": 1, "weight_decay": 0.0,
-    "warmup_ratio": 0.06, "warmup_steps": 0, "schedule": "cosine", "loraplus_lr_ratio": None, "max_grad_norm": 1.0,
-    "gradient_checkpointing": False, "bf16": False, "seed": 0, "eval_every": 0, "eval_batch_size": 64,
-    "checkpoint_every": 0, "keep_checkpoints": 2, "group_by_length": True, "device": "auto", "progress": True,
-    "threads": None, "out": None, "overwrite": False,
-}
-TRAIN_KEYS = [k for k in TrainConfig.__dataclass_fields__ if k in DEFAULTS]
-LORA_KEYS = ["r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "layers_to_transform",
-             "layers_pattern", "modules_to_save", "bias", "use_rslora", "use_dora", "init_lora_weights"]
+__all__ = ["DEFAULTS", "TRAIN_KEYS", "LORA_KEYS", "RunInterrupted", "run_job", "check_keys"]
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a job: ``out`` is the run directory (``None`` before it existed) and
+    ``checkpoint`` the checkpoint that ``--resume`` would continue from (``None``: there is none)."""
+
+    def __init__(self, out: str | None, checkpoint: str | None) -> None:
+        super().__init__(out)
+        self.out, self.checkpoint = out, checkpoint
 
 
 def check_keys(settings: dict[str, Any], source: str) -> None:
-    unknown = sorted(set(settings) - set(DEFAULTS) - {"resume", "config"})
-    if unknown:
-        raise ValueError(f"{source}: unknown setting(s) {unknown}; valid: {sorted(DEFAULTS)}")
+    """Raises ValueError for an unknown setting (see :func:`lorakit.train.settings.normalize`)."""
+    normalize(settings, source)
+
+
+def _say(msg: str) -> None:
+    print(f"lorakit train: {msg}", file=sys.stderr, flush=True)
+
+
+def check_run_dir(out: str | None, overwrite: bool) -> None:
+    """Raises FileExistsError when ``out`` is an existing non-empty directory (or a file) and not ``overwrite``."""
+    if out is not None and os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)) and not overwrite:
+        raise FileExistsError(f"output directory {out!r} already exists and is not empty; choose another --out, "
+                              f"pass --overwrite, or continue it with --resume {out}")
 
 
 def new_run_dir(out: str | None, overwrite: bool) -> str:
-    """``out`` (refusing a non-empty existing directory unless ``overwrite``) or ``runs/<timestamp>``.
+    """``out`` or ``runs/<timestamp>``, created; with ``overwrite`` an older run's outputs (checkpoints
+    included, so that a later ``--resume`` cannot pick them up) are removed first.
 
     Raises:
-        FileExistsError: ``out`` exists and is not empty.
+        FileExistsError: ``out`` exists and is not empty, without ``overwrite``.
     """
     if out is None:
         base = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
@@ -67,38 +85,39 @@ def new_run_dir(out: str | None, overwrite: bool) -> str:
         while os.path.exists(out):
             n += 1
             out = f"{base}-{n}"
-    elif os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)) and not overwrite:
-        raise FileExistsError(f"output directory {out!r} already exists and is not empty; choose another --out, "
-                              f"pass --overwrite, or continue it with --resume {out}")
+    check_run_dir(out, overwrite)
+    if os.path.isdir(out):
+        for name in OUTPUTS:
+            path = os.path.join(out, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
     os.makedirs(out, exist_ok=True)
     return out
 
 
-def infer_task(s: dict[str, Any]) -> str:
-    """``--task`` if given; the built-in data is classification; else from the file's columns."""
-    if s["task"]:
-        return s["task"]
-    if s["data"] == BUILTIN_DATA:
-        return "seq-cls"
-    first = read_records(s["data"])[0]
-    return "seq-cls" if "label" in first and "text" in first else "causal-lm"
-
-
 def build_data(s: dict[str, Any], tok) -> tuple[TokenDataset, TokenDataset | None]:
-    """Train and eval datasets; every data check happens here, before the model is built."""
-    task, max_len = s["task"], s["max_length"]
+    """Train and eval datasets; sets ``s["task"]`` (when not given) and ``s["layout"]``. Every data
+    check happens here, before the model is built."""
+    max_len = s["max_length"]
     if s["data"] == BUILTIN_DATA:
-        if task != "seq-cls":
+        s["task"] = s["task"] or "seq-cls"
+        if s["task"] != "seq-cls":
             raise ValueError("the built-in VADER data is for --task seq-cls")
+        s["layout"] = "classification"
         tr, te = vader_split()
         src = "vaderSentiment/vader_lexicon.txt"
         return (classification_dataset(tr, tok, src, label_names=LABELS, max_length=max_len or 16),
                 classification_dataset(te, tok, src, label_names=LABELS, max_length=max_len or 16))
-    labels = s["labels"]
-    train = load_dataset(s["data"], tok, task, label_names=labels, max_length=max_len or 512)
+    columns = Columns.from_settings(s)
+    records = read_records(s["data"])
+    s["task"] = s["task"] or infer_task(records, columns, s["data"])
+    s["layout"] = detect_layout(records[0], columns, s["task"])
+    kw = {"max_length": max_len or 512, "columns": columns}
+    train = load_dataset(s["data"], tok, s["task"], label_names=s["labels"], **kw)
     if s["eval_data"]:
-        ev = load_dataset(s["eval_data"], tok, task, label_names=train.label_names or None, max_length=max_len or 512)
-        return train, ev
+        return train, load_dataset(s["eval_data"], tok, s["task"], label_names=train.label_names or None, **kw)
     if not s["eval_split"]:
         return train, None
     n_eval = max(1, int(round(s["eval_split"] * len(train))))
@@ -111,6 +130,9 @@ def build_data(s: dict[str, Any], tok) -> tuple[TokenDataset, TokenDataset | Non
 
 def lora_config(s: dict[str, Any], model) -> LoraConfig:
     kw = {k: s[k] for k in LORA_KEYS}
+    for key in ("target_modules", "exclude_modules"):
+        if isinstance(kw[key], str):
+            kw[key] = parse_modules(kw[key])
     if kw["target_modules"] is None:
         kw["target_modules"] = default_targets(model)
     if kw["modules_to_save"] is None and s["task"] == "seq-cls":
@@ -118,73 +140,130 @@ def lora_config(s: dict[str, Any], model) -> LoraConfig:
     return LoraConfig(**kw)
 
 
-def run_job(settings: dict[str, Any], resume: str | None = None, callbacks=()) -> dict[str, Any]:
-    """Run a training job; ``settings`` holds keys of :data:`DEFAULTS` (missing ones take the default).
+def check_rank(model, cfg: LoraConfig) -> None:
+    """ΔW = B·A has rank at most min(out, in): a larger r only adds parameters.
 
-    With ``resume`` (a run directory), its ``run_config.json`` supplies the settings and training
-    continues from its newest checkpoint.
+    Raises:
+        ValueError: ``r`` (or a ``rank_pattern`` rank) above a targeted module's smallest dimension.
+    """
+    for name in find_targets(model, cfg):
+        w = getattr(model.get_submodule(name), "weight", None)
+        if not isinstance(w, torch.Tensor) or w.dim() < 2:
+            continue
+        cap, r = min(w.shape[0], w[0].numel()), cfg.rank_for(name)
+        if r > cap:
+            raise ValueError(f"--r {r} is larger than {name} allows: its weight is {tuple(w.shape)}, so ΔW = B·A has "
+                             f"rank at most {cap} and a larger r only adds parameters; use --r {cap} or less")
+
+
+def _resolve_settings(settings: dict[str, Any], resume: str | None) -> dict[str, Any]:
+    if resume is None:
+        s = {**DEFAULTS, **settings}
+        for key in ("model", "data", "eval_data"):  # absolute, so --resume / predict work from anywhere
+            if s[key] and os.path.exists(s[key]):
+                s[key] = os.path.abspath(s[key])
+        return s
+    path = os.path.join(resume, RUN_CONFIG)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--resume {resume!r}: no {RUN_CONFIG} there; give the --out directory of a run")
+    with open(path, encoding="utf-8") as f:
+        saved = json.load(f)
+    # the device, threads, progress display and trackers may change on resume; nothing that shapes the weights
+    return {**DEFAULTS, **saved, **{k: settings[k] for k in RESUME_OVERRIDES if settings.get(k) is not None},
+            "out": resume}
+
+
+def run_job(settings: dict[str, Any], resume: str | None = None, callbacks=()) -> dict[str, Any]:
+    """Run a training job; ``settings`` holds keys of :data:`DEFAULTS` or their aliases (missing ones
+    take the default).
+
+    With ``resume`` (a run directory), its ``run_config.json`` supplies the settings (only
+    ``device``, ``threads``, ``progress`` and ``report_to`` may be given anew) and training continues
+    from its newest checkpoint.
 
     Returns:
         The metrics written to ``metrics.json`` plus ``out`` (the run directory).
 
     Raises:
         FileNotFoundError / FileExistsError / ValueError: bad data, model, settings or output directory.
-        KeyboardInterrupt: interrupted; a checkpoint was saved in the run directory.
+        lorakit.extras.MissingDependency: a package the job needs is not installed.
+        RunInterrupted: Ctrl-C; says whether a checkpoint exists to resume from.
     """
-    check_keys(settings, "settings")
-    if resume is not None:
-        path = os.path.join(resume, RUN_CONFIG)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"--resume {resume!r}: no {RUN_CONFIG} there; give the --out directory of a run")
-        with open(path, encoding="utf-8") as f:
-            s = {**DEFAULTS, **json.load(f), "progress": settings.get("progress", True)}
-        out = resume
-    else:
-        s = {**DEFAULTS, **settings}
-        for key in ("model", "data", "eval_data"):  # absolute, so --resume / predict work from anywhere
-            if s[key] and os.path.exists(s[key]):
-                s[key] = os.path.abspath(s[key])
-        s["task"] = infer_task(s)
-    if s["threads"]:
-        torch.set_num_threads(int(s["threads"]))
-    tok = load_tokenizer(s["model"])
-    train, ev = build_data(s, tok)
-    s["labels"] = train.label_names or None
-    if resume is None:
-        out = new_run_dir(s["out"], s["overwrite"])
-        s["out"] = out
-    model, tok = load_model(s["model"], s["task"], label_names=s["labels"], seed=s["seed"])
-    method = None
-    if s["method"] == "lora":
-        inject(model, lora_config(s, model))
-    else:  # a baseline of lorakit.methods (full, bitfit, adapter, prefix, head): it decides what trains
-        from lorakit.methods import get_method
-
-        method = get_method(s["method"], head=head_modules(model) if s["task"] == "seq-cls" else [])
-        method.apply(model)
-    if resume is None:
-        with open(os.path.join(out, RUN_CONFIG), "w", encoding="utf-8") as f:
-            json.dump(s, f, indent=2)
-    tcfg = TrainConfig(**{k: s[k] for k in TRAIN_KEYS})
-    print(f"lorakit train: run directory {out}", file=sys.stderr)
+    out = None
     try:
-        metrics = fit(model, train, ev, tcfg, out_dir=out, resume=resume, callbacks=callbacks)
+        s = _resolve_settings(normalize(settings, "settings"), resume)
+        check_device(s["device"])
+        trackers = parse_report_to(s["report_to"])
+        require("transformers", "lorakit train")
+        for name in trackers:
+            require(name, f"--report-to {name}")
+        plot = available("matplotlib")
+        if not plot:
+            _say(f"matplotlib is not installed, so curves.png will not be written ({install_hint('matplotlib')})")
+        progress = s["progress"] if s["progress"] is not None else sys.stderr.isatty()
+        if progress and not available("tqdm"):
+            progress = False
+            _say(f"tqdm is not installed: no progress bar ({install_hint('tqdm')})")
+        if resume is None:
+            check_run_dir(s["out"], s["overwrite"])
+        if s["threads"]:
+            torch.set_num_threads(int(s["threads"]))
+        tok = load_tokenizer(s["model"])
+        train, ev = build_data(s, tok)
+        for note in train.notes + (ev.notes if ev is not None and ev.source != train.source else []):
+            _say(note)
+        s["labels"] = train.label_names or None
+        model, tok = load_model(s["model"], s["task"], label_names=s["labels"], seed=s["seed"], dtype=s["dtype"])
+        method = None
+        if s["method"] == "lora":
+            cfg = lora_config(s, model)
+            check_rank(model, cfg)
+            inject(model, cfg)
+        else:  # a baseline of lorakit.methods (full, bitfit, adapter, prefix, head): it decides what trains
+            from lorakit.methods import get_method
+
+            method = get_method(s["method"], head=head_modules(model) if s["task"] == "seq-cls" else [])
+            method.apply(model)
+        tcfg = TrainConfig(**{**{k: s[k] for k in TRAIN_KEYS}, "progress": bool(progress)})
+        total = plan_steps(len(train), tcfg)[2]
+        if resume is None:
+            out = s["out"] = new_run_dir(s["out"], s["overwrite"])
+            with open(os.path.join(out, RUN_CONFIG), "w", encoding="utf-8") as f:
+                json.dump(s, f, indent=2)
+        else:
+            out = resume
+        _say(f"run directory {out}; {total} optimizer steps")
+        watchers = [EvalPrinter(total)] + ([StepPrinter(total)] if s["progress"] is None and not progress else [])
+        reporters = make_reporters(trackers, out, s)
+        try:
+            metrics = fit(model, train, ev, tcfg, out_dir=out, resume=resume,
+                          callbacks=[*watchers, *reporters, *callbacks])
+        finally:
+            close_all(reporters)
     except KeyboardInterrupt:
-        raise KeyboardInterrupt(out) from None
+        found = list_checkpoints(out) if out is not None else []
+        raise RunInterrupted(out, found[-1] if found else None) from None
     history = metrics.pop("history")
     from lorakit import save_adapter
 
     model.to("cpu")
     if method is None:
+        # record where the base model comes from, portably (not a path inside the installed package)
+        model.config._name_or_path = ORIGIN.get(s["model"], s["model"])
         save_adapter(model, os.path.join(out, "adapter"))
     else:  # what the method must store beside the base model
         from safetensors.torch import save_file
 
         save_file(method.stored_state(model), os.path.join(out, "trainable.safetensors"))
-    metrics = {"method": s["method"], "model": s["model"], "data": s["data"], "task": s["task"], **metrics}
+        default_modes(os.path.join(out, "trainable.safetensors"))
+    metrics = {"method": s["method"], "model": s["model"], "data": s["data"], "task": s["task"],
+               "threads": torch.get_num_threads(), **metrics}
     with open(os.path.join(out, "metrics.json"), "w", encoding="utf-8") as f:
         json.dump(metrics, f, indent=2)
     with open(os.path.join(out, "history.json"), "w", encoding="utf-8") as f:
         json.dump(history, f)
-    plot_history(history, os.path.join(out, "curves.png"), title=f"lorakit train: {s['model']} on {s['data']}")
+    if plot:
+        from lorakit.train.plots import plot_history
+
+        plot_history(history, os.path.join(out, "curves.png"), title=f"lorakit train: {s['model']} on {s['data']}")
     return {**metrics, "out": out}

@@ -30,6 +30,7 @@ from lorakit.data.dataset import TokenDataset, batch_order, collate
 from lorakit.layers import LoraLayer
 from lorakit.train.checkpoint import find_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from lorakit.train.config import TrainConfig
+from lorakit.train.logging import notify_eval
 from lorakit.train.losses import count_targets, loss_sum
 from lorakit.train.measure import evaluate, peak_memory_mb, to_device
 from lorakit.train.schedule import make_scheduler
@@ -131,7 +132,8 @@ def fit(model: nn.Module, train_ds: TokenDataset, eval_ds: TokenDataset | None =
         out_dir: where checkpoints go (``<out_dir>/checkpoints``); ``None``: no checkpoints.
         resume: a run directory or checkpoint to continue from (same model, data and cfg).
         callbacks: ``cb(step, logs)`` after every optimizer step; raising KeyboardInterrupt
-            stops the run like Ctrl-C (a checkpoint is saved, then it propagates).
+            stops the run like Ctrl-C (a checkpoint is saved, then it propagates). A callback
+            with an ``on_eval(step, metrics)`` method also gets every evaluation's metrics.
 
     Returns:
         ``trainable_params``, ``total_params``, the final eval metrics (``eval_accuracy`` or
@@ -183,6 +185,7 @@ def fit(model: nn.Module, train_ds: TokenDataset, eval_ds: TokenDataset | None =
             return {}
         metrics = evaluate(model, eval_ds, cfg.eval_batch_size, device, cfg.bf16, cfg.loss_chunk_size)
         history["eval"].append({"step": step, **metrics})
+        notify_eval(callbacks, step, metrics)
         return metrics
 
     def checkpoint(rng: dict[str, Any]) -> None:
