@@ -14,8 +14,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-_FACTORS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
-
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -29,6 +27,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("directory", metavar="DIR",
                    help="adapter directory (the one holding adapter_config.json), or a lorakit train run directory")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a text report")
+    p.add_argument("--check", choices=["vllm"], help="also say whether a serving engine can load the adapter as it "
+                                                      "is, and why not (vllm: vLLM's and LoRAX's rules); exit 3 if "
+                                                      "it cannot")
 
 
 def describe(directory: str | Path) -> dict[str, Any]:
@@ -38,7 +39,9 @@ def describe(directory: str | Path) -> dict[str, Any]:
         FileNotFoundError / NotADirectoryError / ValueError: as ``lorakit.load_adapter`` for the same files.
     """
     from lorakit.config import LoraConfig
-    from lorakit.io.peft_format import CONFIG_NAME, PREFIX, read_config_dict, resolve_adapter_dir, weights_path
+    from lorakit.io.keymap import PREFIX, parse_file_key
+    from lorakit.io.peft_format import CONFIG_NAME, read_config_dict, resolve_adapter_dir, weights_path
+    from lorakit.io.serving import vllm_report
 
     d = resolve_adapter_dir(directory)
     raw = read_config_dict(d)
@@ -47,16 +50,15 @@ def describe(directory: str | Path) -> dict[str, Any]:
     modules: dict[str, dict[str, Any]] = {}
     other: list[str] = []
     for key, shape in shapes.items():
-        k = key[len(PREFIX):] if key.startswith(PREFIX) else key
-        parts = k.split(".")
-        hit = next((i for i, part in enumerate(parts) if part in _FACTORS), None)
-        if hit is None:
-            other.append(k)
+        parsed = parse_file_key(key)  # the key map's reading of a file key, as load_adapter's
+        if parsed is None:
+            other.append(key[len(PREFIX):] if key.startswith(PREFIX) else key)
             continue
-        entry = modules.setdefault(".".join(parts[:hit]), {"rank": None, "dora": False})
-        if parts[hit] in ("lora_A", "lora_embedding_A"):
+        module, attr, _ = parsed
+        entry = modules.setdefault(module, {"rank": None, "dora": False})
+        if attr in ("lora_A", "lora_embedding_A"):
             entry["rank"] = shape[0]
-        elif parts[hit] == "lora_magnitude_vector":
+        elif attr == "lora_magnitude_vector":
             entry["dora"] = True
     cfg = None
     if peft_type.upper() == "LORA":
@@ -86,6 +88,7 @@ def describe(directory: str | Path) -> dict[str, Any]:
         "size_bytes": sum(p.stat().st_size for p in files),
         "files": {p.name: p.stat().st_size for p in files},
         "sub_adapters": {p.name: describe(p) for p in subdirs},
+        "vllm": vllm_report(raw, shapes),
     }
 
 
@@ -145,6 +148,20 @@ def format_report(info: dict[str, Any], indent: str = "") -> str:
     return "\n".join(lines)
 
 
+def format_check(info: dict[str, Any], indent: str = "") -> str:
+    """The vLLM/LoRAX verdict of ``info`` (and of its sub-adapters)."""
+    v = info["vllm"]
+    lines = [f"{indent}vLLM / LoRAX ({info['directory']}): " + ("can serve it" if v["servable"] else "cannot serve it")]
+    lines += [f"{indent}  - {p}" for p in v["problems"]] + [f"{indent}  note: {n}" for n in v["notes"]]
+    for sub in info["sub_adapters"].values():
+        lines.append(format_check(sub, indent + "  "))
+    return "\n".join(lines)
+
+
+def _servable(info: dict[str, Any]) -> bool:
+    return info["vllm"]["servable"] and all(_servable(s) for s in info["sub_adapters"].values())
+
+
 def run(args: argparse.Namespace) -> int:
     directory = Path(args.directory)
     if (directory / "run_config.json").is_file() and not (directory / "adapter_config.json").is_file():
@@ -154,5 +171,10 @@ def run(args: argparse.Namespace) -> int:
                                     "or it trained another method (its tensors are in trainable.safetensors)")
         directory = directory / "adapter"
     info = describe(directory)
-    print(json.dumps(info, indent=2) if args.json else format_report(info))
-    return 0
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print(format_report(info))
+        if args.check:
+            print(format_check(info))
+    return 3 if args.check and not _servable(info) else 0

@@ -128,6 +128,32 @@ def parse_in_memory_key(model: nn.Module, key: str) -> tuple[str, str] | None:
     return None
 
 
+def factor_attrs() -> tuple[str, ...]:
+    """Every attribute any LoRA layer type keeps per-adapter tensors in (from the classes' own
+    ``adapter_attrs``, so a new layer type is known here the moment it is defined)."""
+    seen: dict[str, None] = {}
+    todo = [LoraLayer]
+    while todo:
+        cls = todo.pop()
+        seen.update(dict.fromkeys(cls.adapter_attrs))
+        todo.extend(cls.__subclasses__())
+    return tuple(seen)
+
+
+def parse_file_key(key: str) -> tuple[str, str, str] | None:
+    """``(module, attr, leaf)`` of a file key written for a LoRA layer (PREFIX optional): the last
+    path component that is a factor attribute splits it, e.g. ``model.q_proj.lora_A.weight`` ->
+    ``("model.q_proj", "lora_A", "weight")``. None for other tensors (saved copies, base tensors),
+    which a file does not mark; reading them needs the model (:func:`file_plan`)."""
+    key = key[len(PREFIX):] if key.startswith(PREFIX) else key
+    parts = key.split(".")
+    attrs = set(factor_attrs())
+    for i in range(len(parts) - 1, 0, -1):
+        if parts[i] in attrs:
+            return ".".join(parts[:i]), parts[i], ".".join(parts[i + 1:])
+    return None
+
+
 def saved_copy_paths(model: nn.Module, name: str) -> list[str]:
     """Paths of the ``modules_to_save`` wrappers holding a copy for adapter ``name``."""
     return [p for p, w in wrappers(model) if isinstance(w, ModulesToSave) and name in w.modules_to_save]
