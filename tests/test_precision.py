@@ -142,3 +142,13 @@ def test_bf16_training_lowers_the_loss_like_fp32():
     assert bf16[-1] < 0.9 * bf16[0]
     for step in (10, 30, 59):  # the bf16 curve tracks the fp32 one
         assert abs(bf16[step] - fp32[step]) < 0.01 * fp32[step], (step, bf16[step], fp32[step])
+
+
+def test_train_on_a_bf16_gpu_loads_the_base_in_bf16_without_autocast():
+    from lorakit.train.settings import gpu_precision
+
+    assert gpu_precision("auto", None, True, cuda=True, bf16_supported=True) == ("bfloat16", False)
+    assert gpu_precision("cuda:1", None, False, cuda=True, bf16_supported=True) == ("bfloat16", False)
+    assert gpu_precision("cuda", None, True, cuda=True, bf16_supported=False) == (None, True)  # e.g. a V100
+    assert gpu_precision("auto", None, True, cuda=False) == (None, True)  # the CPU keeps fp32 + autocast
+    assert gpu_precision("cuda", "float32", True, cuda=True, bf16_supported=True) == ("float32", True)  # --dtype wins

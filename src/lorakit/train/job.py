@@ -35,7 +35,15 @@ from lorakit.train.checkpoint import default_modes, list_checkpoints
 from lorakit.train.config import TrainConfig
 from lorakit.train.logging import EvalPrinter, StepPrinter, close_all, make_reporters, parse_report_to
 from lorakit.train.loop import fit, plan_steps
-from lorakit.train.settings import DEFAULTS, LORA_KEYS, TRAIN_KEYS, check_device, normalize, parse_modules
+from lorakit.train.settings import (
+    DEFAULTS,
+    LORA_KEYS,
+    TRAIN_KEYS,
+    check_device,
+    gpu_precision,
+    normalize,
+    parse_modules,
+)
 
 BUILTIN_DATA = "vader"
 RUN_CONFIG = "run_config.json"
@@ -213,6 +221,7 @@ def run_job(settings: dict[str, Any], resume: str | None = None, callbacks=()) -
         for note in train.notes + (ev.notes if ev is not None and ev.source != train.source else []):
             _say(note)
         s["labels"] = train.label_names or None
+        s["dtype"], s["bf16"] = gpu_precision(s["device"], s["dtype"], s["bf16"])  # a bf16 base on a GPU
         model, tok = load_model(s["model"], s["task"], label_names=s["labels"], seed=s["seed"], dtype=s["dtype"])
         method = None
         if s["method"] == "lora":

@@ -160,7 +160,8 @@ def fit(model: nn.Module, train_ds: TokenDataset, eval_ds: TokenDataset | None =
     task, lengths = train_ds.task, train_ds.lengths()
     groups = param_groups(model, cfg)
     params = [p for g in groups for p in g["params"]]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    fused = device.type == "cuda" and all(p.is_floating_point() for p in params)  # one kernel per step
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
     n_batches, per_epoch, total = plan_steps(len(train_ds), cfg)
     warmup = cfg.warmup_steps or int(cfg.warmup_ratio * total)
     scheduler = make_scheduler(optimizer, total, warmup, cfg.schedule)
@@ -227,7 +228,9 @@ def fit(model: nn.Module, train_ds: TokenDataset, eval_ds: TokenDataset | None =
                 logs = {"loss": step_loss, "lr": lr, "tok/s": tokens / max(train_seconds, 1e-9)}
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{logs['tok/s']:.0f}")
+                    gpu = {"mem": f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f}GiB"} \
+                        if device.type == "cuda" else {}
+                    bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{logs['tok/s']:.0f}", **gpu)
                 for cb in callbacks:
                     cb(step, logs)
                 if stop.requested:

@@ -112,3 +112,23 @@ def check_device(name: str) -> None:
         raise ValueError(f"--device {name}: MPS is not available here; use --device cpu (or auto)")
     elif dev.type not in ("cpu", "cuda", "mps", "xpu"):
         raise ValueError(f"--device {name!r}: use auto, cpu, cuda, cuda:N or mps")
+
+
+def gpu_precision(device: str, dtype: str | None, bf16: bool, *, cuda: bool | None = None,
+                  bf16_supported: bool | None = None) -> tuple[str | None, bool]:
+    """``(dtype, bf16 autocast)`` for a run: on a CUDA device with bf16 support and no ``--dtype``
+    given, the frozen base is loaded in bf16 (half the bytes, no per-forward casts) and autocast is
+    off — the adapters stay fp32 masters, their term computed in bf16 (``lorakit.layers.factors``).
+    Elsewhere, and whenever ``--dtype`` is given, the settings are kept as they are.
+
+    ``cuda`` / ``bf16_supported`` default to what this torch sees (given explicitly in tests).
+    """
+    import torch
+
+    if dtype is not None:
+        return dtype, bf16
+    name = "cuda" if device == "auto" else device
+    on_cuda = (torch.cuda.is_available() if cuda is None else cuda) and name.startswith("cuda")
+    if on_cuda and (torch.cuda.is_bf16_supported() if bf16_supported is None else bf16_supported):
+        return "bfloat16", False
+    return dtype, bf16
