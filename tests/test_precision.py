@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from torch import nn
 
@@ -152,3 +153,23 @@ def test_train_on_a_bf16_gpu_loads_the_base_in_bf16_without_autocast():
     assert gpu_precision("cuda", None, True, cuda=True, bf16_supported=False) == (None, True)  # e.g. a V100
     assert gpu_precision("auto", None, True, cuda=False) == (None, True)  # the CPU keeps fp32 + autocast
     assert gpu_precision("cuda", "float32", True, cuda=True, bf16_supported=True) == ("float32", True)  # --dtype wins
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_gradient_checkpointing_gives_the_same_grads_on_a_bf16_base(reentrant):
+    """HF activation checkpointing (either flavour) with fp32 masters computed in bf16: the same
+    gradients as without it (the recomputed forward is the same function)."""
+    grads = []
+    adapted = lk.inject(_bf16_llama(), lk.LoraConfig(r=4, target_modules=TARGETS, init_lora_weights=False))
+    for checkpointing in (False, True):
+        model = copy.deepcopy(adapted)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+            model.enable_input_require_grads()  # what lk.inject does for a model checkpointed before injection
+        model.train()
+        x = models.ids(batch=2, seq=8)
+        model(input_ids=x, labels=x).loss.backward()
+        grads.append({n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 2 * 7 * 2
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], atol=1e-6, rtol=1e-3)
