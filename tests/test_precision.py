@@ -173,3 +173,40 @@ def test_gradient_checkpointing_gives_the_same_grads_on_a_bf16_base(reentrant):
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 2 * 7 * 2
     for k in grads[0]:
         torch.testing.assert_close(grads[1][k], grads[0][k], atol=1e-6, rtol=1e-3)
+
+
+def _saved_bytes(model: nn.Module, x: torch.Tensor) -> int:
+    """Bytes of the distinct storages autograd keeps for backward in one forward."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=x).logits.float().sum()
+    return sum(seen.values())
+
+
+def test_the_lora_term_saves_only_its_shared_inputs_and_the_r_wide_products():
+    """Over the frozen model, LoRA on all 7 projections keeps at most: each distinct input once (q/k/v
+    share one, gate/up another: 4 per layer), the r-wide A·x of each projection, and the bf16 copies
+    of the small factors — in bf16. PEFT's numerics keep fp32 copies of the inputs besides."""
+    b, t, r, layers, h, inter = 4, 16, 4, 2, 32, 64
+    x = models.ids(batch=b, seq=t)
+    floor = _bf16_llama()
+    floor.requires_grad_(False)
+    floor.enable_input_require_grads()
+    floor.train()
+    extra = {}
+    for mode in ("lorakit", "peft_numerics"):
+        model = _bf16_llama()
+        lk.inject(model, lk.LoraConfig(r=r, target_modules=TARGETS), peft_numerics=mode == "peft_numerics")
+        model.train()
+        extra[mode] = _saved_bytes(model, x) - _saved_bytes(floor, x)
+    kv = 16  # 2 KV heads × head dim 8
+    factors = sum(r * i + o * r for i, o in [(h, h), (h, kv), (h, kv), (h, h), (h, inter), (h, inter), (inter, h)])
+    bound = layers * 2 * (b * t * (3 * h + inter) + 7 * b * t * r + factors)  # bf16: 2 bytes each
+    assert 0 < extra["lorakit"] <= bound, (extra, bound)
+    assert extra["peft_numerics"] > 3 * extra["lorakit"], extra
