@@ -43,6 +43,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, metavar="OUT", help="output directory for the merged model (created)")
     p.add_argument("--adapter-name", default="default", metavar="NAME",
                    help="for a directory with several adapters: which one (a sub-directory name); default: default")
+    p.add_argument("--quantize", choices=["nf4", "fp4", "int8", "none"], default=None,
+                   help="for an adapter trained on a quantized base (QLoRA): load the base quantized the same way "
+                        "(bitsandbytes, as lorakit train --quantize), so the merged weights are deq(Q(W)) + ΔW — the "
+                        "function the adapter was trained with — saved in --dtype. Default: the 'quantize' setting of "
+                        "the run_config.json beside the adapter (a lorakit train run directory), else none")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
+                   help="dtype of the merged model (default: bf16 for a quantized base, else the base's own)")
 
 
 def model_class(base_dir: Path, task_type: str | None):
@@ -72,6 +79,17 @@ def model_class(base_dir: Path, task_type: str | None):
     return transformers.AutoModel
 
 
+def trained_quantization(adapter_dir: Path) -> str | None:
+    """The ``quantize`` setting of the ``lorakit train`` run an adapter directory belongs to
+    (``run_config.json`` one level up), if any."""
+    path = Path(adapter_dir).resolve().parent / "run_config.json"
+    try:
+        value = json.loads(path.read_text(encoding="utf-8")).get("quantize") if path.is_file() else None
+    except (json.JSONDecodeError, OSError, AttributeError):
+        return None
+    return value if value in ("nf4", "fp4", "int8") else None
+
+
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import lorakit as lk
@@ -83,15 +101,28 @@ def run(args: argparse.Namespace) -> int:
     adapter_dir = resolve_adapter_dir(args.adapter, args.adapter_name)
     task_type = read_config_dict(adapter_dir).get("task_type")
     cls = model_class(base_dir, task_type)
-    model = cls.from_pretrained(str(base_dir), local_files_only=True)
+    quantize = args.quantize or trained_quantization(adapter_dir) or "none"
+    kwargs = {}
+    if quantize != "none":
+        from lorakit.models import HEAD_NAMES
+        from lorakit.quantize import bnb_config
+
+        skip = list(HEAD_NAMES) if task_type == "SEQ_CLS" else None
+        kwargs = {"quantization_config": bnb_config(quantize, skip_modules=skip), "device_map": {"": "cpu"}}
+        print(f"loading the base quantized ({quantize}) as the adapter was trained; merging dequantized weights")
+    model = cls.from_pretrained(str(base_dir), local_files_only=True, **kwargs)
     n_base = sum(p.numel() for p in model.parameters())
     lk.load_adapter(model, adapter_dir, adapter_name=args.adapter_name)
     lk.set_adapter(model, args.adapter_name)
-    out = lk.save_merged(model, args.out)
+    from lorakit.quantize import DTYPES
+
+    dtype = DTYPES[args.dtype] if args.dtype else (DTYPES["bf16"] if quantize != "none" else None)
+    out = lk.save_merged(model, args.out, dtype=dtype)
     copied = [f for f in TOKENIZER_FILES if (base_dir / f).is_file()]
     for f in copied:
         shutil.copyfile(base_dir / f, out / f)
     print(f"merged {str(adapter_dir)!r} into {type(model).__name__} from {str(base_dir)!r} -> {str(out)!r}"
           + (f" (+ {len(copied)} tokenizer file(s))" if copied else ""))
-    print(f"base model parameters: {n_base:,d} (the merged model has the same, unless tied weights were untied)")
+    if quantize == "none":
+        print(f"base model parameters: {n_base:,d} (the merged model has the same, unless tied weights were untied)")
     return 0

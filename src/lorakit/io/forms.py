@@ -53,12 +53,14 @@ def _is_hf(model: nn.Module) -> bool:
 
 
 def save_merged(model: nn.Module, directory: PathLike, adapter_names: Sequence[str] | None = None,
-                safe_merge: bool = False) -> Path:
+                safe_merge: bool = False, *, dtype: torch.dtype | None = None) -> Path:
     """Save ``W + ΔW`` in the base architecture (form b); ``model`` itself keeps its adapters.
 
     Args:
         adapter_names: adapters to merge (default: the active ones).
         safe_merge: refuse to save if a merged weight would be non-finite.
+        dtype: the saved weights' dtype (default: the model's own; for a quantized base, its
+            compute dtype: quantized layers are dequantized, see ``merge_and_unload``).
 
     Returns:
         ``directory``.
@@ -72,7 +74,7 @@ def save_merged(model: nn.Module, directory: PathLike, adapter_names: Sequence[s
     out = ensure_dir(directory)
     merged = copy.deepcopy(model)
     untied = untie_adapted_weights(merged, names)
-    merged = merge_and_unload(merged, names, safe_merge)
+    merged = merge_and_unload(merged, names, safe_merge, dtype=dtype)
     if not _is_hf(merged):
         if untied:
             raise ValueError(f"the adapters change weights that {type(model).__name__} shares between modules "

@@ -42,7 +42,7 @@ DEFAULTS: dict[str, Any] = {
     "warmup_ratio": 0.06, "warmup_steps": 0, "schedule": "cosine", "loraplus_lr_ratio": None, "max_grad_norm": 1.0,
     "gradient_checkpointing": False, "bf16": False, "seed": 0, "eval_every": 0, "eval_batch_size": 64,
     "checkpoint_every": 0, "keep_checkpoints": 2, "group_by_length": True, "device": "auto", "progress": True,
-    "threads": None, "out": None, "overwrite": False,
+    "threads": None, "out": None, "overwrite": False, "quantize": None,
 }
 TRAIN_KEYS = [k for k in TrainConfig.__dataclass_fields__ if k in DEFAULTS]
 LORA_KEYS = ["r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "layers_to_transform",
@@ -153,7 +153,12 @@ def run_job(settings: dict[str, Any], resume: str | None = None, callbacks=()) -
     if resume is None:
         out = new_run_dir(s["out"], s["overwrite"])
         s["out"] = out
-    model, tok = load_model(s["model"], s["task"], label_names=s["labels"], seed=s["seed"])
+    if s["quantize"]:  # QLoRA: a bitsandbytes base, prepared for k-bit training (lorakit.quantize)
+        from lorakit.quantize import load_for_job
+
+        model, tok = load_for_job(s)
+    else:
+        model, tok = load_model(s["model"], s["task"], label_names=s["labels"], seed=s["seed"])
     method = None
     if s["method"] == "lora":
         inject(model, lora_config(s, model))
