@@ -47,6 +47,19 @@ def bnb_config(kind: str, compute_dtype: torch.dtype = torch.bfloat16, double_qu
                               bnb_4bit_compute_dtype=compute_dtype, llm_int8_skip_modules=skip_modules)
 
 
+def load_kwargs(kind: str, task: str, device: str = "cpu", compute_dtype: torch.dtype = torch.bfloat16,
+                double_quant: bool = True) -> dict[str, Any]:
+    """``from_pretrained`` keywords of a quantized load: the BitsAndBytesConfig, the device, and
+    the non-quantized parameters in ``compute_dtype``. ``lorakit merge`` loads with the same
+    keywords as ``lorakit train --quantize``, so it dequantizes exactly the codes trained on
+    (4-bit codes of a bf16-cast weight may differ from those of the fp32 one)."""
+    from lorakit.models import HEAD_NAMES
+
+    skip = list(HEAD_NAMES) if task == "seq-cls" else None
+    return {"quantization_config": bnb_config(kind, compute_dtype, double_quant, skip_modules=skip),
+            "device_map": {"": device}, "dtype": compute_dtype}
+
+
 def load_quantized(name_or_path: str, task: str, kind: str, *, label_names: list[str] | None = None, seed: int = 0,
                    device: str = "cpu", compute_dtype: torch.dtype = torch.bfloat16, double_quant: bool = True):
     """Load ``(model, tokenizer)`` with its Linear layers quantized by bitsandbytes, offline.
@@ -62,15 +75,13 @@ def load_quantized(name_or_path: str, task: str, kind: str, *, label_names: list
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
-    from lorakit.models import HEAD_NAMES, load_tokenizer, resolve, tiny_llama
+    from lorakit.models import load_tokenizer, resolve, tiny_llama
 
     if task not in ("seq-cls", "causal-lm"):
         raise ValueError(f"task must be 'seq-cls' or 'causal-lm', got {task!r}")
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    kwargs = {"quantization_config": bnb_config(kind, compute_dtype, double_quant,
-                                                skip_modules=list(HEAD_NAMES) if task == "seq-cls" else None),
-              "device_map": {"": device}, "dtype": compute_dtype}
+    kwargs = load_kwargs(kind, task, device, compute_dtype, double_quant)
     if name_or_path == "tiny-llama":
         if task != "causal-lm":
             raise ValueError("the built-in 'tiny-llama' is a causal LM; use --task causal-lm")
@@ -169,7 +180,7 @@ def quantize_nf4_(model: nn.Module, *, dtype: torch.dtype = torch.bfloat16, bloc
         ImportError: torchao is not installed.
     """
     try:
-        from torchao.quantization import to_nf4
+        from torchao.quantization import to_nf4  # torchao >= 0.18 (before: torchao.dtypes.nf4tensor)
     except ImportError:
         raise ImportError("NF4 quantization needs torchao: pip install 'lorakit[quant]'") from None
     get_out = getattr(model, "get_output_embeddings", None)
@@ -190,19 +201,27 @@ def quantize_nf4_(model: nn.Module, *, dtype: torch.dtype = torch.bfloat16, bloc
 
 def weight_bytes(model: nn.Module) -> dict[str, int]:
     """Bytes of the model's weights on their device: ``quantized`` (4/8-bit weights with their
-    statistics), ``other`` (every other parameter and buffer: norms, embeddings, head, LoRA
-    factors) and ``total``; each tensor counted once."""
-    seen: set[int] = set()
+    statistics and code tables), ``other`` (every other parameter and buffer: norms, embeddings,
+    head, LoRA factors) and ``total``; a tensor shared by several modules is counted once."""
+    seen: set[tuple[int, int]] = set()
+
+    def new(t: torch.Tensor) -> int:
+        key = (t.untyped_storage().data_ptr(), t.storage_offset()) if t.device.type != "meta" else (id(t), 0)
+        if key in seen:
+            return 0
+        seen.add(key)
+        return t.numel() * t.element_size()
+
     quantized = other = 0
+    held = set()
     for module in model.modules():
         fmt = quant_format(module)
         if fmt is not None:
-            seen.add(id(module.weight))
-            quantized += fmt.storage_bytes(module)
+            held.add(id(module.weight))
+            quantized += sum(new(t) for t in fmt.storage(module))
     for t in [*model.parameters(), *model.buffers()]:
-        if id(t) not in seen:
-            seen.add(id(t))
-            other += t.numel() * t.element_size()
+        if id(t) not in held:
+            other += new(t)
     return {"quantized": quantized, "other": other, "total": quantized + other}
 
 

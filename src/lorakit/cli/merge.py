@@ -104,11 +104,9 @@ def run(args: argparse.Namespace) -> int:
     quantize = args.quantize or trained_quantization(adapter_dir) or "none"
     kwargs = {}
     if quantize != "none":
-        from lorakit.models import HEAD_NAMES
-        from lorakit.quantize import bnb_config
+        from lorakit.quantize import load_kwargs
 
-        skip = list(HEAD_NAMES) if task_type == "SEQ_CLS" else None
-        kwargs = {"quantization_config": bnb_config(quantize, skip_modules=skip), "device_map": {"": "cpu"}}
+        kwargs = load_kwargs(quantize, "seq-cls" if task_type == "SEQ_CLS" else "causal-lm")
         print(f"loading the base quantized ({quantize}) as the adapter was trained; merging dequantized weights")
     model = cls.from_pretrained(str(base_dir), local_files_only=True, **kwargs)
     n_base = sum(p.numel() for p in model.parameters())

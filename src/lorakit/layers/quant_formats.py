@@ -54,13 +54,9 @@ class QuantFormat:
         """The float dtype the layer computes in; a merged (dequantized) copy is stored in it."""
         return torch.bfloat16
 
-    def storage_bytes(self, layer: nn.Module) -> int:
-        """Bytes of the quantized weight and its statistics (bias excluded)."""
+    def storage(self, layer: nn.Module) -> list[torch.Tensor]:
+        """The tensors holding the quantized weight and its statistics (bias excluded)."""
         raise NotImplementedError  # pragma: no cover - every format overrides it
-
-
-def _nbytes(*tensors: torch.Tensor | None) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
 class Bnb4bit(QuantFormat):
@@ -125,10 +121,12 @@ class Bnb4bit(QuantFormat):
         dtype = getattr(layer, "compute_dtype", None)
         return dtype if dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.bfloat16
 
-    def storage_bytes(self, layer: nn.Module) -> int:
+    def storage(self, layer: nn.Module) -> list[torch.Tensor]:
         w, qs = self._state(layer)
         state2 = getattr(qs, "state2", None)
-        return _nbytes(w.data, qs.absmax, qs.code, getattr(state2, "absmax", None), getattr(state2, "code", None))
+        parts = [w.data, qs.absmax, qs.code, getattr(qs, "offset", None), getattr(state2, "absmax", None),
+                 getattr(state2, "code", None)]
+        return [t for t in parts if isinstance(t, torch.Tensor)]
 
 
 class Bnb8bit(QuantFormat):
@@ -172,8 +170,8 @@ class Bnb8bit(QuantFormat):
         layer.weight = new.to(old.device)
         layer.state.reset_grads()  # the next forward takes CB / SCB from the new weight
 
-    def storage_bytes(self, layer: nn.Module) -> int:
-        return _nbytes(layer.weight.data, self._scales(layer))
+    def storage(self, layer: nn.Module) -> list[torch.Tensor]:
+        return [t for t in (layer.weight.data, self._scales(layer)) if isinstance(t, torch.Tensor)]
 
 
 class TorchaoNF4(QuantFormat):
@@ -189,7 +187,7 @@ class TorchaoNF4(QuantFormat):
         return layer.weight.get_original_weight().to(torch.float32)  # (out, in)
 
     def requantize(self, layer: nn.Module, w: torch.Tensor) -> None:
-        from torchao.quantization import to_nf4
+        from torchao.quantization import to_nf4  # torchao >= 0.18 (before: torchao.dtypes.nf4tensor)
 
         old = layer.weight
         new = to_nf4(w.to(old.dtype), old.block_size, old.scaler_block_size)
@@ -198,9 +196,9 @@ class TorchaoNF4(QuantFormat):
     def compute_dtype(self, layer: nn.Module) -> torch.dtype:
         return layer.weight.dtype  # NF4Tensor reports the dtype it was quantized from
 
-    def storage_bytes(self, layer: nn.Module) -> int:
+    def storage(self, layer: nn.Module) -> list[torch.Tensor]:
         w = layer.weight
-        return _nbytes(*(getattr(w, k) for k in w.__tensor_flatten__()[0]))
+        return [getattr(w, k) for k in w.__tensor_flatten__()[0]]
 
 
 def _weight(module: nn.Module):

@@ -132,22 +132,27 @@ class QuantizedLinear(Linear):
     def merged_linear(self, adapter_names: Sequence[str], dtype: torch.dtype) -> nn.Linear:
         """A plain ``nn.Linear`` (in ``dtype``, frozen) computing ``deq(W) + Σ ΔW`` over the
         adapters in ``adapter_names`` not merged yet, summed in fp32: the dequantized merge."""
-        base = self.base_layer
         with torch.no_grad():
             w = self.dequantized()  # (out, in) fp32
             for name in adapter_names:
                 if name in self.r and name not in self.merged_adapters:
                     w = self._merged_weight(w, name)
                     self.merge_cache.pop(name)
-            bias = getattr(base, "bias", None)
-            out = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device=w.device, dtype=dtype)
-            out.weight = nn.Parameter(w.to(dtype), requires_grad=False)
-            if bias is not None:
-                out.bias = nn.Parameter(bias.detach().to(dtype), requires_grad=False)
-        return out.train(base.training)
+        return plain_linear(self.base_layer, w, dtype)
 
     def extra_repr(self) -> str:
         return f"{self.quant.describe(self.base_layer)}, {super().extra_repr()}"
+
+
+def plain_linear(base: nn.Module, w: torch.Tensor, dtype: torch.dtype) -> nn.Linear:
+    """A frozen ``nn.Linear`` in ``dtype`` with weight ``w`` (out, in) and ``base``'s bias and mode."""
+    bias = getattr(base, "bias", None)
+    with torch.no_grad():
+        out = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device=w.device, dtype=dtype)
+        out.weight = nn.Parameter(w.to(dtype), requires_grad=False)
+        if bias is not None:
+            out.bias = nn.Parameter(bias.detach().to(dtype), requires_grad=False)
+    return out.train(base.training)
 
 
 def unmerge_refusal(layer: QuantizedLinear, path: str | None = None) -> str:
