@@ -383,3 +383,26 @@ def test_linear_with_an_unknown_integer_or_torchao_weight_is_refused():
         quantize_(ao, Int8WeightOnlyConfig())
     with pytest.raises(TypeError, match=rf"quantized with torchao {type(ao[0].weight).__name__} weight"):
         lk.inject(ao, lk.LoraConfig(r=2, target_modules="all-linear"))
+
+
+@pytest.mark.parametrize("kind", qm.KINDS)
+def test_save_full_round_trips_bitsandbytes_bases_refuses_nf4_tensors_and_unload_gives_the_base_back(
+        base_dir, kind, tmp_path):
+    model = quantized(kind, base_dir)
+    torch.manual_seed(0)
+    lk.inject(model, lk.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    x = qm.ids()
+    with torch.no_grad():
+        y = model(x).logits
+    if kind == "torchao":
+        with pytest.raises(ValueError, match="save_full cannot write tensor subclasses.*NF4Tensor"):
+            lk.save_full(model, tmp_path)
+    else:
+        lk.save_full(model, tmp_path)
+        again = lk.load_full(quantized(kind, base_dir), tmp_path)
+        with torch.no_grad():
+            torch.testing.assert_close(again(x).logits, y, rtol=0, atol=0)
+    bases = {p: type(w.base_layer) for p, w in wrappers(model)}
+    lk.unload(model)
+    assert {p: type(model.get_submodule(p)) for p in bases} == bases
+    assert all(quant_format(model.get_submodule(p)) is not None for p in bases)

@@ -138,8 +138,9 @@ def save_full(model: nn.Module, path: PathLike) -> Path:
     adapter's config and targets, the active adapters), written all or nothing.
 
     Raises:
-        ValueError: no adapters, or adapters merged into the base (``unmerge`` first: form (a)
-            keeps W and ΔW apart). NotADirectoryError / PermissionError: a bad target.
+        ValueError: no adapters, adapters merged into the base (``unmerge`` first: form (a)
+            keeps W and ΔW apart), or a tensor subclass (torchao NF4) safetensors cannot store.
+            NotADirectoryError / PermissionError: a bad target.
     """
     from lorakit import __version__
 
@@ -149,6 +150,12 @@ def save_full(model: nn.Module, path: PathLike) -> Path:
         raise ValueError(f"adapters are merged into {merged[:3]}; call lorakit.unmerge(model) before save_full "
                          "(form (a) stores the base weights and the adapters separately)")
     full = model.state_dict()
+    subclassed = {k: type(t).__name__ for k, t in full.items()
+                  if type(t) is not torch.Tensor and not issubclass(type(t), nn.Parameter)}
+    if subclassed:  # e.g. torchao NF4Tensor weights: safetensors stores plain tensors only
+        some = dict(list(subclassed.items())[:3])
+        raise ValueError(f"save_full cannot write tensor subclasses to safetensors: {some}. Save the adapter "
+                         "(save_adapter) and rebuild the quantized base from its checkpoint")
     tensors, aliases = {}, {}
     first: dict[int, str] = {}
     for k, t in full.items():
