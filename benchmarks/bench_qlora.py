@@ -18,7 +18,8 @@ tokens. Measured:
 - peak tensor memory of the step: on CPU, the high-water mark of tensor bytes allocated during the
   step (torch.profiler allocation events) plus the bytes live before it (weights) — what
   ``torch.cuda.max_memory_allocated`` reports on a GPU, which is used there instead;
-- the process's peak RSS and the step's wall time (informative; the profiler slows the step).
+- the process's peak RSS after loading, before the step and at the end, and the step's wall time
+  (informative: the CPU profiler slows the step and keeps its own event records in RSS).
 
     python benchmarks/bench_qlora.py [--layers 22] [--seq 256] [--batch 1] [--threads 2] [--device cpu]
 
@@ -92,9 +93,12 @@ def worker(kind: str, ckpt: str, device: str, seq: int, batch: int, threads: int
 
     from lorakit.quantize import prepare_for_kbit_training, weight_bytes
 
+    def rss() -> float:  # the process's peak resident set so far, MB
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
     t0 = time.perf_counter()
     model = load(kind, ckpt, device)
-    load_s = time.perf_counter() - t0
+    load_s, rss_load = time.perf_counter() - t0, rss()
     if kind == "peft_qlora":
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
@@ -112,6 +116,7 @@ def worker(kind: str, ckpt: str, device: str, seq: int, batch: int, threads: int
     opt = torch.optim.AdamW(params, lr=1e-4)
     x = torch.randint(0, SHAPE["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(0)).to(device)
     weights = weight_bytes(model)
+    rss_ready = rss()
 
     def step() -> float:
         loss = model(input_ids=x, labels=x).loss
@@ -136,7 +141,7 @@ def worker(kind: str, ckpt: str, device: str, seq: int, batch: int, threads: int
             "trainable_params": sum(p.numel() for p in params),
             "weights_mb": {k: v / MB for k, v in weights.items()},
             "step_peak_above_weights_mb": step_peak, "peak_tensor_mb": peak_total,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_rss_after_load_mb": rss_load, "peak_rss_before_step_mb": rss_ready, "peak_rss_mb": rss(),
             "loadavg_1m_at_end": os.getloadavg()[0]}
 
 

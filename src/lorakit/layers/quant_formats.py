@@ -254,7 +254,7 @@ def unsupported_quantization(module: nn.Module) -> str | None:
             return f"a {w.dtype} weight (an unknown quantization)"
         if isinstance(module, nn.Linear) and w.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
             return f"an {w.dtype} weight (FP8)"
-    if cls.__module__.startswith(("torch.nn", "transformers.models", "transformers.pytorch_utils")):
+    if cls.__module__.startswith(("torch.nn", "transformers.models", "transformers.pytorch_utils", "lorakit.")):
         return None
     key = where.lower()
     for pattern, scheme in _UNSUPPORTED:
