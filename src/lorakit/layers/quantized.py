@@ -14,8 +14,8 @@ rank/alpha patterns, DoRA, several adapters, mixed batches and hot swap are the 
 Merging is lossy, and says so:
 
 * in place (``lorakit.merge``): ``W ← Q(deq(W) + ΔW)`` — dequantize, add ΔW in fp32, re-quantize.
-  The rounding error ``Q(W + ΔW) − (W + ΔW)`` is measured and reported (it is often larger than
-  ΔW itself at 4 bits); ``unmerge`` is refused, since ``Q(W + ΔW) − ΔW`` is not W.
+  The rounding error ``Q(W + ΔW) − (W + ΔW)`` is measured and reported (40–64% of ‖ΔW‖ for the
+  adapters of the tiny 4-bit test runs); ``unmerge`` is refused, since ``Q(W + ΔW) − ΔW`` is not W.
 * ``merged_linear`` (used by ``merge_and_unload`` / ``save_merged``): a plain ``nn.Linear`` in
   the compute dtype holding ``deq(W) + ΔW`` summed in fp32 — exactly the function the adapted
   layer computes, up to that dtype's rounding.
