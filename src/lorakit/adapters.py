@@ -16,6 +16,7 @@ from torch import nn
 
 from lorakit.layers import BASE_ROW, LoraLayer, ModulesToSave, MultiheadAttention, Wrapper, wrappers
 from lorakit.layers.routing import Route, routed
+from lorakit.merge_quantized import refuse_inexact_unmerge
 from lorakit.state import get_state, require_state
 
 __all__ = ["adapter_names", "active_adapters", "set_adapter", "delete_adapter", "disable_adapters", "mixed_batch",
@@ -114,6 +115,7 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     state it had on entry, so blocks nest.
     """
     state = require_state(model)
+    refuse_inexact_unmerge(model)  # merged into a re-quantized weight: cannot be taken out exactly
     layers = [w for _, w in wrappers(model)]
     before = [(w, w.disabled, list(w.merged_adapters) if isinstance(w, LoraLayer) else []) for w in layers]
     flags = [(p, p.requires_grad) for w in layers for n in state.configs for p in w.adapter_parameters(n)]

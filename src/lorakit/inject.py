@@ -27,7 +27,16 @@ from torch import nn
 
 from lorakit.adapters import set_adapter_grads
 from lorakit.config import ALL_LINEAR, LoraConfig
-from lorakit.layers import LoraLayer, ModulesToSave, is_linear_like, is_supported, wrap, wrappers
+from lorakit.layers import (
+    LoraLayer,
+    ModulesToSave,
+    check_quantized,
+    is_linear_like,
+    is_supported,
+    unsupported_quantization,
+    wrap,
+    wrappers,
+)
 from lorakit.state import LorakitState, get_state
 from lorakit.transaction import Transaction, set_submodule, transaction
 
@@ -113,8 +122,10 @@ def find_targets(model: nn.Module, cfg: LoraConfig, strict: bool = True) -> list
         _check_entries(model, candidates, spec, strict)
     found: list[str] = []
     for name, module in candidates:
-        if spec == ALL_LINEAR:
-            hit = (is_linear_like(getattr(module, "base_layer", module)) and module is not head
+        if spec == ALL_LINEAR:  # a quantized linear lorakit cannot adapt matches too, to be refused below
+            inner = getattr(module, "base_layer", module)
+            refused = unsupported_quantization(inner) is not None and not isinstance(inner, (nn.Embedding, nn.Conv2d))
+            hit = ((is_linear_like(inner) or refused) and module is not head
                    and id(module) not in out_projs and not _matches_list(name, saved) and _in_layers(name, cfg))
         elif isinstance(spec, str):
             hit = re.fullmatch(spec, name) is not None
@@ -122,6 +133,7 @@ def find_targets(model: nn.Module, cfg: LoraConfig, strict: bool = True) -> list
             hit = _matches_list(name, spec) and _in_layers(name, cfg)
         if not hit or _excluded(name, cfg):
             continue
+        check_quantized(name, module)
         if not is_supported(module):
             raise TypeError(f"target_modules={spec!r} matched {name!r}, a {type(module).__name__}, which lorakit "
                             "cannot adapt (supported: Linear, Conv1D, Embedding, Conv1d/2d/3d, MultiheadAttention). "

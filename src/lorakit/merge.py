@@ -18,6 +18,8 @@ from lorakit.adapters import _check_names, set_adapter_grads
 from lorakit.config import LoraConfig
 from lorakit.inject import unload
 from lorakit.layers import Embedding, LoraLayer, ModulesToSave, MultiheadAttention, wrappers
+from lorakit.layers.quantized import requantization_report
+from lorakit.merge_quantized import dequantizing_merge, finish_dequantized, refuse_inexact_unmerge
 from lorakit.state import require_state
 from lorakit.transaction import transaction
 
@@ -84,27 +86,46 @@ def merge(model: nn.Module, adapter_names: Sequence[str] | None = None, safe_mer
                                      f"{type(layer.base_layer).__name__}; the adapter is broken. "
                                      "No weight was changed.")
     untie_adapted_weights(model, names)
-    for layer in layers:
-        layer.merge(names)
+    with requantization_report(model):  # quantized layers re-quantize: one warning with the measured error
+        for layer in layers:
+            layer.merge(names)
 
 
 def unmerge(model: nn.Module) -> None:
-    """Take every merged adapter back out of the base weights (a no-op when nothing is merged)."""
+    """Take every merged adapter back out of the base weights (a no-op when nothing is merged).
+
+    Raises:
+        ValueError: an adapter was merged into a re-quantized (4/8-bit) weight; nothing is changed.
+    """
     require_state(model)
+    refuse_inexact_unmerge(model)
     for layer in _lora_layers(model):
         layer.unmerge()
 
 
 def merge_and_unload(model: nn.Module, adapter_names: Sequence[str] | None = None,
-                     safe_merge: bool = False) -> nn.Module:
+                     safe_merge: bool = False, *, dtype: torch.dtype | None = None) -> nn.Module:
     """Merge, then replace each wrapper by its base module: the plain base architecture with ΔW
     folded in (an HF model stays an HF model: ``save_pretrained`` and ``generate`` work).
 
-    ``modules_to_save`` are replaced by the active adapter's trained copy.
+    ``modules_to_save`` are replaced by the active adapter's trained copy. A quantized adapted
+    layer (bitsandbytes, torchao NF4) is dequantized instead of re-quantized: it becomes a plain
+    ``nn.Linear`` holding ``deq(W) + ΔW`` (added in fp32), and the whole model is returned in
+    ``dtype`` — by default the quantized layers' compute dtype (bf16 for the usual QLoRA load) —
+    without its quantization config (see ``lorakit.merge_quantized``).
+
+    Args:
+        dtype: cast the returned model's floating parameters to this dtype (default: unchanged,
+            or the compute dtype for a quantized base).
     """
     state = require_state(model)
+    names = list(state.active if adapter_names is None else adapter_names)
+    _check_names(model, names, "merge_and_unload")
+    dequantized_dtype = dequantizing_merge(model, names, safe_merge, dtype)
     merge(model, adapter_names, safe_merge)
-    return unload(model, keep_trained_copy_of=state.active[0])
+    model = unload(model, keep_trained_copy_of=state.active[0])
+    dtype = dtype or dequantized_dtype
+    return model if dtype is None else finish_dequantized(model, dtype)
 
 
 def _concat_into(layer: LoraLayer, parts: list[tuple[str, float]], new_name: str) -> None:

@@ -51,6 +51,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, metavar="OUT", help="output directory for the merged model (created)")
     p.add_argument("--adapter-name", default="default", metavar="NAME",
                    help="for a directory with several adapters: which one (a sub-directory name); default: default")
+    p.add_argument("--quantize", choices=["nf4", "fp4", "int8", "none"], default=None,
+                   help="for an adapter trained on a quantized base (QLoRA): load the base quantized the same way "
+                        "(bitsandbytes, as lorakit train --quantize), so the merged weights are deq(Q(W)) + ΔW — the "
+                        "function the adapter was trained with — saved in --dtype. Default: the 'quantize' setting of "
+                        "the run_config.json beside the adapter (a lorakit train run directory), else none")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
+                   help="dtype of the merged model (default: bf16 for a quantized base, else the base's own)")
 
 
 def model_class(base_dir: Path, task_type: str | None):
@@ -80,26 +87,49 @@ def model_class(base_dir: Path, task_type: str | None):
     return transformers.AutoModel
 
 
-def _load_base(args: argparse.Namespace, adapter_dir: Path, task_type: str | None):
-    """``(model, tokenizer or None, description)`` of the base to merge into."""
+def trained_quantization(adapter_dir: Path) -> str | None:
+    """The ``quantize`` setting of the ``lorakit train`` run an adapter directory belongs to
+    (``run_config.json`` one level up), if any."""
+    path = Path(adapter_dir).resolve().parent / "run_config.json"
+    try:
+        value = json.loads(path.read_text(encoding="utf-8")).get("quantize") if path.is_file() else None
+    except (json.JSONDecodeError, OSError, AttributeError):
+        return None
+    return value if value in ("nf4", "fp4", "int8") else None
+
+
+def _load_base(args: argparse.Namespace, adapter_dir: Path, task_type: str | None, quantize: str):
+    """``(model, tokenizer or None, description)`` of the base to merge into; quantized as the
+    adapter was trained when ``quantize`` is not ``"none"`` (merged from the same 4/8-bit codes)."""
     from lorakit.models import BUILTIN, is_hub_id, load_model, quiet_transformers
     from lorakit.train.inference import RUN_CONFIG, find_run
 
     quiet_transformers()  # no "Loading weights" bars from transformers
     base = args.base
     run_dir = Path(args.adapter)
+    task = "seq-cls" if task_type == "SEQ_CLS" else "causal-lm"
     if base is None or base in BUILTIN or is_hub_id(base):
         settings = find_run(str(run_dir))[0] if (run_dir / RUN_CONFIG).is_file() or base is None else {}
         name = base or settings["model"]
-        task = settings.get("task") or ("seq-cls" if task_type == "SEQ_CLS" else "causal-lm")
+        task = settings.get("task") or task
         seed = args.seed if args.seed is not None else settings.get("seed", 0)
-        model, tok = load_model(name, task, label_names=settings.get("labels"), seed=seed)
+        if quantize != "none":
+            from lorakit.quantize import load_quantized
+
+            model, tok = load_quantized(name, task, quantize, label_names=settings.get("labels"), seed=seed)
+        else:
+            model, tok = load_model(name, task, label_names=settings.get("labels"), seed=seed)
         return model, tok, name
     base_dir = Path(base)
     if not base_dir.is_dir():
         raise FileNotFoundError(f"--base {base!r} is not a directory, a built-in name {list(BUILTIN)} or a Hub id")
+    kwargs = {}
+    if quantize != "none":
+        from lorakit.quantize import load_kwargs
+
+        kwargs = load_kwargs(quantize, task)
     cls = model_class(base_dir, task_type)
-    return cls.from_pretrained(str(base_dir), local_files_only=True), None, str(base_dir)
+    return cls.from_pretrained(str(base_dir), local_files_only=True, **kwargs), None, str(base_dir)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -112,11 +142,17 @@ def run(args: argparse.Namespace) -> int:
         adapter_arg = adapter_arg / "adapter"
     adapter_dir = resolve_adapter_dir(adapter_arg, args.adapter_name)
     task_type = read_config_dict(adapter_dir).get("task_type")
-    model, tok, base_desc = _load_base(args, adapter_dir, task_type)
+    quantize = args.quantize or trained_quantization(adapter_dir) or "none"
+    if quantize != "none":
+        print(f"loading the base quantized ({quantize}) as the adapter was trained; merging dequantized weights")
+    model, tok, base_desc = _load_base(args, adapter_dir, task_type, quantize)
     n_base = sum(p.numel() for p in model.parameters())
     lk.load_adapter(model, adapter_dir, adapter_name=args.adapter_name)
     lk.set_adapter(model, args.adapter_name)
-    out = lk.save_merged(model, args.out)
+    from lorakit.quantize import DTYPES
+
+    dtype = DTYPES[args.dtype] if args.dtype else (DTYPES["bf16"] if quantize != "none" else None)
+    out = lk.save_merged(model, args.out, dtype=dtype)
     if tok is not None:
         tok.save_pretrained(out)
         extra = " (+ tokenizer)"
@@ -126,5 +162,6 @@ def run(args: argparse.Namespace) -> int:
             shutil.copyfile(Path(base_desc) / f, out / f)
         extra = f" (+ {len(copied)} tokenizer file(s))" if copied else ""
     print(f"merged {str(adapter_dir)!r} into {type(model).__name__} from {base_desc!r} -> {str(out)!r}{extra}")
-    print(f"base model parameters: {n_base:,d} (the merged model has the same, unless tied weights were untied)")
+    if quantize == "none":
+        print(f"base model parameters: {n_base:,d} (the merged model has the same, unless tied weights were untied)")
     return 0

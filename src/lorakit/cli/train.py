@@ -108,6 +108,8 @@ OPTIONS: list[tuple[str, str, Any, str]] = [
     ("train", "--checkpoint-every", int, "checkpoint every N steps (0: only on Ctrl-C and at the end)"),
     ("train", "--keep-checkpoints", int, "how many checkpoints to keep"),
     ("train", "--group-by-length", "bool", "batch similar lengths together (less padding)"),
+    ("train", "--quantize", ["nf4", "fp4", "int8"], "QLoRA: load the base quantized by bitsandbytes (nf4/fp4 with "
+                                                    "double quant and bf16 compute, or int8) and train LoRA on it"),
     ("train", "--device", str, "auto, cpu, cuda, cuda:1 ..."),
     ("train", "--threads", int, "torch CPU threads (default: torch's choice)"),
     ("train", "--progress", "bool", "show the progress bar (default: a bar on a terminal, plain lines in a log)"),

@@ -54,12 +54,14 @@ def _is_hf(model: nn.Module) -> bool:
 
 
 def save_merged(model: nn.Module, directory: PathLike, adapter_names: Sequence[str] | None = None,
-                safe_merge: bool = False) -> Path:
+                safe_merge: bool = False, *, dtype: torch.dtype | None = None) -> Path:
     """Save ``W + ΔW`` in the base architecture (form b); ``model`` itself keeps its adapters.
 
     Args:
         adapter_names: adapters to merge (default: the active ones).
         safe_merge: refuse to save if a merged weight would be non-finite.
+        dtype: the saved weights' dtype (default: the model's own; for a quantized base, its
+            compute dtype: quantized layers are dequantized, see ``merge_and_unload``).
 
     Returns:
         ``directory``.
@@ -73,7 +75,7 @@ def save_merged(model: nn.Module, directory: PathLike, adapter_names: Sequence[s
     out = ensure_dir(directory)
     merged = copy.deepcopy(model)
     untied = untie_adapted_weights(merged, names)
-    merged = merge_and_unload(merged, names, safe_merge)
+    merged = merge_and_unload(merged, names, safe_merge, dtype=dtype)
     if not _is_hf(merged):
         if untied:
             raise ValueError(f"the adapters change weights that {type(model).__name__} shares between modules "
@@ -138,8 +140,9 @@ def save_full(model: nn.Module, path: PathLike) -> Path:
     adapter's config and targets, the active adapters), written all or nothing.
 
     Raises:
-        ValueError: no adapters, or adapters merged into the base (``unmerge`` first: form (a)
-            keeps W and ΔW apart). NotADirectoryError / PermissionError: a bad target.
+        ValueError: no adapters, adapters merged into the base (``unmerge`` first: form (a)
+            keeps W and ΔW apart), or a tensor subclass (torchao NF4) safetensors cannot store.
+            NotADirectoryError / PermissionError: a bad target.
     """
     from lorakit import __version__
 
@@ -149,6 +152,12 @@ def save_full(model: nn.Module, path: PathLike) -> Path:
         raise ValueError(f"adapters are merged into {merged[:3]}; call lorakit.unmerge(model) before save_full "
                          "(form (a) stores the base weights and the adapters separately)")
     full = model.state_dict()
+    subclassed = {k: type(t).__name__ for k, t in full.items()
+                  if type(t) is not torch.Tensor and not issubclass(type(t), nn.Parameter)}
+    if subclassed:  # e.g. torchao NF4Tensor weights: safetensors stores plain tensors only
+        some = dict(list(subclassed.items())[:3])
+        raise ValueError(f"save_full cannot write tensor subclasses to safetensors: {some}. Save the adapter "
+                         "(save_adapter) and rebuild the quantized base from its checkpoint")
     tensors, aliases = {}, {}
     first: dict[int, str] = {}
     for k, t in full.items():

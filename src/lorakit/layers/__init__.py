@@ -12,13 +12,16 @@ from lorakit.layers.conv import CONV_TYPES, Conv
 from lorakit.layers.embedding import Embedding
 from lorakit.layers.linear import Linear, is_conv1d
 from lorakit.layers.mha import MultiheadAttention
+from lorakit.layers.quant_formats import check_quantized, quant_format, unsupported_quantization
+from lorakit.layers.quantized import QuantizedLinear
 from lorakit.layers.routing import BASE_ROW
 from lorakit.layers.saved import ModulesToSave
 
 Wrapper = Union[LoraLayer, ModulesToSave]
 
 __all__ = ["BASE_ROW", "LoraLayer", "ModulesToSave", "Wrapper", "Linear", "Embedding", "Conv", "MultiheadAttention",
-           "wrap", "is_supported", "is_linear_like", "wrappers"]
+           "QuantizedLinear", "wrap", "is_supported", "is_linear_like", "wrappers", "check_quantized",
+           "unsupported_quantization"]
 
 
 def wrappers(model: nn.Module) -> Iterator[tuple[str, Wrapper]]:
@@ -34,6 +37,8 @@ def is_linear_like(module: nn.Module) -> bool:
 
 
 def is_supported(module: nn.Module) -> bool:
+    if unsupported_quantization(module) is not None:
+        return False
     return (is_linear_like(module) or isinstance(module, (nn.Embedding, nn.MultiheadAttention, *CONV_TYPES))
             or isinstance(module, LoraLayer))
 
@@ -42,8 +47,12 @@ def wrap(module: nn.Module, fan_in_fan_out: bool = False) -> LoraLayer:
     """A new LoRA wrapper around ``module`` (no adapters yet).
 
     Raises:
-        TypeError: the module's type has no LoRA wrapper.
+        TypeError: the module's type has no LoRA wrapper (a quantized layer: which quantization).
     """
+    fmt = quant_format(module)  # before Linear: bitsandbytes' Linear4bit subclasses nn.Linear
+    if fmt is not None:
+        return QuantizedLinear(module, fmt)
+    check_quantized(type(module).__name__, module)
     if isinstance(module, nn.MultiheadAttention):
         return MultiheadAttention(module)
     if is_linear_like(module):
@@ -53,4 +62,5 @@ def wrap(module: nn.Module, fan_in_fan_out: bool = False) -> LoraLayer:
     if isinstance(module, CONV_TYPES):
         return Conv(module)
     raise TypeError(f"lorakit cannot adapt a {type(module).__name__}; supported: nn.Linear, transformers Conv1D, "
-                    "nn.Embedding, nn.Conv1d/2d/3d, nn.MultiheadAttention")
+                    "nn.Embedding, nn.Conv1d/2d/3d, nn.MultiheadAttention, bitsandbytes Linear4bit/Linear8bitLt, "
+                    "nn.Linear with a torchao NF4 weight")

@@ -155,13 +155,20 @@ def check_rank(model, cfg: LoraConfig) -> None:
         ValueError: ``r`` (or a ``rank_pattern`` rank) above a targeted module's smallest dimension.
     """
     for name in find_targets(model, cfg):
-        w = getattr(model.get_submodule(name), "weight", None)
-        if not isinstance(w, torch.Tensor) or w.dim() < 2:
+        module = model.get_submodule(name)
+        w = getattr(module, "weight", None)
+        dims = (getattr(module, "out_features", None), getattr(module, "in_features", None))
+        if all(isinstance(d, int) for d in dims):
+            shape = dims  # a linear layer, packed (4-bit) weights included
+        elif isinstance(w, torch.Tensor) and w.dim() >= 2:
+            shape = (w.shape[0], w[0].numel())
+        else:
             continue
-        cap, r = min(w.shape[0], w[0].numel()), cfg.rank_for(name)
+        cap, r = min(shape), cfg.rank_for(name)
         if r > cap:
-            raise ValueError(f"--r {r} is larger than {name} allows: its weight is {tuple(w.shape)}, so ΔW = B·A has "
-                             f"rank at most {cap} and a larger r only adds parameters; use --r {cap} or less")
+            raise ValueError(f"--r {r} is larger than {name} allows: it maps {shape[1]} to {shape[0]} features, so "
+                             f"ΔW = B·A has rank at most {cap} and a larger r only adds parameters; "
+                             f"use --r {cap} or less")
 
 
 def _resolve_settings(settings: dict[str, Any], resume: str | None) -> dict[str, Any]:
@@ -221,8 +228,13 @@ def run_job(settings: dict[str, Any], resume: str | None = None, callbacks=()) -
         for note in train.notes + (ev.notes if ev is not None and ev.source != train.source else []):
             _say(note)
         s["labels"] = train.label_names or None
-        s["dtype"], s["bf16"] = gpu_precision(s["device"], s["dtype"], s["bf16"])  # a bf16 base on a GPU
-        model, tok = load_model(s["model"], s["task"], label_names=s["labels"], seed=s["seed"], dtype=s["dtype"])
+        if s["quantize"]:  # QLoRA: a bitsandbytes base, prepared for k-bit training (lorakit.quantize)
+            from lorakit.quantize import load_for_job
+
+            model, tok = load_for_job(s)
+        else:
+            s["dtype"], s["bf16"] = gpu_precision(s["device"], s["dtype"], s["bf16"])  # a bf16 base on a GPU
+            model, tok = load_model(s["model"], s["task"], label_names=s["labels"], seed=s["seed"], dtype=s["dtype"])
         method = None
         if s["method"] == "lora":
             cfg = lora_config(s, model)
