@@ -26,6 +26,8 @@ EPILOG = """examples:
   lorakit train --model ./my-llama --data sft.jsonl --task causal-lm --target-modules all-linear --epochs 1
   lorakit train --config run.toml --lr 5e-4       # file settings, lr overridden
   lorakit train --resume runs/20250101-120000     # continue an interrupted run
+  torchrun --nproc_per_node 4 -m lorakit train --model ./my-llama --data sft.jsonl --batch-size 8 --fsdp
+                                                  # 4 ranks, FSDP2, effective batch 32
   lorakit predict --adapter runs/... "wonderful"  # try a classifier"""
 
 
@@ -58,7 +60,8 @@ OPTIONS: list[tuple[str, str, Any, str]] = [
     ("data", "--task", ["seq-cls", "causal-lm"], "seq-cls (text -> label) or causal-lm (SFT); default: from the data"),
     ("data", "--labels", lambda v: v.split(","), "comma-separated label set (seq-cls); default: labels in --data"),
     ("data", "--max-length", int, "truncate examples to this many tokens (default 16 for vader, else 512)"),
-    ("lora", "--r", int, "LoRA rank r of ΔW = (alpha/r)·B·A"),
+    ("lora", "--r", int, "LoRA rank r of ΔW = (alpha/r)·B·A (also --lora-r: under torchrun, whose own options make "
+                         "--r ambiguous)"),
     ("lora", "--lora-alpha", float, "LoRA alpha (scaling = alpha/r, or alpha/√r with --use-rslora)"),
     ("lora", "--lora-dropout", float, "dropout on the adapter input"),
     ("lora", "--target-modules", _csv_list, "modules to adapt: comma-separated names/suffixes, a regex, or "
@@ -74,7 +77,7 @@ OPTIONS: list[tuple[str, str, Any, str]] = [
     ("train", "--epochs", float, "passes over the training data"),
     ("train", "--max-steps", int, "optimizer steps in total (overrides --epochs)"),
     ("train", "--lr", float, "peak learning rate (AdamW)"),
-    ("train", "--batch-size", int, "examples per micro-batch"),
+    ("train", "--batch-size", int, "examples per micro-batch (per rank under torchrun)"),
     ("train", "--grad-accum", int, "micro-batches per optimizer step"),
     ("train", "--weight-decay", float, "AdamW weight decay"),
     ("train", "--warmup-ratio", float, "fraction of steps with linear warm-up"),
@@ -90,12 +93,15 @@ OPTIONS: list[tuple[str, str, Any, str]] = [
     ("train", "--checkpoint-every", int, "checkpoint every N steps (0: only on Ctrl-C and at the end)"),
     ("train", "--keep-checkpoints", int, "how many checkpoints to keep"),
     ("train", "--group-by-length", "bool", "batch similar lengths together (less padding)"),
-    ("train", "--device", str, "auto, cpu, cuda, cuda:1 ..."),
+    ("train", "--fsdp", "bool", "under torchrun: shard with FSDP2 (each decoder block, then the root) instead of "
+                               "replicating with DDP"),
+    ("train", "--device", str, "auto, cpu, cuda, cuda:1 ... (under torchrun, auto = this node's GPU LOCAL_RANK)"),
     ("train", "--threads", int, "torch CPU threads (default: torch's choice)"),
     ("train", "--progress", "bool", "show the progress bar"),
     ("output", "--out", str, "run directory (default runs/<timestamp>); an existing non-empty one is refused"),
     ("output", "--overwrite", "bool", "allow --out to be an existing non-empty directory"),
 ]
+ALIASES = {"--r": ["--lora-r"]}  # torchrun's parser takes --r as an ambiguous prefix of its --rdzv-*/--role...
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -113,12 +119,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         dest = flag[2:].replace("-", "_")
         full_help = f"{help_text} (default: {DEFAULTS[dest]})"
         g = groups[group]
+        flags = [flag, *ALIASES.get(flag, [])]
         if kind == "bool":
             g.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=full_help)
         elif isinstance(kind, list):
             g.add_argument(flag, dest=dest, choices=kind, default=None, help=full_help)
         else:
-            g.add_argument(flag, dest=dest, type=kind, default=None, help=full_help, metavar=dest.upper())
+            g.add_argument(*flags, dest=dest, type=kind, default=None, help=full_help, metavar=dest.upper())
     return p
 
 
@@ -174,6 +181,7 @@ def settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lorakit.train.distributed import init_from_env, is_main_process, shutdown
     from lorakit.train.job import run_job
 
     settings = settings_from_args(args)
@@ -182,12 +190,20 @@ def run(args: argparse.Namespace) -> int:
         if changed:
             raise ValueError(f"--resume continues a run with its own saved settings; drop {changed} "
                              "(only --device, --threads and --progress may change)")
+    started = init_from_env()  # under torchrun: one process per rank, DDP or --fsdp
     try:
         metrics = run_job(settings, resume=args.resume)
     except KeyboardInterrupt as e:
         out = e.args[0] if e.args else args.resume or settings.get("out") or "OUT"
-        print(f"\ninterrupted: checkpoint saved; continue with: lorakit train --resume {out}", file=sys.stderr)
+        if is_main_process():
+            ranks = int(os.environ.get("WORLD_SIZE", "1"))
+            again = f"torchrun ... ({ranks} ranks in all) -m lorakit train" if ranks > 1 else "lorakit train"
+            print(f"\ninterrupted: checkpoint saved; continue with: {again} --resume {out}", file=sys.stderr)
         return 130
+    finally:
+        shutdown(started)
+    if not is_main_process():
+        return 0
     keys = ("eval_accuracy", "eval_loss", "perplexity", "train_seconds", "tokens_per_second", "peak_memory_mb")
     shown = ", ".join(f"{k}={metrics[k]:.4g}" for k in keys if k in metrics)
     print(f"done: {shown}, trainable {metrics['trainable_params']:,} of {metrics['total_params']:,} params")

@@ -18,6 +18,7 @@ from torch import nn
 from lorakit.adapters import refresh_trainable, wrappers
 from lorakit.config import LoraConfig
 from lorakit.inject import inject, unload
+from lorakit.io import distributed
 from lorakit.io.peft_format import (
     CONFIG_NAME,
     PREFIX,
@@ -60,12 +61,17 @@ def save_adapter(model: nn.Module, directory: PathLike, adapter_name: str = "def
         save_embedding_layers: also store the embedding layers' base weights; ``"auto"`` (PEFT's
             default) does when ``embed_tokens``/``lm_head`` are targeted.
 
+    Under ``torch.distributed`` call it on every rank: FSDP2-sharded tensors are gathered (a
+    collective), and only rank 0 writes — the same file a single process writes (see
+    :mod:`lorakit.io.distributed`). A ``DistributedDataParallel`` wrapper is looked through.
+
     Returns:
         The directory the files were written to.
 
     Raises:
         ValueError: an unknown adapter name. NotADirectoryError / PermissionError: a bad target.
     """
+    model = distributed.unwrap(model)  # torch.distributed: DDP -> the user's model
     state = require_state(model)
     if adapter_name not in state.configs:
         raise ValueError(f"no adapter named {adapter_name!r}; this model has {list(state.configs)}")
@@ -74,18 +80,19 @@ def save_adapter(model: nn.Module, directory: PathLike, adapter_name: str = "def
     name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     config = cfg.to_peft_dict(base_model_name_or_path=name_or_path,
                               task_type=task_type or infer_task_type(model, adapter_name))
-    tensors = adapter_state_dict(model, adapter_name, save_embedding_layers)
+    # torch.distributed: full tensors from FSDP2 shards (collective), then rank 0 alone writes
+    tensors = distributed.gather_adapter_state(model, adapter_state_dict, adapter_name, save_embedding_layers)
 
     def write_weights(path: str) -> None:
         from safetensors.torch import save_file
 
         save_file(tensors, path, metadata={"format": "pt"})
 
-    write_files_atomically(out, {
+    distributed.on_main_process(lambda: write_files_atomically(out, {
         WEIGHTS_NAME: write_weights,
         # top-level keys sorted like PEFT's; rank/alpha_pattern keep their order (the first match wins)
         CONFIG_NAME: lambda path: write_text_file(path, json.dumps(dict(sorted(config.items())), indent=2)),
-    })
+    }), sync=distributed.has_dtensors(model))  # sharded: the other ranks wait until the files exist
     return out
 
 
@@ -108,6 +115,10 @@ def load_adapter(model: nn.Module, directory: PathLike, adapter_name: str = "def
         is_trainable: False (default, as PEFT): the adapter's parameters are frozen and the
             model is put in ``eval()`` mode. True: they train while the adapter is active.
 
+    Under ``torch.distributed`` every rank loads the file; into an FSDP2-sharded model, each base
+    tensor of the file lands in its rank's shard, and the new adapter's factors stay whole
+    (inference only: ``is_trainable=True`` is refused there; load, then shard, to train).
+
     Returns:
         ``model``.
 
@@ -115,8 +126,10 @@ def load_adapter(model: nn.Module, directory: PathLike, adapter_name: str = "def
         FileNotFoundError / NotADirectoryError: no such directory or files.
         ValueError: malformed JSON, another PEFT method or an unsupported LoRA feature, a
             truncated or unsafe weights file, keys missing or unexpected, or shapes that do not
-            fit the model (naming the key, the expected and the found shape).
+            fit the model (naming the key, the expected and the found shape); ``is_trainable``
+            on an FSDP2-sharded model.
     """
+    distributed.check_load_target(model, is_trainable)  # torch.distributed: FSDP2-sharded model
     d = resolve_adapter_dir(directory, adapter_name)
     cfg = LoraConfig.from_peft_dict(read_config_dict(d), source=str(d / CONFIG_NAME))
     tensors = read_tensors(weights_path(d))
@@ -164,7 +177,7 @@ def _load_tensors(model: nn.Module, name: str, tensors: dict[str, torch.Tensor],
                              "the adapter was trained for a different model size or rank")
     with torch.no_grad():
         for k, fk in file_keys.items():
-            targets[plan[k]].copy_(tensors[fk])
+            distributed.copy_full_into(targets[plan[k]], tensors[fk])  # a DTensor: this rank's shard
 
 
 def _rollback(model: nn.Module, name: str, fresh: bool) -> None:

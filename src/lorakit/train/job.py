@@ -7,6 +7,8 @@ Outputs in the run directory:
 * ``curves.png`` — training loss and eval curves; ``history.json`` — the numbers behind them;
 * ``run_config.json`` — the resolved settings (what ``--resume``, ``predict`` and ``generate`` read);
 * ``checkpoints/step-*/`` — resumable training state.
+
+Under ``torchrun`` every rank runs the job and only rank 0 writes (see :mod:`lorakit.train.distributed`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from lorakit.config import LoraConfig
 from lorakit.data import TokenDataset, classification_dataset, load_dataset, read_records, vader_split
 from lorakit.data.builtin import LABELS
 from lorakit.inject import inject
+from lorakit.io.distributed import full_tensors, is_distributed, is_main_process, on_main_process
 from lorakit.models import default_targets, head_modules, load_model, load_tokenizer
 from lorakit.train.config import TrainConfig
 from lorakit.train.loop import fit
@@ -42,7 +45,7 @@ DEFAULTS: dict[str, Any] = {
     "warmup_ratio": 0.06, "warmup_steps": 0, "schedule": "cosine", "loraplus_lr_ratio": None, "max_grad_norm": 1.0,
     "gradient_checkpointing": False, "bf16": False, "seed": 0, "eval_every": 0, "eval_batch_size": 64,
     "checkpoint_every": 0, "keep_checkpoints": 2, "group_by_length": True, "device": "auto", "progress": True,
-    "threads": None, "out": None, "overwrite": False,
+    "threads": None, "out": None, "overwrite": False, "fsdp": False,
 }
 TRAIN_KEYS = [k for k in TrainConfig.__dataclass_fields__ if k in DEFAULTS]
 LORA_KEYS = ["r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "layers_to_transform",
@@ -151,7 +154,7 @@ def run_job(settings: dict[str, Any], resume: str | None = None, callbacks=()) -
     train, ev = build_data(s, tok)
     s["labels"] = train.label_names or None
     if resume is None:
-        out = new_run_dir(s["out"], s["overwrite"])
+        out = on_main_process(lambda: new_run_dir(s["out"], s["overwrite"]), sync=True)  # torchrun: rank 0's
         s["out"] = out
     model, tok = load_model(s["model"], s["task"], label_names=s["labels"], seed=s["seed"])
     method = None
@@ -162,11 +165,12 @@ def run_job(settings: dict[str, Any], resume: str | None = None, callbacks=()) -
 
         method = get_method(s["method"], head=head_modules(model) if s["task"] == "seq-cls" else [])
         method.apply(model)
-    if resume is None:
+    if resume is None and is_main_process():
         with open(os.path.join(out, RUN_CONFIG), "w", encoding="utf-8") as f:
             json.dump(s, f, indent=2)
     tcfg = TrainConfig(**{k: s[k] for k in TRAIN_KEYS})
-    print(f"lorakit train: run directory {out}", file=sys.stderr)
+    if is_main_process():
+        print(f"lorakit train: run directory {out}", file=sys.stderr)
     try:
         metrics = fit(model, train, ev, tcfg, out_dir=out, resume=resume, callbacks=callbacks)
     except KeyboardInterrupt:
@@ -174,13 +178,17 @@ def run_job(settings: dict[str, Any], resume: str | None = None, callbacks=()) -
     history = metrics.pop("history")
     from lorakit import save_adapter
 
-    model.to("cpu")
+    if not is_distributed():
+        model.to("cpu")
     if method is None:
-        save_adapter(model, os.path.join(out, "adapter"))
+        save_adapter(model, os.path.join(out, "adapter"))  # torchrun: on every rank (FSDP2 gathers); rank 0 writes
     else:  # what the method must store beside the base model
         from safetensors.torch import save_file
 
-        save_file(method.stored_state(model), os.path.join(out, "trainable.safetensors"))
+        stored = full_tensors(method.stored_state(model))  # torchrun + FSDP2: gathered (collective)
+        on_main_process(lambda: save_file(stored, os.path.join(out, "trainable.safetensors")), sync=True)
+    if not is_main_process():
+        return {"method": s["method"], **metrics, "out": out}
     metrics = {"method": s["method"], "model": s["model"], "data": s["data"], "task": s["task"], **metrics}
     with open(os.path.join(out, "metrics.json"), "w", encoding="utf-8") as f:
         json.dump(metrics, f, indent=2)
