@@ -115,9 +115,10 @@ def load_adapter(model: nn.Module, directory: PathLike, adapter_name: str = "def
         is_trainable: False (default, as PEFT): the adapter's parameters are frozen and the
             model is put in ``eval()`` mode. True: they train while the adapter is active.
 
-    Under ``torch.distributed`` every rank loads the file; into an FSDP2-sharded model, each base
-    tensor of the file lands in its rank's shard, and the new adapter's factors stay whole
-    (inference only: ``is_trainable=True`` is refused there; load, then shard, to train).
+    Under ``torch.distributed`` every rank loads the file. To train or shard the adapter, load it
+    before ``fully_shard``: it is then sharded with its blocks. Into an already sharded (FSDP2)
+    model it loads for inference: each base tensor of the file lands in its rank's shard and
+    the adapter's own tensors stay whole (``is_trainable=True`` and DoRA are refused there).
 
     Returns:
         ``model``.
@@ -127,11 +128,11 @@ def load_adapter(model: nn.Module, directory: PathLike, adapter_name: str = "def
         ValueError: malformed JSON, another PEFT method or an unsupported LoRA feature, a
             truncated or unsafe weights file, keys missing or unexpected, or shapes that do not
             fit the model (naming the key, the expected and the found shape); ``is_trainable``
-            on an FSDP2-sharded model.
+            or DoRA on an FSDP2-sharded model.
     """
-    distributed.check_load_target(model, is_trainable)  # torch.distributed: FSDP2-sharded model
     d = resolve_adapter_dir(directory, adapter_name)
     cfg = LoraConfig.from_peft_dict(read_config_dict(d), source=str(d / CONFIG_NAME))
+    distributed.check_load_target(model, cfg.use_dora, is_trainable)  # torch.distributed: FSDP2-sharded model
     tensors = read_tensors(weights_path(d))
     state = get_state(model)
     fresh = state is None or not state.configs
@@ -140,7 +141,8 @@ def load_adapter(model: nn.Module, directory: PathLike, adapter_name: str = "def
                          "load under another adapter_name or delete it first")
     try:
         try:
-            inject(model, cfg, adapter_name)
+            with distributed.new_parameters_whole(model):  # an FSDP2-sharded model: no stray DTensor copies
+                inject(model, cfg, adapter_name)
         except (ValueError, TypeError) as e:
             raise type(e)(f"cannot apply the adapter in {str(d)!r} to this {type(model).__name__}: {e}") from e
         _load_tensors(model, adapter_name, tensors, source=str(weights_path(d)))

@@ -13,13 +13,16 @@ Under a process group every rank holds a model, but only rank 0 writes files:
   tensors that go in the file are gathered: the frozen base weights stay sharded.
 
 Loading copies each full tensor of a file into a ``DTensor`` parameter's local shard
-(:func:`copy_full_into`), the same rows ``fully_shard`` gave that rank.
+(:func:`copy_full_into`), the same rows ``fully_shard`` gave that rank. An adapter injected into an
+already sharded model keeps its new tensors whole (:func:`new_parameters_whole`): they are outside
+FSDP's units, so they serve inference, not training (:func:`check_load_target`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import torch
@@ -176,14 +179,35 @@ def copy_full_into(target: torch.Tensor, value: torch.Tensor) -> None:
     target.to_local().copy_(shard.to_local())
 
 
-def check_load_target(model: nn.Module, is_trainable: bool) -> None:
-    """A new adapter can be loaded into an already sharded (FSDP2) model for inference only: its
-    factors join the model unsharded, outside FSDP's gradient reduction, so they must not train.
+@contextlib.contextmanager
+def new_parameters_whole(model: nn.Module) -> Iterator[None]:
+    """Around an ``inject`` into an FSDP2-sharded model: a parameter the block creates as a
+    ``DTensor`` (a ``modules_to_save`` deep copy of a sharded head, a DoRA magnitude computed from
+    a sharded weight) is outside FSDP's management, and mixing it with FSDP's gathered tensors
+    fails ("got mixed torch.Tensor and DTensor"). Each becomes a whole, plain parameter of the same
+    shape, dtype and trainability — uninitialised: the adapter file's tensors fill it."""
+    before = {id(p) for p in model.parameters() if is_dtensor(p)}
+    yield
+    if not before:
+        return
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None and is_dtensor(p) and id(p) not in before:
+                whole = torch.empty(p.shape, dtype=p.dtype, device=p.to_local().device)  # the full shape
+                module._parameters[name] = nn.Parameter(whole, requires_grad=p.requires_grad)
+
+
+def check_load_target(model: nn.Module, use_dora: bool, is_trainable: bool) -> None:
+    """Into an already sharded (FSDP2) model, a new adapter loads for inference only: its tensors
+    join whole, outside FSDP's units and gradient reduction. DoRA cannot be injected there (its
+    magnitudes are computed from the sharded base weights).
 
     Raises:
-        ValueError: ``is_trainable=True`` on a model with DTensor parameters.
+        ValueError: ``is_trainable=True`` or a DoRA adapter, on a model with DTensor parameters.
     """
-    if is_trainable and has_dtensors(model):
-        raise ValueError("load_adapter(..., is_trainable=True) on a model already sharded with fully_shard: the "
-                         "new adapter's factors would be neither sharded nor gradient-reduced. Load the adapter "
-                         "first, then shard (lorakit.train.distributed.shard_model), or pass is_trainable=False")
+    if not has_dtensors(model) or not (is_trainable or use_dora):
+        return
+    what = "is_trainable=True" if is_trainable else "a DoRA adapter"
+    raise ValueError(f"load_adapter: {what} on a model already sharded with fully_shard is not supported (the new "
+                     "tensors would sit outside FSDP's units). Load the adapter first, then shard "
+                     "(lorakit.train.distributed.shard_model), or load a plain LoRA adapter with is_trainable=False")
