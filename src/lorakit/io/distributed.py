@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -139,11 +140,12 @@ def on_main_process(fn: Callable[[], T], *, sync: bool) -> T | None:
     """Run ``fn`` on rank 0 only (in a single process: just run it).
 
     With ``sync``, every rank waits for rank 0 and receives its result (it must be picklable);
-    if ``fn`` raised on rank 0, the other ranks raise a RuntimeError naming the error, so no
-    rank carries on as if it had succeeded. Without ``sync`` the other ranks return None at once.
+    if ``fn`` raised on rank 0, the other ranks raise the same exception (or a RuntimeError
+    naming it, if it cannot be pickled), so no rank carries on as if it had succeeded. Without
+    ``sync`` the other ranks return None at once.
 
     Raises:
-        Whatever ``fn`` raises (rank 0); RuntimeError: ``fn`` failed on rank 0 (other ranks).
+        Whatever ``fn`` raises, on every rank with ``sync``.
     """
     dist = _dist()
     if dist is None or dist.get_world_size() == 1:
@@ -156,11 +158,17 @@ def on_main_process(fn: Callable[[], T], *, sync: bool) -> T | None:
         except BaseException as e:  # noqa: BLE001 - re-raised below, after the other ranks are told
             error = e
     if sync:
-        box = [(result, None if error is None else f"{type(error).__name__}: {error}")]
+        sent: BaseException | None = error
+        if error is not None:
+            try:
+                pickle.dumps(error)
+            except Exception:  # an exception holding something unpicklable: send its text
+                sent = RuntimeError(f"rank 0 failed: {type(error).__name__}: {error}")
+        box = [(result, sent)]
         dist.broadcast_object_list(box, src=0)
-        result, message = box[0]
-        if message is not None and dist.get_rank() != 0:
-            raise RuntimeError(f"rank 0 failed: {message}")
+        result, sent = box[0]
+        if sent is not None and dist.get_rank() != 0:
+            raise sent
     if error is not None:
         raise error
     return result
