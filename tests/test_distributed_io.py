@@ -1,13 +1,16 @@
 """Saving from and loading onto models under torch.distributed: 2 processes, gloo, on the CPU.
 
 The test launches this very file with ``torchrun --nproc_per_node 2``; :func:`worker` runs on each
-rank. References (the adapter a single process saves, the logits it computes) come from the
-pytest process itself, so every comparison is against an unsharded, single-process run.
+rank, after the README's example script (a user's own torchrun script). References (the adapter a
+single process saves, the logits it computes) come from the pytest process itself, so every
+comparison is against an unsharded, single-process run.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import runpy
 import subprocess
 import sys
 
@@ -18,7 +21,8 @@ from safetensors.torch import load_file, save_file
 import lorakit as lk
 from lorakit.models import tiny_llama
 
-SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SRC = os.path.join(ROOT, "src")
 # r=3 over 2 ranks: uneven dim-0 shards (2 + 1 rows); embed_tokens targeted: its base weight goes in the file too
 FULL = {"r": 3, "lora_alpha": 6.0, "target_modules": ["q_proj", "v_proj", "embed_tokens"],
         "modules_to_save": ["lm_head"]}
@@ -42,10 +46,19 @@ def ids() -> torch.Tensor:
     return torch.randint(4, 90, (2, 9), generator=torch.Generator().manual_seed(3))  # (B, T)
 
 
-def torchrun(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+def torchrun(*args: str, cwd, timeout: int = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+
+
+def readme_example() -> str:
+    """The README's torchrun script: the python block after its ``<!-- torchrun example`` marker."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    m = re.search(r"<!-- torchrun example[^\n]*\n```python\n(.*?)```", text, re.S)
+    assert m, "README.md lost its torchrun example"
+    return m.group(1)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +70,8 @@ def distributed_run(tmp_path_factory):
         lk.save_adapter(model, d / f"ref-{name}")
         with torch.no_grad():
             save_file({"logits": model(input_ids=ids()).logits}, str(d / f"ref-{name}-logits.safetensors"))
-    proc = torchrun(os.path.abspath(__file__), str(d))
+    (d / "lora_fsdp.py").write_text(readme_example())
+    proc = torchrun(os.path.abspath(__file__), str(d), cwd=d)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return d
 
@@ -92,6 +106,15 @@ def test_adapter_loaded_under_fsdp_gives_single_process_outputs(distributed_run)
                           "full {'is_trainable': True} refused", "dora {} refused"], report
 
 
+def test_readme_example_script_saves_a_whole_trained_adapter(distributed_run):
+    """The README's own-script example ran on 2 ranks (FSDP2, 3 steps) and rank 0 wrote a full adapter."""
+    saved = load_file(str(distributed_run / "out" / "adapter" / "adapter_model.safetensors"))
+    assert len(saved) == 8  # 2 layers x q_proj, v_proj x lora_A, lora_B
+    for k, t in saved.items():
+        assert t.shape == ((8, 64) if "lora_A" in k else (64, 8)), (k, t.shape)  # whole, not a 1/2 shard
+    assert all(t.abs().max() > 0 for k, t in saved.items() if "lora_B" in k)  # it trained: B left zero
+
+
 # ---------------------------------------------------------------------------- the worker, per rank
 def worker(d: str) -> None:
     import torch.distributed as dist
@@ -100,6 +123,7 @@ def worker(d: str) -> None:
     from lorakit.io.distributed import has_dtensors
     from lorakit.train.distributed import shard_model
 
+    runpy.run_path(os.path.join(d, "lora_fsdp.py"), run_name="__main__")  # the README's script, as a user runs it
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     torch.manual_seed(0)

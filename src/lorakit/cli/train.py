@@ -190,12 +190,12 @@ def run(args: argparse.Namespace) -> int:
         if changed:
             raise ValueError(f"--resume continues a run with its own saved settings; drop {changed} "
                              "(only --device, --threads and --progress may change)")
-    started, clean = init_from_env(), False  # under torchrun: one process per rank, DDP or --fsdp
+    started, clean, code = init_from_env(), False, 0  # under torchrun: one process per rank, DDP or --fsdp
     try:
         metrics = run_job(settings, resume=args.resume)
         clean = True
     except KeyboardInterrupt as e:
-        clean = True  # under torchrun every rank stopped after the same step
+        clean, code = True, 130  # under torchrun every rank stopped after the same step
         out = e.args[0] if e.args else args.resume or settings.get("out") or "OUT"
         if is_main_process():
             ranks = int(os.environ.get("WORLD_SIZE", "1"))
@@ -203,7 +203,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"\ninterrupted: checkpoint saved; continue with: {again} --resume {out}", file=sys.stderr)
         return 130
     finally:
-        shutdown(started, clean)
+        shutdown(started, clean, code)  # torchrun, ranks > 0: the process ends here
     if not is_main_process():
         return 0
     keys = ("eval_accuracy", "eval_loss", "perplexity", "train_seconds", "tokens_per_second", "peak_memory_mb")
