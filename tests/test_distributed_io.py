@@ -121,10 +121,10 @@ def worker(d: str) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
     from lorakit.io.distributed import has_dtensors
-    from lorakit.train.distributed import shard_model
+    from lorakit.train.distributed import shard_model, shutdown
 
-    runpy.run_path(os.path.join(d, "lora_fsdp.py"), run_name="__main__")  # the README's script, as a user runs it
     dist.init_process_group("gloo")
+    _run_readme_script(os.path.join(d, "lora_fsdp.py"))
     rank = dist.get_rank()
     torch.manual_seed(0)
 
@@ -154,7 +154,21 @@ def worker(d: str) -> None:
             report.append(f"{name} {kw} refused" if "fully_shard" in str(e) else f"wrong error: {e}")
     with open(os.path.join(d, f"load-report-{rank}.txt"), "w") as f:
         f.write("\n".join(report))
-    dist.destroy_process_group()
+    shutdown(started=True)  # barrier, destroy; ranks > 0 leave at once (see its docstring)
+
+
+def _run_readme_script(path: str) -> None:
+    """The README's script, verbatim, in this worker's process group: its own init and destroy are
+    no-ops here (a second default group in one torchrun worker reuses the launcher's rendezvous
+    keys, and may hang)."""
+    import torch.distributed as dist
+
+    init, destroy = dist.init_process_group, dist.destroy_process_group
+    dist.init_process_group = dist.destroy_process_group = lambda *a, **k: None
+    try:
+        runpy.run_path(path, run_name="__main__")
+    finally:
+        dist.init_process_group, dist.destroy_process_group = init, destroy
 
 
 def _compare(model, ref_path: str, what: str) -> str:
