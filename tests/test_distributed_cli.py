@@ -141,6 +141,8 @@ def test_ctrl_c_then_killed_rank_then_resume_ends_at_uninterrupted_weights(llama
     rank: they stop after the same step and save together); resume; SIGKILL rank 1 (the last
     periodic checkpoint is what is left); resume to the end: the weights of the uninterrupted run."""
     steps = ["--max-steps", "14", "--checkpoint-every", "1", "--lora-dropout", "0.1", "--fsdp"]
+    full = tmp_path / "full"
+    reference = torchrun(train_args(llama_dir, sft_file, full, 2, *steps))  # uninterrupted, alongside
     part, tag = tmp_path / "part", uuid.uuid4().hex
     proc = torchrun(train_args(llama_dir, sft_file, part, 2, *steps))
     first = _wait_for_checkpoint(part, proc, 1)
@@ -159,6 +161,6 @@ def test_ctrl_c_then_killed_rank_then_resume_ends_at_uninterrupted_weights(llama
     assert seen < 14
 
     run_ok(["train", "--resume", str(part), "--no-progress"])
-    full = tmp_path / "full"
-    run_ok(train_args(llama_dir, sft_file, full, 2, *steps))
+    log, _ = reference.communicate(timeout=TIMEOUT)
+    assert reference.returncode == 0, log[-6000:]
     assert_same_adapter(adapter(part), adapter(full), atol=0)
