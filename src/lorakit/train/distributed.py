@@ -75,9 +75,9 @@ def shutdown(started: bool, clean: bool = True, exit_code: int = 0) -> None:
     Why they leave at once: after a collective returns, a gloo worker thread still frees the
     finished work, and freeing Python-owned tensors (``broadcast_object_list``'s) takes the GIL.
     A rank that exits right away can reach interpreter shutdown first; the thread then aborts
-    the process ("terminate called without an active exception", exit code -6), seen on this
-    2-core machine in about 1 run in 5 (``dist.barrier`` first made it rarer, not impossible:
-    the barrier may run on gloo's other worker thread). Ranks other than 0 write and log
+    the process ("terminate called without an active exception", exit code -6): seen on this
+    busy 2-core machine in 2 of 8 runs of one configuration, and still after a ``dist.barrier``
+    (which may run on gloo's other worker thread). Ranks other than 0 write and log
     nothing, so skipping their interpreter shutdown loses nothing; rank 0 exits normally (its
     files and plots after the last collective leave the threads ample time) so that atexit
     hooks, e.g. loggers', still run.
@@ -108,8 +108,9 @@ def local_device(name: str) -> torch.device:
 
 def decoder_blocks(model: nn.Module) -> list[nn.Module]:
     """The repeated blocks to shard one by one: modules whose class a Hugging Face model names
-    in ``_no_split_modules`` (``LlamaDecoderLayer``, ``BertLayer``...), else the children of the
-    longest ``nn.ModuleList``."""
+    in ``_no_split_modules`` (``LlamaDecoderLayer``, ``Qwen2DecoderLayer``...), else the children
+    of the longest ``nn.ModuleList`` (BERT's ``encoder.layer``). In ``model.modules()`` order:
+    a block nested in another comes after it."""
     names = set(getattr(model, "_no_split_modules", None) or [])
     blocks = [m for m in model.modules() if type(m).__name__ in names and m is not model]
     if blocks:
@@ -154,7 +155,7 @@ def shard_model(model: nn.Module, *, bf16: bool = False, mesh=None) -> nn.Module
 
         mesh = init_device_mesh(next(model.parameters()).device.type, (world_size(),))
     kw = {"mp_policy": mixed_precision(bf16), "mesh": mesh}
-    for block in decoder_blocks(model):
+    for block in reversed(decoder_blocks(model)):  # inner units before the units around them
         fully_shard(block, **kw)
     fully_shard(model, **kw)
     return model

@@ -127,7 +127,9 @@ def fit(model: nn.Module, train_ds: TokenDataset, eval_ds: TokenDataset | None =
     """Train ``model``'s trainable parameters on ``train_ds``; evaluate on ``eval_ds``.
 
     Args:
-        model: a model whose parameters to train have ``requires_grad=True``.
+        model: a model whose parameters to train have ``requires_grad=True``. Under torchrun pass
+            the plain model: ``fit`` wraps it in DDP, or shards it in place with FSDP2
+            (``cfg.fsdp``; it stays sharded afterwards: save with ``lk.save_adapter`` on every rank).
         train_ds: a :class:`~lorakit.data.TokenDataset` (its ``task`` picks the loss).
         eval_ds: evaluated after every epoch (or every ``cfg.eval_every`` steps) and at the end.
         cfg: hyperparameters; ``TrainConfig()`` if omitted.
