@@ -99,11 +99,12 @@ def test_only_rank_0_wrote(distributed_run):
 def test_adapter_loaded_under_fsdp_gives_single_process_outputs(distributed_run):
     """Each rank compared its logits with the single-process ones (|Δ| < 1e-5) and reported: loaded
     then sharded (LoRA + embedding + head copy; DoRA), loaded into a sharded model (inference), and
-    the two refusals (training, or DoRA, on an already sharded model)."""
+    the two refusals (training, or DoRA, on an already sharded model). Then FSDP2's bf16 policy:
+    fp32 master shards and gradients, the loss within 5% of fp32's."""
     for r in (0, 1):
         report = (distributed_run / f"load-report-{r}.txt").read_text().splitlines()
         assert report == ["load-then-shard full ok", "load-then-shard dora ok", "shard-then-load full ok",
-                          "full {'is_trainable': True} refused", "dora {} refused"], report
+                          "full {'is_trainable': True} refused", "dora {} refused", "bf16 ok"], report
 
 
 def test_readme_example_script_saves_a_whole_trained_adapter(distributed_run):
@@ -152,6 +153,18 @@ def worker(d: str) -> None:
             report.append(f"{name} {kw} accepted")
         except ValueError as e:
             report.append(f"{name} {kw} refused" if "fully_shard" in str(e) else f"wrong error: {e}")
+    # bf16 mixed precision: bf16 compute, fp32 master shards and fp32 gradients for the adapter
+    model = build(FULL).train()
+    with torch.no_grad():
+        ref = model(input_ids=ids(), labels=ids()).loss
+    shard_model(model, bf16=True)
+    model(input_ids=ids(), labels=ids()).loss.backward()
+    trained = [p for p in model.parameters() if p.requires_grad]
+    fp32 = all(p.dtype == p.grad.dtype == torch.float32 for p in trained)
+    with torch.no_grad():
+        loss = model(input_ids=ids(), labels=ids()).loss
+    report.append("bf16 ok" if fp32 and abs(float(loss) - float(ref)) < 0.05 * float(ref)
+                  else f"bf16: fp32 masters/grads {fp32}, loss {float(loss):.4f} vs fp32 {float(ref):.4f}")
     with open(os.path.join(d, f"load-report-{rank}.txt"), "w") as f:
         f.write("\n".join(report))
     shutdown(started=True)  # barrier, destroy; ranks > 0 leave at once (see its docstring)

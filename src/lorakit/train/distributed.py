@@ -285,11 +285,9 @@ class Parallel:
         """Print (rank 0) how the batch is spread: ``B per rank × N ranks × accumulation``."""
         if self.world == 1 or not self.is_main:
             return
-        import torch.distributed as dist
-
         how = "FSDP2 (fully_shard per decoder block, then the root)" if self.fsdp else "DDP"
         eff = cfg.batch_size * self.world * cfg.grad_accum
-        print(f"lorakit: {how} over {self.world} ranks ({dist.get_backend()}): effective batch {eff} = "
+        print(f"lorakit: {how} over {self.world} ranks: effective batch {eff} = "
               f"{cfg.batch_size} per rank × {self.world} ranks × {cfg.grad_accum} micro-batch(es)",
               file=sys.stderr, flush=True)
 
