@@ -40,6 +40,8 @@ EPILOG = """examples:
   lorakit train --model gpt2 --data corpus.parquet --text-column body --report-to tensorboard
   lorakit train --config run.toml --lr 5e-4       # file settings, lr overridden
   lorakit train --resume runs/20250101-120000     # continue an interrupted run
+  torchrun --nproc_per_node 4 -m lorakit train --model ./my-llama --data sft.jsonl --batch-size 8 --fsdp
+                                                  # 4 ranks, FSDP2, effective batch 32
   lorakit predict --adapter runs/... "wonderful"  # try a classifier"""
 
 
@@ -62,7 +64,8 @@ OPTIONS: list[tuple[str, str, Any, str]] = [
      "prefix tuning, or the head only; non-LoRA runs store trainable.safetensors instead of adapter/"),
     ("data", "--model", str, "built-in name (minilm, tiny-llama), a local Hugging Face model directory or a Hub id"),
     ("data", "--dtype", ["float32", "bfloat16", "float16", "auto"],
-     "weights' dtype when loading the model (default: float32; auto: the checkpoint's)"),
+     "weights' dtype when loading the model (default: bfloat16 on a CUDA GPU with bf16 support — the adapters stay "
+     "fp32 masters — else float32; auto: the checkpoint's)"),
     ("data", "--data", str, "training data (file or dataset directory, see above), or 'vader' for the built-in "
                             "word-sentiment data"),
     ("data", "--eval-data", str, "evaluation file; if absent, --eval-split of --data is held out"),
@@ -75,7 +78,8 @@ OPTIONS: list[tuple[str, str, Any, str]] = [
     ("data", "--prompt-column", str, "column holding the prompt (default: prompt)"),
     ("data", "--completion-column", str, "column holding the completion (default: completion)"),
     ("data", "--messages-column", str, "column holding a chat, a list of {role, content} (default: messages)"),
-    ("lora", "--r", int, "LoRA rank r of ΔW = (alpha/r)·B·A"),
+    ("lora", "--r", int, "LoRA rank r of ΔW = (alpha/r)·B·A (also --lora-r: under torchrun, whose own options make "
+                         "--r ambiguous)"),
     ("lora", "--lora-alpha", float, "LoRA alpha (scaling = alpha/r, or alpha/√r with --use-rslora)"),
     ("lora", "--lora-dropout", float, "dropout on the adapter input"),
     ("lora", "--target-modules", parse_modules, "modules to adapt: comma-separated names or dotted suffixes "
@@ -92,7 +96,7 @@ OPTIONS: list[tuple[str, str, Any, str]] = [
     ("train", "--epochs", float, "passes over the training data"),
     ("train", "--max-steps", int, "optimizer steps in total (overrides --epochs)"),
     ("train", "--lr", float, "peak learning rate (AdamW)"),
-    ("train", "--batch-size", int, "examples per micro-batch"),
+    ("train", "--batch-size", int, "examples per micro-batch (per rank under torchrun)"),
     ("train", "--grad-accum", int, "micro-batches per optimizer step"),
     ("train", "--weight-decay", float, "AdamW weight decay"),
     ("train", "--warmup-ratio", float, "fraction of steps with linear warm-up"),
@@ -110,7 +114,9 @@ OPTIONS: list[tuple[str, str, Any, str]] = [
     ("train", "--group-by-length", "bool", "batch similar lengths together (less padding)"),
     ("train", "--quantize", ["nf4", "fp4", "int8"], "QLoRA: load the base quantized by bitsandbytes (nf4/fp4 with "
                                                     "double quant and bf16 compute, or int8) and train LoRA on it"),
-    ("train", "--device", str, "auto, cpu, cuda, cuda:1 ..."),
+    ("train", "--fsdp", "bool", "under torchrun: shard with FSDP2 (each decoder block, then the root) instead of "
+                               "replicating with DDP"),
+    ("train", "--device", str, "auto, cpu, cuda, cuda:1 ... (under torchrun, auto = this node's GPU LOCAL_RANK)"),
     ("train", "--threads", int, "torch CPU threads (default: torch's choice)"),
     ("train", "--progress", "bool", "show the progress bar (default: a bar on a terminal, plain lines in a log)"),
     ("train", "--report-to", str, "experiment tracking: tensorboard, wandb, mlflow or none; comma-separated for "
@@ -136,7 +142,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         dest = flag[2:].replace("-", "_")
         # a default is shown once: the help's own wording, else the value
         full_help = help_text if "default" in help_text else f"{help_text} (default: {DEFAULTS[dest]})"
-        flags = [flag, *FLAG_ALIASES.get(dest, [])]
+        flags = [flag, *FLAG_ALIASES.get(dest, [])]  # HF/TRL names too (--lora-r, --learning-rate...)
         g = groups[group]
         if kind == "bool":
             g.add_argument(*flags, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=full_help)
@@ -199,6 +205,7 @@ def settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lorakit.train.distributed import init_from_env, is_main_process, shutdown
     from lorakit.train.job import RESUME_OVERRIDES, RunInterrupted, run_job
 
     settings = settings_from_args(args)
@@ -207,16 +214,26 @@ def run(args: argparse.Namespace) -> int:
         if changed:
             raise ValueError(f"--resume continues a run with its own saved settings; drop {changed} "
                              f"(only {', '.join('--' + k.replace('_', '-') for k in RESUME_OVERRIDES)} may change)")
+    started, clean, code = init_from_env(), False, 0  # under torchrun: one process per rank, DDP or --fsdp
     try:
         metrics = run_job(settings, resume=args.resume)
+        clean = True
     except RunInterrupted as e:
-        if e.checkpoint is not None:
-            print(f"\ninterrupted: checkpoint saved ({os.path.basename(e.checkpoint)}); continue with: "
-                  f"lorakit train --resume {e.out}", file=sys.stderr)
-        else:
-            print("\ninterrupted before training started: no checkpoint was written, nothing to resume"
-                  + (f" (the run directory {e.out} can be removed)" if e.out else ""), file=sys.stderr)
+        clean, code = True, 130  # under torchrun every rank stopped after the same step
+        if is_main_process():
+            ranks = int(os.environ.get("WORLD_SIZE", "1"))
+            again = f"torchrun ... ({ranks} ranks in all) -m lorakit train" if ranks > 1 else "lorakit train"
+            if e.checkpoint is not None:
+                print(f"\ninterrupted: checkpoint saved ({os.path.basename(e.checkpoint)}); continue with: "
+                      f"{again} --resume {e.out}", file=sys.stderr)
+            else:
+                print("\ninterrupted before training started: no checkpoint was written, nothing to resume"
+                      + (f" (the run directory {e.out} can be removed)" if e.out else ""), file=sys.stderr)
         return 130
+    finally:
+        shutdown(started, clean, code)  # torchrun, ranks > 0: the process ends here
+    if not is_main_process():
+        return 0
     keys = ("eval_accuracy", "eval_loss", "perplexity", "train_seconds", "tokens_per_second", "peak_memory_mb")
     shown = ", ".join(f"{k}={metrics[k]:.4g}" for k in keys if k in metrics)
     print(f"done: {shown}, trainable {metrics['trainable_params']:,} of {metrics['total_params']:,} params")

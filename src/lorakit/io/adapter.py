@@ -18,6 +18,7 @@ from torch import nn
 from lorakit.adapters import set_adapter_grads
 from lorakit.config import LoraConfig
 from lorakit.inject import inject_into
+from lorakit.io import distributed
 from lorakit.io.peft_format import (
     CONFIG_NAME,
     PREFIX,
@@ -63,12 +64,17 @@ def save_adapter(model: nn.Module, directory: PathLike, adapter_name: str = "def
         save_embedding_layers: also store the embedding layers' base weights; ``"auto"`` (PEFT's
             default) does when ``embed_tokens``/``lm_head`` are targeted.
 
+    Under ``torch.distributed`` call it on every rank: FSDP2-sharded tensors are gathered (a
+    collective), and only rank 0 writes — the same file a single process writes (see
+    :mod:`lorakit.io.distributed`). A ``DistributedDataParallel`` wrapper is looked through.
+
     Returns:
         The directory the files were written to.
 
     Raises:
         ValueError: an unknown adapter name. NotADirectoryError / PermissionError: a bad target.
     """
+    model = distributed.unwrap(model)  # torch.distributed: DDP -> the user's model
     state = require_state(model)
     if adapter_name not in state.configs:
         raise ValueError(f"no adapter named {adapter_name!r}; this model has {list(state.configs)}")
@@ -77,18 +83,19 @@ def save_adapter(model: nn.Module, directory: PathLike, adapter_name: str = "def
     name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     config = cfg.to_peft_dict(base_model_name_or_path=cfg.base_model_name_or_path or name_or_path,
                               task_type=task_type or cfg.task_type or infer_task_type(model, adapter_name))
-    tensors = adapter_state_dict(model, adapter_name, save_embedding_layers)
+    # torch.distributed: full tensors from FSDP2 shards (collective), then rank 0 alone writes
+    tensors = distributed.gather_adapter_state(model, adapter_state_dict, adapter_name, save_embedding_layers)
 
     def write_weights(path: str) -> None:
         from safetensors.torch import save_file
 
         save_file(tensors, path, metadata={"format": "pt"})
 
-    write_files_atomically(out, {
+    distributed.on_main_process(lambda: write_files_atomically(out, {
         WEIGHTS_NAME: write_weights,
         # top-level keys sorted like PEFT's; rank/alpha_pattern keep their order (the first match wins)
         CONFIG_NAME: lambda path: write_text_file(path, json.dumps(dict(sorted(config.items())), indent=2)),
-    })
+    }), sync=distributed.has_dtensors(model))  # sharded: the other ranks wait until the files exist
     return out
 
 
@@ -113,6 +120,11 @@ def load_adapter(model: nn.Module, directory: PathLike, adapter_name: str = "def
         is_trainable: False (default, as PEFT): the adapter's parameters are frozen and the
             model is put in ``eval()`` mode. True: they train while the adapter is active.
 
+    Under ``torch.distributed`` every rank loads the file. To train or shard the adapter, load it
+    before ``fully_shard``: it is then sharded with its blocks. Into an already sharded (FSDP2)
+    model it loads for inference: each base tensor of the file lands in its rank's shard and
+    the adapter's own tensors stay whole (``is_trainable=True`` and DoRA are refused there).
+
     Returns:
         ``model``.
 
@@ -120,11 +132,13 @@ def load_adapter(model: nn.Module, directory: PathLike, adapter_name: str = "def
         FileNotFoundError / NotADirectoryError: no such directory or files.
         ValueError: malformed JSON, another PEFT method or an unsupported LoRA feature, a
             truncated or unsafe weights file, keys missing or unexpected, shapes that do not fit
-            the model (naming the key, the expected and the found shape), or base tensors that
-            differ from those the model's other adapters rely on.
+            the model (naming the key, the expected and the found shape), base tensors that
+            differ from those the model's other adapters rely on, or ``is_trainable`` or DoRA
+            on an FSDP2-sharded model.
     """
     d = resolve_adapter_dir(directory, adapter_name)
     cfg = LoraConfig.from_peft_dict(read_config_dict(d), source=str(d / CONFIG_NAME))
+    distributed.check_load_target(model, cfg.use_dora, is_trainable)  # torch.distributed: FSDP2-sharded model
     source = weights_path(d)
     tensors = read_tensors(source)
     state = get_state(model)
@@ -135,7 +149,8 @@ def load_adapter(model: nn.Module, directory: PathLike, adapter_name: str = "def
     cfg = peft_file_config(model, cfg, tensors)
     with transaction(model) as txn:
         try:
-            inject_into(txn, cfg, adapter_name, strict_targets=False)
+            with distributed.new_parameters_whole(model):  # an FSDP2-sharded model: no stray DTensor copies
+                inject_into(txn, cfg, adapter_name, strict_targets=False)
         except (ValueError, TypeError) as e:
             raise type(e)(f"cannot apply the adapter in {str(d)!r} to this {type(model).__name__}: {e}") from e
         _load_tensors(txn, adapter_name, tensors, source=str(source), fresh=fresh)
@@ -178,9 +193,10 @@ def _load_tensors(txn: Transaction, name: str, tensors: dict[str, torch.Tensor],
                 if k not in shared:
                     continue
                 txn.keep(targets[base[k]])
-            targets[plan[k]].copy_(tensors[fk])
+            distributed.copy_full_into(targets[plan[k]], tensors[fk])  # a DTensor: this rank's shard
     adapters_updated()
 
 
 def _equal(current: torch.Tensor, value: torch.Tensor) -> bool:
-    return current.shape == value.shape and torch.equal(current.detach().cpu(), value.to(current.dtype).cpu())
+    current = distributed.full_tensor(current.detach())  # an FSDP2 shard: gathered (collective, every rank)
+    return current.shape == value.shape and torch.equal(current.cpu(), value.to(current.dtype).cpu())

@@ -17,8 +17,8 @@ class TrainConfig:
         epochs: passes over the training set (ignored when ``max_steps`` is set).
         max_steps: optimizer steps in total; overrides ``epochs``.
         lr: peak learning rate (AdamW).
-        batch_size: examples per micro-batch.
-        grad_accum: micro-batches per optimizer step (effective batch = batch_size · grad_accum).
+        batch_size: examples per micro-batch (per rank under torchrun).
+        grad_accum: micro-batches per optimizer step (effective batch = batch_size · ranks · grad_accum).
         weight_decay: AdamW decoupled weight decay.
         warmup_ratio: fraction of the steps with a linear warm-up from 0 (or ``warmup_steps``).
         warmup_steps: warm-up steps; overrides ``warmup_ratio`` when > 0.
@@ -40,6 +40,8 @@ class TrainConfig:
             per chunk (``max(16, 2**21 // vocab)`` rows).
         device: ``"auto"`` (cuda if available), ``"cpu"``, ``"cuda"``...
         progress: show a tqdm progress bar.
+        fsdp: under torchrun, shard with FSDP2 instead of replicating with DDP (see
+            :mod:`lorakit.train.distributed`); ``batch_size`` is then per rank either way.
     """
 
     epochs: float = 5.0
@@ -65,6 +67,7 @@ class TrainConfig:
     loss_chunk_size: int | None = None
     device: str = "auto"
     progress: bool = True
+    fsdp: bool = False
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "grad_accum", "eval_batch_size", "log_every", "keep_checkpoints", "loss_chunk_size"):

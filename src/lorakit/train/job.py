@@ -10,10 +10,13 @@ Outputs in the run directory:
 
 Everything that can be checked (settings, device, data, model, optional packages) is checked
 before the run directory is created, so a refused job leaves nothing behind.
+
+Under ``torchrun`` every rank runs the job and only rank 0 writes (see :mod:`lorakit.train.distributed`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -30,6 +33,7 @@ from lorakit.data.files import read_records
 from lorakit.data.formats import infer_task
 from lorakit.extras import available, install_hint, require
 from lorakit.inject import find_targets, inject
+from lorakit.io.distributed import full_tensors, is_distributed, is_main_process, on_main_process, world_size
 from lorakit.models import ORIGIN, default_targets, head_modules, load_model, load_tokenizer
 from lorakit.train.checkpoint import default_modes, list_checkpoints
 from lorakit.train.config import TrainConfig
@@ -70,7 +74,8 @@ def check_keys(settings: dict[str, Any], source: str) -> None:
 
 
 def _say(msg: str) -> None:
-    print(f"lorakit train: {msg}", file=sys.stderr, flush=True)
+    if is_main_process():  # under torchrun: once, from rank 0
+        print(f"lorakit train: {msg}", file=sys.stderr, flush=True)
 
 
 def check_run_dir(out: str | None, overwrite: bool) -> None:
@@ -246,16 +251,21 @@ def run_job(settings: dict[str, Any], resume: str | None = None, callbacks=()) -
             method = get_method(s["method"], head=head_modules(model) if s["task"] == "seq-cls" else [])
             method.apply(model)
         tcfg = TrainConfig(**{**{k: s[k] for k in TRAIN_KEYS}, "progress": bool(progress)})
-        total = plan_steps(len(train), tcfg)[2]
+        # under torchrun an optimizer step takes batch_size examples on every rank
+        total = plan_steps(len(train), dataclasses.replace(tcfg, batch_size=tcfg.batch_size * world_size()))[2]
         if resume is None:
-            out = s["out"] = new_run_dir(s["out"], s["overwrite"])
-            with open(os.path.join(out, RUN_CONFIG), "w", encoding="utf-8") as f:
-                json.dump(s, f, indent=2)
+            out = s["out"] = on_main_process(lambda: new_run_dir(s["out"], s["overwrite"]), sync=True)  # rank 0's
+
+            def write_run_config() -> None:
+                with open(os.path.join(out, RUN_CONFIG), "w", encoding="utf-8") as f:
+                    json.dump(s, f, indent=2)
+
+            on_main_process(write_run_config, sync=False)
         else:
             out = resume
         _say(f"run directory {out}; {total} optimizer steps")
         watchers = [EvalPrinter(total)] + ([StepPrinter(total)] if s["progress"] is None and not progress else [])
-        reporters = make_reporters(trackers, out, s)
+        reporters = make_reporters(trackers, out, s) if is_main_process() else []  # files: rank 0 only
         try:
             metrics = fit(model, train, ev, tcfg, out_dir=out, resume=resume,
                           callbacks=[*watchers, *reporters, *callbacks])
@@ -267,16 +277,24 @@ def run_job(settings: dict[str, Any], resume: str | None = None, callbacks=()) -
     history = metrics.pop("history")
     from lorakit import save_adapter
 
-    model.to("cpu")
+    if not is_distributed():
+        model.to("cpu")
     if method is None:
         # record where the base model comes from, portably (not a path inside the installed package)
         model.config._name_or_path = ORIGIN.get(s["model"], s["model"])
-        save_adapter(model, os.path.join(out, "adapter"))
+        save_adapter(model, os.path.join(out, "adapter"))  # torchrun: on every rank (FSDP2 gathers); rank 0 writes
     else:  # what the method must store beside the base model
         from safetensors.torch import save_file
 
-        save_file(method.stored_state(model), os.path.join(out, "trainable.safetensors"))
-        default_modes(os.path.join(out, "trainable.safetensors"))
+        stored = full_tensors(method.stored_state(model))  # torchrun + FSDP2: gathered (collective)
+
+        def write_trainable() -> None:
+            save_file(stored, os.path.join(out, "trainable.safetensors"))
+            default_modes(os.path.join(out, "trainable.safetensors"))
+
+        on_main_process(write_trainable, sync=True)
+    if not is_main_process():
+        return {"method": s["method"], **metrics, "out": out}
     metrics = {"method": s["method"], "model": s["model"], "data": s["data"], "task": s["task"],
                "threads": torch.get_num_threads(), **metrics}
     with open(os.path.join(out, "metrics.json"), "w", encoding="utf-8") as f:

@@ -12,6 +12,10 @@ step's gradient is that of the mean over all its targets whatever the split into
 
 Batch order is a pure function of ``(seed, epoch)``; together with the RNG states saved at each
 step boundary, a run resumed from a checkpoint reproduces the uninterrupted run's weights.
+
+Under ``torchrun`` (N ranks, DDP or FSDP2) each rank takes its slice of every global batch of
+``batch_size · N`` and ``N_step`` is summed over ranks, so the update is the one a single
+process makes with the whole batch; see :mod:`lorakit.train.distributed`.
 """
 
 from __future__ import annotations
@@ -26,10 +30,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit.data.dataset import TokenDataset, batch_order, collate
+from lorakit.data.dataset import TokenDataset, batch_order
 from lorakit.layers import LoraLayer
-from lorakit.train.checkpoint import find_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from lorakit.train.checkpoint import rng_state, set_rng_state
 from lorakit.train.config import TrainConfig
+from lorakit.train.distributed import Parallel, local_device
 from lorakit.train.logging import notify_eval
 from lorakit.train.losses import count_targets, loss_sum
 from lorakit.train.measure import evaluate, peak_memory_mb, to_device
@@ -39,9 +44,7 @@ Callback = Callable[[int, dict[str, Any]], None]
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    return local_device(name)  # "auto": cuda if available (under torchrun: this node's GPU LOCAL_RANK)
 
 
 def enable_activation_checkpointing(model: nn.Module) -> None:
@@ -125,7 +128,9 @@ def fit(model: nn.Module, train_ds: TokenDataset, eval_ds: TokenDataset | None =
     """Train ``model``'s trainable parameters on ``train_ds``; evaluate on ``eval_ds``.
 
     Args:
-        model: a model whose parameters to train have ``requires_grad=True``.
+        model: a model whose parameters to train have ``requires_grad=True``. Under torchrun pass
+            the plain model: ``fit`` wraps it in DDP, or shards it in place with FSDP2
+            (``cfg.fsdp``; it stays sharded afterwards: save with ``lk.save_adapter`` on every rank).
         train_ds: a :class:`~lorakit.data.TokenDataset` (its ``task`` picks the loss).
         eval_ds: evaluated after every epoch (or every ``cfg.eval_every`` steps) and at the end.
         cfg: hyperparameters; ``TrainConfig()`` if omitted.
@@ -133,7 +138,8 @@ def fit(model: nn.Module, train_ds: TokenDataset, eval_ds: TokenDataset | None =
         resume: a run directory or checkpoint to continue from (same model, data and cfg).
         callbacks: ``cb(step, logs)`` after every optimizer step; raising KeyboardInterrupt
             stops the run like Ctrl-C (a checkpoint is saved, then it propagates). A callback
-            with an ``on_eval(step, metrics)`` method also gets every evaluation's metrics.
+            with an ``on_eval(step, metrics)`` method also gets every evaluation's metrics. Under
+            torchrun they run on rank 0 only, and all ranks stop together.
 
     Returns:
         ``trainable_params``, ``total_params``, the final eval metrics (``eval_accuracy`` or
@@ -151,25 +157,28 @@ def fit(model: nn.Module, train_ds: TokenDataset, eval_ds: TokenDataset | None =
     if eval_ds is not None and eval_ds.task != train_ds.task:
         raise ValueError(f"eval data is for task {eval_ds.task!r} but training data is for {train_ds.task!r}")
     device = resolve_device(cfg.device)
+    par = Parallel(cfg.fsdp, device)  # torchrun: this rank's share of the work; one process: the identity
     model.to(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(cfg.seed)
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(model)
+    fwd = par.wrap(model, cfg.bf16, device)  # DDP / FSDP2 (in place) / the model itself: what the loss runs
     task, lengths = train_ds.task, train_ds.lengths()
     groups = param_groups(model, cfg)
     params = [p for g in groups for p in g["params"]]
     fused = device.type == "cuda" and all(p.is_floating_point() for p in params)  # one kernel per step
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
-    n_batches, per_epoch, total = plan_steps(len(train_ds), cfg)
+    gcfg = par.global_config(cfg)  # batch_size × ranks: the global batch
+    n_batches, per_epoch, total = plan_steps(len(train_ds), gcfg)
     warmup = cfg.warmup_steps or int(cfg.warmup_ratio * total)
     scheduler = make_scheduler(optimizer, total, warmup, cfg.schedule)
 
     step, train_seconds, tokens = 0, 0.0, 0
     history: dict[str, list[dict[str, Any]]] = {"train": [], "eval": []}
     if resume is not None:
-        state = load_checkpoint(find_checkpoint(resume), model, optimizer, scheduler)
+        state = par.load_checkpoint(resume, model, optimizer, scheduler)
         step, train_seconds, tokens, history = state["step"], state["train_seconds"], state["tokens"], state["history"]
         set_rng_state(state["rng"])
     orders: dict[int, list[list[int]]] = {}
@@ -178,47 +187,54 @@ def fit(model: nn.Module, train_ds: TokenDataset, eval_ds: TokenDataset | None =
         epoch, pos = divmod(k, n_batches)
         if epoch not in orders:
             orders.clear()
-            orders[epoch] = batch_order(lengths, cfg.batch_size, cfg.seed, epoch, cfg.group_by_length)
-        return collate([train_ds[i] for i in orders[epoch][pos]], task, train_ds.pad_id)
+            orders[epoch] = batch_order(lengths, gcfg.batch_size, cfg.seed, epoch, cfg.group_by_length)
+        return par.local_batch(orders[epoch][pos], train_ds)  # one process: the whole batch, collated
 
     def run_eval() -> dict[str, float]:
         if eval_ds is None:
             return {}
-        metrics = evaluate(model, eval_ds, cfg.eval_batch_size, device, cfg.bf16, cfg.loss_chunk_size)
+        metrics = evaluate(fwd, eval_ds, cfg.eval_batch_size, device, cfg.bf16, cfg.loss_chunk_size)
         history["eval"].append({"step": step, **metrics})
-        notify_eval(callbacks, step, metrics)
+        if par.is_main:  # callbacks run on rank 0 only
+            notify_eval(callbacks, step, metrics)
         return metrics
 
     def checkpoint(rng: dict[str, Any]) -> None:
         if out_dir is not None:
-            save_checkpoint(out_dir, step, model, optimizer, scheduler, rng,
-                            {"train_seconds": train_seconds, "tokens": tokens, "history": history},
-                            keep=cfg.keep_checkpoints)
+            par.save_checkpoint(out_dir, step, model, optimizer, scheduler, rng,
+                                {"train_seconds": train_seconds, "tokens": tokens, "history": history},
+                                keep=cfg.keep_checkpoints)
 
     eval_every = cfg.eval_every or per_epoch
-    bar = _progress(cfg, total, step)
+    par.announce(cfg)
+    bar = _progress(cfg, total, step) if par.is_main else None
     model.train()
     rng_at_step: dict[str, Any] | None = None  # RNG at the start of the step in progress
+    stopped_together = False  # torchrun: every rank left the loop at the same step (a collective save is safe)
     try:
         with _StopOnSigint() as stop:
             while step < total:
                 rng_at_step = rng_state()
                 t0 = time.perf_counter()
                 batches = [micro_batch(step * cfg.grad_accum + j) for j in range(cfg.grad_accum)]
-                n_targets = max(1, sum(count_targets(b, task) for b in batches))
-                step_loss = 0.0
-                for b in batches:
+                n_targets = max(1, par.total_count(sum(count_targets(b, task) for b in batches)))  # over all ranks
+                step_loss, step_tokens = 0.0, 0
+                for j, b in enumerate(batches):
                     b = to_device(b, device)
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                        loss = loss_sum(model, b, task, cfg.loss_chunk_size) / n_targets
-                    loss.backward()
+                    with par.no_sync(fwd, last=j == len(batches) - 1):
+                        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                            # × ranks: DDP/FSDP average the ranks' gradients; the sum is what we want
+                            loss = loss_sum(fwd, b, task, cfg.loss_chunk_size) * par.world / n_targets
+                        loss.backward()
                     step_loss += float(loss.detach())
-                    tokens += int(b["attention_mask"].sum())
+                    step_tokens += int(b["attention_mask"].sum())
                 if cfg.max_grad_norm:
                     torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
+                step_loss, step_tokens = par.reduce_step(step_loss, step_tokens)
+                tokens += step_tokens
                 train_seconds += time.perf_counter() - t0
                 step += 1
                 rng_at_step = None  # at a step boundary: the current RNG state is the one to save
@@ -231,9 +247,8 @@ def fit(model: nn.Module, train_ds: TokenDataset, eval_ds: TokenDataset | None =
                     gpu = {"mem": f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f}GiB"} \
                         if device.type == "cuda" else {}
                     bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{logs['tok/s']:.0f}", **gpu)
-                for cb in callbacks:
-                    cb(step, logs)
-                if stop.requested:
+                if par.run_callbacks(callbacks, step, logs, stop.requested):  # torchrun: did any rank stop?
+                    stopped_together = True
                     raise KeyboardInterrupt
                 if step % eval_every == 0 and step < total:
                     run_eval()
@@ -243,7 +258,8 @@ def fit(model: nn.Module, train_ds: TokenDataset, eval_ds: TokenDataset | None =
         if bar is not None:
             bar.close()
         optimizer.zero_grad(set_to_none=True)
-        checkpoint(rng_at_step or rng_state())
+        if par.world == 1 or stopped_together:  # a rank interrupted alone cannot join a collective save
+            checkpoint(rng_at_step or rng_state())
         raise
     if bar is not None:
         bar.close()

@@ -90,10 +90,11 @@ def causal_lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], chunk_s
 
 
 def count_targets(batch: dict[str, torch.Tensor], task: str) -> int:
-    """Number of loss terms in ``batch``: labelled next-token positions, or examples."""
+    """Number of loss terms in ``batch``: labelled next-token positions, or labelled examples
+    (an example labelled ``-100`` is ignored, as ``F.cross_entropy`` ignores it)."""
     if task == "causal-lm":
         return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-    return int(batch["labels"].shape[0])
+    return int((batch["labels"] != IGNORE_INDEX).sum())
 
 
 def classification_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -33,7 +33,7 @@ DEFAULTS: dict[str, Any] = {
     "use_rslora": False, "use_dora": False, "init_lora_weights": True,
     **{k: _TRAIN_DEFAULTS[k] for k in TRAIN_KEYS},
     "progress": None,  # None: a bar on a terminal, plain lines in a log
-    "threads": None, "report_to": "none", "out": None, "overwrite": False, "quantize": None,
+    "threads": None, "report_to": "none", "out": None, "overwrite": False, "quantize": None, "fsdp": False,
 }
 
 # names from transformers' TrainingArguments, TRL's SFTConfig and PEFT's LoraConfig -> ours

@@ -1,0 +1,166 @@
+"""``torchrun --standalone --nproc_per_node 2 -m lorakit train`` (gloo, CPU) on a tiny Llama.
+
+Two ranks with ``--batch-size 2`` must end at the adapter one process reaches with ``--batch-size 4``
+(same seed and data): the step's loss is the mean over the answer tokens of the *global* batch.
+The data (37 training examples, global micro-batch 4) leave a last batch of one example, so one
+rank runs the empty-slice path once per epoch; ``--grad-accum 2`` exercises the skipped reductions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lorakit.cli import main
+from lorakit.models import tiny_llama
+
+torch.set_num_threads(1)
+SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="torchrun on gloo; /proc to find a rank's pid")
+TIMEOUT = 300
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny-llama")
+    model, tok = tiny_llama(hidden_size=32, num_layers=2, seed=0)
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def sft_file(tmp_path_factory):
+    g = torch.Generator().manual_seed(0)
+    path = tmp_path_factory.mktemp("data") / "sft.jsonl"
+    with open(path, "w", encoding="utf-8") as f:
+        for _ in range(41):  # 37 train + 4 eval (eval_split 0.1)
+            k = int(torch.randint(2, 6, (1,), generator=g))
+            word = "".join(chr(97 + int(c)) for c in torch.randint(0, 5, (k,), generator=g))
+            f.write(json.dumps({"prompt": f"{word}=", "completion": word[::-1]}) + "\n")
+    return str(path)
+
+
+def train_args(llama_dir, sft_file, out, batch, *extra):
+    # --lora-r: torchrun's own parser refuses --r (an ambiguous prefix of its --rdzv-*/--role options)
+    return ["train", "--model", llama_dir, "--data", sft_file, "--task", "causal-lm", "--target-modules",
+            "q_proj,v_proj", "--modules-to-save", "lm_head", "--lora-r", "4", "--lr", "1e-2", "--grad-accum", "2",
+            "--batch-size", str(batch), "--eval-split", "0.1", "--threads", "1", "--no-progress", "--out", str(out),
+            *extra]
+
+
+def torchrun(args, **popen) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1",
+           **popen.pop("env", {})}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "lorakit",
+           *args]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def run_ok(args) -> str:
+    proc = torchrun(args)
+    out, _ = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 0, out[-6000:]
+    return out
+
+
+def adapter(run) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "adapter" / "adapter_model.safetensors"))
+
+
+def assert_same_adapter(a, b, atol):
+    assert a.keys() == b.keys() and len(a) == 9  # 2 layers x q,v x A,B + the lm_head copy
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=k)
+
+
+@pytest.fixture(scope="module")
+def single(llama_dir, sft_file, tmp_path_factory):
+    """One process with the doubled batch: the reference."""
+    out = tmp_path_factory.mktemp("single") / "run"
+    assert main(train_args(llama_dir, sft_file, out, 4, "--max-steps", "6")) == 0
+    return out
+
+
+@pytest.mark.parametrize("how", [[], ["--fsdp", "--gradient-checkpointing"]], ids=["ddp", "fsdp"])
+def test_two_ranks_end_at_the_single_process_adapter(llama_dir, sft_file, single, tmp_path, how):
+    out = tmp_path / "run"
+    log = run_ok(train_args(llama_dir, sft_file, out, 2, "--max-steps", "6", *how))
+    assert "effective batch 8 = 2 per rank × 2 ranks × 2 micro-batch(es)" in log
+    assert log.count("lorakit train: run directory") == 1  # rank 0 alone prints
+    assert_same_adapter(adapter(out), adapter(single), atol=2e-6)
+    b = adapter(single)
+    assert all(b[k].abs().max() > 0 for k in b)  # lora_B moved off its zero init: the comparison is not vacuous
+    ours, ref = (json.loads((p / "history.json").read_text()) for p in (out, single))
+    assert [r["step"] for r in ours["train"]] == [r["step"] for r in ref["train"]]
+    for x, y in zip(ours["train"] + ours["eval"], ref["train"] + ref["eval"]):  # global-batch losses, eval too
+        assert x.get("loss", x.get("eval_loss")) == pytest.approx(y.get("loss", y.get("eval_loss")), rel=1e-5)
+    saved = load_file(str(next((out / "checkpoints").iterdir()) / "trainable.safetensors"))  # gathered, unsharded
+    assert {tuple(t.shape) for k, t in saved.items() if "lora_A" in k} == {(4, 32)}
+    # the checkpoint says it needs 2 ranks: a single process refuses it
+    from lorakit.train.job import run_job
+
+    with pytest.raises(ValueError, match="written by 2 process"):
+        run_job({"progress": False}, resume=str(out))
+
+
+def _rank_pid(tag: str, rank: int) -> int | None:
+    """The pid of the worker with ``RANK=rank`` among the processes started with ``LK_TEST_TAG=tag``."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if f"LK_TEST_TAG={tag}".encode() in env and f"RANK={rank}".encode() in env:
+            return int(pid)
+    return None
+
+
+def _wait_for_checkpoint(run, proc, after: int) -> int:
+    """The newest checkpoint step once one beyond ``after`` exists (the run must still be going)."""
+    deadline = time.time() + TIMEOUT
+    while time.time() < deadline and proc.poll() is None:
+        steps = [int(p.name[5:]) for p in run.glob("checkpoints/step-*")]
+        if steps and max(steps) > after:
+            return max(steps)
+        time.sleep(0.01)
+    raise AssertionError(f"no checkpoint after step {after}; the run ended: {proc.communicate()[0][-4000:]}")
+
+
+def test_ctrl_c_then_killed_rank_then_resume_ends_at_uninterrupted_weights(llama_dir, sft_file, tmp_path):
+    """FSDP2 with dropout (each rank's RNG stream matters): Ctrl-C (torchrun forwards SIGINT to every
+    rank: they stop after the same step and save together); resume; SIGKILL rank 1 (the last
+    periodic checkpoint is what is left); resume to the end: the weights of the uninterrupted run."""
+    steps = ["--max-steps", "14", "--checkpoint-every", "1", "--lora-dropout", "0.1", "--fsdp"]
+    full = tmp_path / "full"
+    reference = torchrun(train_args(llama_dir, sft_file, full, 2, *steps))  # uninterrupted, alongside
+    part, tag = tmp_path / "part", uuid.uuid4().hex
+    proc = torchrun(train_args(llama_dir, sft_file, part, 2, *steps))
+    first = _wait_for_checkpoint(part, proc, 1)
+    proc.send_signal(signal.SIGINT)  # what Ctrl-C in the terminal does
+    log, _ = proc.communicate(timeout=TIMEOUT)
+    assert log.count("interrupted: checkpoint saved") == 1, log[-4000:]
+    assert not (part / "adapter").exists()  # it really stopped early
+
+    proc = torchrun(["train", "--resume", str(part), "--no-progress"], env={"LK_TEST_TAG": tag})
+    seen = _wait_for_checkpoint(part, proc, first + 2)
+    pid = _rank_pid(tag, 1)
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    log, _ = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode != 0 and not (part / "adapter").exists(), log[-4000:]
+    assert seen < 14
+
+    run_ok(["train", "--resume", str(part), "--no-progress"])
+    log, _ = reference.communicate(timeout=TIMEOUT)
+    assert reference.returncode == 0, log[-6000:]
+    assert_same_adapter(adapter(part), adapter(full), atol=0)
