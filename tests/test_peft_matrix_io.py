@@ -151,6 +151,8 @@ def test_peft_file_in_lorakit(case, tmp_path):
     ours = lk.load_adapter(pm.build(model_id), tmp_path)
     X = pm.inputs()
     torch.testing.assert_close(ours(X), ref(X), atol=1e-5, rtol=1e-5)
+    if case in pm.MERGE_REFUSED:
+        return pm.assert_merge_refused(ours)
     torch.testing.assert_close(lk.merge_and_unload(ours)(X), ref(X), atol=1e-4, rtol=1e-4)
 
 
@@ -212,6 +214,8 @@ def test_delete_unknown_adapter_raises(case):
 @pytest.mark.parametrize("case", cases("delete_merged_adapter_raises_without_mutation"))
 def test_delete_merged_adapter_raises_without_mutation(case):
     model = _trained(case)
+    if case in pm.MERGE_REFUSED:
+        return pm.assert_merge_refused(model)
     lk.merge(model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match="merged"):
@@ -229,6 +233,8 @@ def test_delete_merged_adapter_only_rejects_the_merged_one(case):
     model = pm.make(case, adapter_name="adapter0", init_lora_weights=False).eval()
     lk.inject(model, pm.lk_config(pm.SUPPORTED[case][1], init_lora_weights=False), "adapter1")
     lk.set_adapter(model, "adapter1")
+    if case in pm.MERGE_REFUSED:
+        return pm.assert_merge_refused(model)
     lk.merge(model)
     X = pm.inputs()
     out = model(X)

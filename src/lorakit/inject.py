@@ -225,6 +225,9 @@ def inject_into(txn: Transaction, cfg: LoraConfig, adapter_name: str, *, autocas
         raise ValueError(f"adapter {adapter_name!r} already exists (adapters: {list(state.configs)}); "
                          "choose another name or delete it first")
     _check_bias_modes(state, cfg, adapter_name)
+    for field in ("target_parameters", "trainable_token_indices"):
+        if getattr(cfg, field) is not None:
+            raise ValueError(f"lorakit does not implement {field} yet")
     targets = find_targets(model, cfg, strict=strict_targets)
     saved = _find_modules_to_save(model, cfg)
     if any(type(model.get_submodule(n)).__name__ == "Conv1D" for n in targets) and not cfg.fan_in_fan_out:

@@ -58,7 +58,7 @@ class Linear(LoraLayer):
 
     def _create(self, name: str, r: int, cfg: LoraConfig) -> None:
         self.lora_A[name] = Down(self.in_features, r, bias=False)
-        self.lora_B[name] = Up(r, self.out_features, bias=False)
+        self.lora_B[name] = Up(r, self.out_features, bias=cfg.lora_bias)
 
     def _init(self, name: str, cfg: LoraConfig) -> None:
         A, B = self.lora_A[name].weight, self.lora_B[name].weight
@@ -67,7 +67,7 @@ class Linear(LoraLayer):
             with torch.no_grad():
                 self._init_from_weight(name, init)
         else:  # init False keeps nn.Linear's own (non-zero) init: the adapter is not a no-op
-            init_lora_pair(A, B, init, self.r[name])
+            init_lora_pair(A, B, init, self.r[name], self.lora_B[name].bias)
         if cfg.use_dora:
             self.lora_magnitude_vector[name] = nn.Parameter(self._row_norm(name, self._weight_out_in()).to(A.dtype))
 
@@ -152,8 +152,8 @@ class Linear(LoraLayer):
         return result + (scale - 1) * plain + scale * B(A(x)) * s
 
     def mixed_forward(self, x: torch.Tensor, result: torch.Tensor, rows: list[str], names: list[str]) -> torch.Tensor:
-        """Batched (BGMV gather or SGMV segments) unless DoRA or live dropout needs the reference loop."""
-        if any(n in self.lora_magnitude_vector for n in names) or (
+        """Batched (BGMV gather or SGMV segments) unless DoRA, a lora_bias or live dropout needs the reference loop."""
+        if any(n in self.lora_magnitude_vector or self.lora_B[n].bias is not None for n in names) or (
                 self.training and any(not isinstance(self.lora_dropout[n], nn.Identity) for n in names)):
             return super().mixed_forward(x, result, rows, names)
         dtype = self.lora_A[names[0]].weight.dtype if self.peft_numerics else x.dtype
