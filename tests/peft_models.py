@@ -287,6 +287,8 @@ _SUPPORTED = [
                                                     "lora_alpha": 32}),
     ("Conv2d 1 LoRA with lora_b bias", "Conv2d", {"target_modules": ["conv2d"], "lora_bias": True, "lora_alpha": 32}),
     ("Conv3d 1 LoRA with lora_b bias", "Conv3d", {"target_modules": ["conv3d"], "lora_bias": True, "lora_alpha": 32}),
+    ("MLP 1 using nn.Parameter LoRA", "MlpUsingParameters", {"target_parameters": ["lin0.weight"]}),
+    ("MLP 2 using nn.Parameter LoRA", "MLP", {"target_modules": ["lin0"], "target_parameters": ["lin1.weight"]}),
 ]
 SUPPORTED = {_slug(n): (m, kw) for n, m, kw in _SUPPORTED}
 # rows whose adapters cannot be merged: the update of a grouped convolution is a dense kernel that
@@ -341,10 +343,6 @@ _UNSUPPORTED = [
      "VeLoRA", "velora_config"),
     ("Vanilla MLP 12 LoRA with VeLoRA batch_average_once", "MLP", {"target_modules": ["lin0"]}, "velora_once",
      "VeLoRA", "velora_config"),
-    ("MLP 1 using nn.Parameter LoRA", "MlpUsingParameters", {"target_parameters": ["lin0.weight"]}, None,
-     "target_parameters (LoRA on a bare nn.Parameter)", "target_parameters"),
-    ("MLP 2 using nn.Parameter LoRA", "MLP", {"target_modules": ["lin0"], "target_parameters": ["lin1.weight"]}, None,
-     "target_parameters (LoRA on a bare nn.Parameter)", "target_parameters"),
     ("Vanilla MLP 1 LoRA with Monteclora", "MLP", {"target_modules": ["lin0"]}, "monteclora", "MonteCLoRA",
      "monteclora_config"),
     ("BD-LoRA A only", "MLP", {"target_modules": ["lin0", "lin1"]}, "bd_a", "BD-LoRA (block-diagonal factors)",
@@ -378,6 +376,10 @@ MULTI = {
                   {"target_modules": ["lin0"], "init_lora_weights": False}),
     "LoRA_Different": ({"target_modules": ["lin0"], "init_lora_weights": False},
                        {"target_modules": ["lin1"], "init_lora_weights": False}),
+    "LoRA_targeting_nnParameter_Same": ({"target_parameters": ["lin0.weight"], "init_lora_weights": False},
+                                        {"target_parameters": ["lin0.weight"], "init_lora_weights": False}),
+    "LoRA_targeting_nnParameter_Different": ({"target_parameters": ["lin0.weight"], "init_lora_weights": False},
+                                             {"target_parameters": ["lin1.weight"], "init_lora_weights": False}),
 }
 # the rows lorakit lacks a feature for: id -> (model id, kwargs 1, kwargs 2, feature, word)
 MULTI_UNSUPPORTED = {
@@ -389,12 +391,6 @@ MULTI_UNSUPPORTED = {
         "EmbConv1D", {"target_modules": ["lin0"], "trainable_token_indices": {"emb": [0, 1, 2]}},
         {"target_modules": ["conv1d"], "trainable_token_indices": {"emb": [3, 4, 5, 6]}},
         "trainable_token_indices", "trainable_token_indices"),
-    "LoRA_targeting_nnParameter_Same": (
-        "MLP", {"target_parameters": ["lin0.weight"]}, {"target_parameters": ["lin0.weight"]},
-        "target_parameters", "target_parameters"),
-    "LoRA_targeting_nnParameter_Different": (
-        "MLP", {"target_parameters": ["lin0.weight"]}, {"target_parameters": ["lin1.weight"]},
-        "target_parameters", "target_parameters"),
 }
 
 

@@ -48,6 +48,11 @@ def test_multiple_active_adapters_forward(case):
     assert not torch.allclose(out1, out2, atol=1e-5)
     assert not torch.allclose(out1, both, atol=1e-5)
     assert not torch.allclose(out2, both, atol=1e-5)
+    if kw1.get("target_parameters"):  # refused, as PEFT refuses it: per-parameter updates are not one B·A
+        with pytest.raises(ValueError, match="target_parameters"):
+            lk.combine_adapters(model, ["adapter_1", "adapter_2"], [1.0, 1.0], "new_combined_adapter")
+        assert lk.adapter_names(model) == ["adapter_1", "adapter_2"]
+        return
     # the exact (rank-concatenating) weighted sum equals both adapters active
     lk.combine_adapters(model, ["adapter_1", "adapter_2"], [1.0, 1.0], "new_combined_adapter")
     lk.set_adapter(model, "new_combined_adapter")
@@ -61,10 +66,20 @@ def test_multiple_active_adapters_same_as_peft(case):
     torch.manual_seed(0)
     base = pm.MLP().eval()
     ours = _mlp(kw1, kw2, model=copy.deepcopy(base))
-    ref = peft.get_peft_model(base, pm.peft_config(kw1), adapter_name="adapter_1")
-    ref.add_adapter("adapter_2", pm.peft_config(kw2))
-    assert models.copy_from_peft(ours, ref) > 0
-    ref.base_model.set_adapter(["adapter_1", "adapter_2"])
+    if case == "LoRA_targeting_nnParameter_Different":
+        # PEFT refuses adapters with different target_parameters; both active on different layers are
+        # one PEFT adapter on both layers, adapter_1's factors on lin0 and adapter_2's on lin1
+        ref = peft.get_peft_model(base, pm.peft_config({**kw1, "target_parameters": ["lin0.weight", "lin1.weight"]}))
+        with torch.no_grad():
+            for layer, name in (("lin0", "adapter_1"), ("lin1", "adapter_2")):
+                for factor in ("lora_A", "lora_B"):
+                    getattr(ref.base_model.model.get_submodule(layer), factor)["default"].weight.copy_(
+                        getattr(ours.get_submodule(layer), factor)[name].weight)
+    else:
+        ref = peft.get_peft_model(base, pm.peft_config(kw1), adapter_name="adapter_1")
+        ref.add_adapter("adapter_2", pm.peft_config(kw2))
+        assert models.copy_from_peft(ours, ref) > 0
+        ref.base_model.set_adapter(["adapter_1", "adapter_2"])
     lk.set_adapter(ours, ["adapter_1", "adapter_2"])
     ref.eval()
     X = pm.inputs()

@@ -27,7 +27,9 @@ from torch import nn
 
 from lorakit.adapters import set_adapter_grads
 from lorakit.config import ALL_LINEAR, LoraConfig
+from lorakit.inject_params import wrap_parameters
 from lorakit.layers import LoraLayer, ModulesToSave, is_linear_like, is_supported, wrap, wrappers
+from lorakit.layers.param import ParamWrapper
 from lorakit.state import LorakitState, get_state
 from lorakit.transaction import Transaction, set_submodule, transaction
 
@@ -102,6 +104,8 @@ def find_targets(model: nn.Module, cfg: LoraConfig, strict: bool = True) -> list
         TypeError: a matched module has a type lorakit cannot adapt.
     """
     spec = cfg.target_modules
+    if spec is None and (cfg.target_parameters or cfg.trainable_token_indices is not None):
+        return []  # the config adapts parameters or embedding rows only
     if spec is None:
         raise ValueError("target_modules is not set: give module names, a regex or 'all-linear'. "
                          f"Some module names in this model: {_sample_names(model)}")
@@ -225,9 +229,8 @@ def inject_into(txn: Transaction, cfg: LoraConfig, adapter_name: str, *, autocas
         raise ValueError(f"adapter {adapter_name!r} already exists (adapters: {list(state.configs)}); "
                          "choose another name or delete it first")
     _check_bias_modes(state, cfg, adapter_name)
-    for field in ("target_parameters", "trainable_token_indices"):
-        if getattr(cfg, field) is not None:
-            raise ValueError(f"lorakit does not implement {field} yet")
+    if cfg.trainable_token_indices is not None:
+        raise ValueError("lorakit does not implement trainable_token_indices yet")
     targets = find_targets(model, cfg, strict=strict_targets)
     saved = _find_modules_to_save(model, cfg)
     if any(type(model.get_submodule(n)).__name__ == "Conv1D" for n in targets) and not cfg.fan_in_fan_out:
@@ -238,6 +241,9 @@ def inject_into(txn: Transaction, cfg: LoraConfig, adapter_name: str, *, autocas
             p.requires_grad_(False)
     for name in targets:
         module = model.get_submodule(name)
+        if isinstance(module, ParamWrapper):
+            raise ValueError(f"target_modules matched {name!r}, whose parameters other adapters adapt "
+                             "(target_parameters); a module's weight is adapted one way only")
         if not isinstance(module, LoraLayer):
             module = wrap(module)
             txn.replace(name, module, module.release)
@@ -252,6 +258,10 @@ def inject_into(txn: Transaction, cfg: LoraConfig, adapter_name: str, *, autocas
             if isinstance(layer, LoraLayer):
                 layer.peft_numerics = peft_numerics
         module.train(module.base_layer.training)  # new dropout modules follow the model's train/eval mode
+    if cfg.target_parameters:
+        targets = targets + wrap_parameters(
+            txn, cfg, adapter_name, dtype_of=None if autocast_adapter_dtype else (lambda w: w.dtype),
+            peft_numerics=peft_numerics, strict=strict_targets)
     for name in saved:
         module = model.get_submodule(name)
         if not isinstance(module, ModulesToSave):

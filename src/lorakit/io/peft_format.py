@@ -170,10 +170,11 @@ def effective_config(model: nn.Module, name: str) -> LoraConfig:
     cfg = require_state(model).configs[name]
     layers = [(p, w) for p, w in wrappers(model) if isinstance(w, LoraLayer) and name in w.r
               and not p.endswith(".base_layer.out_proj")]  # an nn.MultiheadAttention's out_proj follows its parent
-    if all(w.r[name] == cfg.rank_for(p) and w.lora_alpha[name] == cfg.alpha_for(p) for p, w in layers):
+    keys = [(w.config_key(p), w) for p, w in layers]  # a parameter wrapper: "<module>.<parameter>"
+    if all(w.r[name] == cfg.rank_for(k) and w.lora_alpha[name] == cfg.alpha_for(k) for k, w in keys):
         return cfg
-    rank = {re.escape(p): w.r[name] for p, w in layers}
-    alpha = {re.escape(p): w.lora_alpha[name] for p, w in layers}
+    rank = {re.escape(k): w.r[name] for k, w in keys}
+    alpha = {re.escape(k): w.lora_alpha[name] for k, w in keys}
     return dataclasses.replace(cfg, rank_pattern=rank, alpha_pattern=alpha)
 
 

@@ -12,13 +12,14 @@ from lorakit.layers.conv import CONV_TYPES, Conv
 from lorakit.layers.embedding import Embedding
 from lorakit.layers.linear import Linear, is_conv1d
 from lorakit.layers.mha import MultiheadAttention
+from lorakit.layers.param import ParamWrapper
 from lorakit.layers.routing import BASE_ROW
 from lorakit.layers.saved import ModulesToSave
 
 Wrapper = Union[LoraLayer, ModulesToSave]
 
 __all__ = ["BASE_ROW", "LoraLayer", "ModulesToSave", "Wrapper", "Linear", "Embedding", "Conv", "MultiheadAttention",
-           "wrap", "is_supported", "is_linear_like", "wrappers"]
+           "ParamWrapper", "wrap", "is_supported", "is_linear_like", "wrappers"]
 
 
 def wrappers(model: nn.Module) -> Iterator[tuple[str, Wrapper]]:

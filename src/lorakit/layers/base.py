@@ -157,6 +157,10 @@ class LoraLayer(nn.Module):
     def base_weight(self) -> torch.Tensor:
         return self.base_layer.weight
 
+    def config_key(self, path: str) -> str:
+        """The name a config's ``rank_pattern``/``alpha_pattern`` is matched against for this layer."""
+        return path
+
     def release(self) -> nn.Module:
         """The wrapped module, with anything this wrapper changed inside it undone (see MHA)."""
         return self.base_layer
