@@ -102,7 +102,7 @@ def copy_from_peft(ours: nn.Module, peft_model: nn.Module) -> int:
             ours_k = k.removeprefix("base_model.model.")
             if ".lora_magnitude_vector." in ours_k:
                 ours_k = ours_k.removesuffix(".weight")
-            is_adapter = any(t in ours_k for t in (".lora_", ".modules_to_save."))
+            is_adapter = any(t in ours_k for t in (".lora_", ".modules_to_save.", ".trainable_tokens_delta."))
             if not is_adapter:
                 continue
             if ours_k not in sd:

@@ -287,6 +287,8 @@ _SUPPORTED = [
                                                     "lora_alpha": 32}),
     ("Conv2d 1 LoRA with lora_b bias", "Conv2d", {"target_modules": ["conv2d"], "lora_bias": True, "lora_alpha": 32}),
     ("Conv3d 1 LoRA with lora_b bias", "Conv3d", {"target_modules": ["conv3d"], "lora_bias": True, "lora_alpha": 32}),
+    ("Embedding + transformers Conv1D 1 LoRA trainable_tokens", "EmbConv1D",
+     {"target_modules": ["conv1d"], "trainable_token_indices": {"emb": [0, 10]}}),
     ("MLP 1 using nn.Parameter LoRA", "MlpUsingParameters", {"target_parameters": ["lin0.weight"]}),
     ("MLP 2 using nn.Parameter LoRA", "MLP", {"target_modules": ["lin0"], "target_parameters": ["lin1.weight"]}),
 ]
@@ -371,27 +373,36 @@ def peft_config(kwargs: dict[str, Any], extra: str | None = None, **over: Any):
 
 
 # ------------------------------------------------------------------ MULTIPLE_ACTIVE_ADAPTERS_TEST_CASES (LoRA)
+_TOKENS_1 = {"target_modules": ["lin0"], "init_lora_weights": False, "trainable_token_indices": {"emb": [0, 1, 2]}}
+# id -> (model id, kwargs of adapter 1, kwargs of adapter 2)
 MULTI = {
-    "LoRA_Same": ({"target_modules": ["lin0"], "init_lora_weights": False},
+    "LoRA_Same": ("MLP", {"target_modules": ["lin0"], "init_lora_weights": False},
                   {"target_modules": ["lin0"], "init_lora_weights": False}),
-    "LoRA_Different": ({"target_modules": ["lin0"], "init_lora_weights": False},
+    "LoRA_Different": ("MLP", {"target_modules": ["lin0"], "init_lora_weights": False},
                        {"target_modules": ["lin1"], "init_lora_weights": False}),
-    "LoRA_targeting_nnParameter_Same": ({"target_parameters": ["lin0.weight"], "init_lora_weights": False},
+    "LoRA_plus_trainable_tokens_Same": (
+        "EmbConv1D", _TOKENS_1,
+        {"target_modules": ["lin0"], "init_lora_weights": False, "trainable_token_indices": {"emb": [3, 4, 5, 6]}}),
+    "LoRA_plus_trainable_tokens_Different": (
+        "EmbConv1D", _TOKENS_1,
+        {"target_modules": ["conv1d"], "init_lora_weights": False, "trainable_token_indices": {"emb": [3, 4, 5, 6]}}),
+    "LoRA_targeting_nnParameter_Same": ("MLP", {"target_parameters": ["lin0.weight"], "init_lora_weights": False},
                                         {"target_parameters": ["lin0.weight"], "init_lora_weights": False}),
-    "LoRA_targeting_nnParameter_Different": ({"target_parameters": ["lin0.weight"], "init_lora_weights": False},
+    "LoRA_targeting_nnParameter_Different": ("MLP", {"target_parameters": ["lin0.weight"], "init_lora_weights": False},
                                              {"target_parameters": ["lin1.weight"], "init_lora_weights": False}),
 }
-# the rows lorakit lacks a feature for: id -> (model id, kwargs 1, kwargs 2, feature, word)
-MULTI_UNSUPPORTED = {
-    "LoRA_plus_trainable_tokens_Same": (
-        "EmbConv1D", {"target_modules": ["lin0"], "trainable_token_indices": {"emb": [0, 1, 2]}},
-        {"target_modules": ["lin0"], "trainable_token_indices": {"emb": [3, 4, 5, 6]}},
-        "trainable_token_indices", "trainable_token_indices"),
-    "LoRA_plus_trainable_tokens_Different": (
-        "EmbConv1D", {"target_modules": ["lin0"], "trainable_token_indices": {"emb": [0, 1, 2]}},
-        {"target_modules": ["conv1d"], "trainable_token_indices": {"emb": [3, 4, 5, 6]}},
-        "trainable_token_indices", "trainable_token_indices"),
-}
+# the rows lorakit lacks a feature for: id -> (model id, kwargs 1, kwargs 2, feature, word) — none left
+MULTI_UNSUPPORTED: dict[str, tuple] = {}
+
+
+def randomize_tokens(model: nn.Module, seed: int = 0) -> None:
+    """Trained rows differ from the embedding's (PEFT's tests do the same: ``rand_like``, since
+    ``init_lora_weights`` does not apply to token rows)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".trainable_tokens_delta." in n:
+                p.copy_(torch.rand(p.shape, generator=g))
 
 
 # ------------------------------------------------------------------ lorakit side

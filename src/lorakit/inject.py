@@ -28,7 +28,8 @@ from torch import nn
 from lorakit.adapters import set_adapter_grads
 from lorakit.config import ALL_LINEAR, LoraConfig
 from lorakit.inject_params import wrap_parameters
-from lorakit.layers import LoraLayer, ModulesToSave, is_linear_like, is_supported, wrap, wrappers
+from lorakit.inject_tokens import add_trainable_tokens
+from lorakit.layers import LoraLayer, ModulesToSave, TokensWrapper, is_linear_like, is_supported, wrap, wrappers
 from lorakit.layers.param import ParamWrapper
 from lorakit.state import LorakitState, get_state
 from lorakit.transaction import Transaction, set_submodule, transaction
@@ -73,7 +74,7 @@ def candidate_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     for name, module in model.named_modules():
         if not name or any(name.startswith(s) for s in skip):
             continue
-        if isinstance(module, (LoraLayer, ModulesToSave)):
+        if isinstance(module, (LoraLayer, ModulesToSave, TokensWrapper)):
             skip.append(name + ".")
         yield name, module
 
@@ -126,6 +127,9 @@ def find_targets(model: nn.Module, cfg: LoraConfig, strict: bool = True) -> list
             hit = _matches_list(name, spec) and _in_layers(name, cfg)
         if not hit or _excluded(name, cfg):
             continue
+        if isinstance(module, TokensWrapper):
+            raise ValueError(f"target_modules={spec!r} matched {name!r}, whose token rows an adapter trains "
+                             "(trainable_token_indices); a layer is adapted one way only")
         if not is_supported(module):
             raise TypeError(f"target_modules={spec!r} matched {name!r}, a {type(module).__name__}, which lorakit "
                             "cannot adapt (supported: Linear, Conv1D, Embedding, Conv1d/2d/3d, MultiheadAttention). "
@@ -229,8 +233,6 @@ def inject_into(txn: Transaction, cfg: LoraConfig, adapter_name: str, *, autocas
         raise ValueError(f"adapter {adapter_name!r} already exists (adapters: {list(state.configs)}); "
                          "choose another name or delete it first")
     _check_bias_modes(state, cfg, adapter_name)
-    if cfg.trainable_token_indices is not None:
-        raise ValueError("lorakit does not implement trainable_token_indices yet")
     targets = find_targets(model, cfg, strict=strict_targets)
     saved = _find_modules_to_save(model, cfg)
     if any(type(model.get_submodule(n)).__name__ == "Conv1D" for n in targets) and not cfg.fan_in_fan_out:
@@ -272,6 +274,8 @@ def inject_into(txn: Transaction, cfg: LoraConfig, adapter_name: str, *, autocas
             txn.on_undo(lambda m=module: m.delete_adapter(adapter_name))
         module.add_adapter(adapter_name)
         module.train(module.original_module.training)
+    if cfg.trainable_token_indices is not None:
+        add_trainable_tokens(txn, cfg, adapter_name, dtype_of=None if autocast_adapter_dtype else (lambda w: w.dtype))
     state.configs[adapter_name] = cfg
     state.targets[adapter_name] = targets
     if not state.active:
@@ -384,6 +388,8 @@ def unload(model: nn.Module, keep_trained_copy_of: str | None = None) -> nn.Modu
         elif isinstance(module, ModulesToSave):
             copies = module.modules_to_save
             set_submodule(model, name, copies[keep] if keep in copies else module.release())
+        elif isinstance(module, TokensWrapper):
+            set_submodule(model, name, module.release())
     _unguard(model)
     model.__dict__.pop("_lorakit", None)
     return model

@@ -18,7 +18,15 @@ from torch import nn
 from lorakit.adapters import _check_names, set_adapter_grads
 from lorakit.combine import check_combination, combined_factors, peft_rank
 from lorakit.inject import unload
-from lorakit.layers import Embedding, LoraLayer, ModulesToSave, MultiheadAttention, wrappers
+from lorakit.layers import (
+    Embedding,
+    LoraLayer,
+    ModulesToSave,
+    MultiheadAttention,
+    ParamWrapper,
+    TrainableTokens,
+    wrappers,
+)
 from lorakit.state import require_state
 from lorakit.transaction import transaction
 
@@ -40,14 +48,23 @@ def untie_adapted_weights(model: nn.Module, names: Sequence[str]) -> list[str]:
     for m in model.modules():
         for p in m.parameters(recurse=False):
             owners[id(p)] = owners.get(id(p), 0) + 1
+    layers = [(path, w) for path, w in wrappers(model) if isinstance(w, LoraLayer)]
     untied = []
-    for path, layer in wrappers(model):
-        if not isinstance(layer, LoraLayer) or not any(n in layer.r and n not in layer.merged_adapters for n in names):
+    for path, layer in layers:
+        if not any(n in layer.r and n not in layer.merged_adapters for n in names):
             continue
         weight = layer.base_weight()
+        sharing = [w for _, w in layers if w.base_weight() is weight]
+        if isinstance(layer, TrainableTokens) and len(sharing) == owners.get(id(weight), 0) and all(
+                isinstance(w, TrainableTokens) and w.owner is layer.owner for w in sharing):
+            continue  # an output layer following the embedding's token rows: both keep the one weight
         if owners.get(id(weight), 0) > 1:
-            attr = "in_proj_weight" if isinstance(layer.base_layer, nn.MultiheadAttention) else "weight"
-            setattr(layer.base_layer, attr, nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad))
+            owner, attr = layer.base_layer, "weight"
+            if isinstance(layer.base_layer, nn.MultiheadAttention):
+                attr = "in_proj_weight"
+            elif isinstance(layer, ParamWrapper):
+                owner, attr = layer.real_module(), layer.parameter_name
+            setattr(owner, attr, nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad))
             untied.append(path)
     config = getattr(model, "config", None)
     if untied and config is not None:
@@ -180,6 +197,14 @@ def combine_adapters(model: nn.Module, names: Sequence[str], weights: Sequence[f
         raise ValueError(f"combine_adapters: {clash} — several of the adapters have their own trained copy of the "
                          "same module (modules_to_save); copies do not add up. Combine adapters whose saved "
                          "modules differ")
+    tokens = {p: [n for n in names if n in w.r] for p, w in wrappers(model)
+              if isinstance(w, TrainableTokens) and w.source is None and any(n in w.r for n in names)}
+    for p, ns in tokens.items():  # rows are replaced, not added: several adapters' rows must be disjoint
+        rows = [i for n in ns for i in model.get_submodule(p).token_indices[n]]
+        if len(set(rows)) != len(rows):
+            raise ValueError(f"combine_adapters: adapters {ns} train overlapping token rows of {p!r} "
+                             "(trainable_token_indices); trained rows do not add up. Combine adapters whose rows "
+                             "are disjoint")
     options = dict(svd_rank=svd_rank or peft_rank("svd", configs), density=density, svd_clamp=svd_clamp,
                    majority_sign_method=majority_sign_method, svd_full_matrices=svd_full_matrices,
                    svd_driver=svd_driver)
@@ -206,7 +231,9 @@ def combine_adapters(model: nn.Module, names: Sequence[str], weights: Sequence[f
             alloc, r=max(ranks.values()), lora_alpha=max(ranks.values()), target_modules=list(ranks),
             rank_pattern=patterns, alpha_pattern=dict(patterns), init_lora_weights=False,
             lora_bias=any(b is not None for f in factors.values() for _, _, b in f),
-            modules_to_save=list(saved) or None, exclude_modules=None, target_parameters=None)
+            modules_to_save=list(saved) or None, exclude_modules=None, target_parameters=None,
+            trainable_token_indices={p.removesuffix(".token_adapter"): [
+                i for n in ns for i in model.get_submodule(p).token_indices[n]] for p, ns in tokens.items()} or None)
         for path, layer in layers:
             if ranks[path] != rank or cfg.lora_bias != alloc.lora_bias:
                 with torch.random.fork_rng(devices=[]):  # the final shapes; no more draws
@@ -219,6 +246,15 @@ def combine_adapters(model: nn.Module, names: Sequence[str], weights: Sequence[f
             module = model.get_submodule(p)
             txn.on_undo(lambda m=module: m.delete_adapter(new_name))
             _carry_copy(module, source, new_name)
+        for p, ns in tokens.items():  # trained rows carried exactly (the union), like a saved copy
+            owner = model.get_submodule(p)
+            rows = cfg.trainable_token_indices[p.removesuffix(".token_adapter")]
+            for _, w in wrappers(model):
+                if isinstance(w, TrainableTokens) and w.owner is owner and any(n in w.r for n in ns):
+                    txn.on_undo(lambda w=w: w.delete_adapter(new_name))
+                    w.add_tokens(new_name, rows, cfg)
+            with torch.no_grad():
+                owner.trainable_tokens_delta[new_name].copy_(torch.cat([owner.trainable_tokens_delta[n] for n in ns]))
         state.configs[new_name] = cfg
         state.targets[new_name] = list(ranks)
         for _, w in wrappers(model):

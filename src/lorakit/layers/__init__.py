@@ -15,11 +15,12 @@ from lorakit.layers.mha import MultiheadAttention
 from lorakit.layers.param import ParamWrapper
 from lorakit.layers.routing import BASE_ROW
 from lorakit.layers.saved import ModulesToSave
+from lorakit.layers.tokens import TokensWrapper, TrainableTokens
 
 Wrapper = Union[LoraLayer, ModulesToSave]
 
 __all__ = ["BASE_ROW", "LoraLayer", "ModulesToSave", "Wrapper", "Linear", "Embedding", "Conv", "MultiheadAttention",
-           "ParamWrapper", "wrap", "is_supported", "is_linear_like", "wrappers"]
+           "ParamWrapper", "TrainableTokens", "TokensWrapper", "wrap", "is_supported", "is_linear_like", "wrappers"]
 
 
 def wrappers(model: nn.Module) -> Iterator[tuple[str, Wrapper]]:

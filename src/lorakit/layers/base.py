@@ -69,6 +69,8 @@ class LoraLayer(nn.Module):
 
     # attributes holding per-adapter tensors, keyed by adapter name (subclasses extend)
     adapter_attrs: tuple[str, ...] = ("lora_A", "lora_B")
+    # r / lora_alpha come from the config's rank and alpha patterns (trainable tokens: no)
+    ranked: bool = True
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
