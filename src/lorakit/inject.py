@@ -28,7 +28,7 @@ from torch import nn
 from lorakit.adapters import set_adapter_grads
 from lorakit.config import ALL_LINEAR, LoraConfig
 from lorakit.inject_params import wrap_parameters
-from lorakit.inject_tokens import add_trainable_tokens
+from lorakit.inject_tokens import add_trainable_tokens, check_weight_tying
 from lorakit.layers import LoraLayer, ModulesToSave, TokensWrapper, is_linear_like, is_supported, wrap, wrappers
 from lorakit.layers.param import ParamWrapper
 from lorakit.state import LorakitState, get_state
@@ -235,6 +235,7 @@ def inject_into(txn: Transaction, cfg: LoraConfig, adapter_name: str, *, autocas
     _check_bias_modes(state, cfg, adapter_name)
     targets = find_targets(model, cfg, strict=strict_targets)
     saved = _find_modules_to_save(model, cfg)
+    check_weight_tying(model, cfg, targets, saved)
     if any(type(model.get_submodule(n)).__name__ == "Conv1D" for n in targets) and not cfg.fan_in_fan_out:
         cfg = dataclasses.replace(cfg, fan_in_fan_out=True)  # GPT-2 layout, recorded as PEFT does
     state = get_state(model, create=True)

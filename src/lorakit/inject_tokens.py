@@ -134,3 +134,23 @@ def add_trainable_tokens(txn: Transaction, cfg: LoraConfig, adapter_name: str, d
             raise ValueError(f"{path!r} already trains its own token rows; it cannot also follow the input embedding's")
         txn.on_undo(lambda layer=layer: layer.delete_adapter(adapter_name))
         layer.add_tokens(adapter_name, emb_layer.token_indices[adapter_name], cfg)
+
+
+def check_weight_tying(model: nn.Module, cfg: LoraConfig, targets: list[str], saved: list[str]) -> None:
+    """``ensure_weight_tying`` is implemented for trainable tokens; PEFT also ties the LoRA factors
+    (``target_modules``) or saved copies (``modules_to_save``) of a tied embedding/output pair, which
+    lorakit does not: such a config is refused rather than trained untied.
+
+    Raises:
+        ValueError: ``ensure_weight_tying`` with a tied pair in ``target_modules`` or ``modules_to_save``.
+    """
+    if not cfg.ensure_weight_tying:
+        return
+    tied = tied_to_embedding(model)
+    emb = _input_embedding(model)
+    pair = set(tied) | ({emb[0]} if emb is not None and tied else set())
+    hit = sorted(pair & (set(targets) | set(saved)))
+    if hit:
+        raise ValueError(f"ensure_weight_tying=True with the tied layers {hit} in target_modules/modules_to_save: "
+                         "lorakit ties trainable_token_indices only, not LoRA factors or saved copies of tied "
+                         "layers; set ensure_weight_tying=False (the layers then train independently) or use PEFT")
