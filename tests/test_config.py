@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -93,18 +94,24 @@ def test_peft_dict_warns_on_unknown_keys():
 
 
 def test_every_peft_field_round_trips():
-    """A config PEFT wrote (all of PEFT 0.21's fields) reads into lorakit and writes back the same values."""
+    """A config PEFT wrote (all of PEFT 0.21's fields) reads into lorakit, and what lorakit writes
+    back rebuilds the same PEFT config; fields at PEFT's default are left out of the file, so that
+    PEFT versions older than the field read it."""
     import peft
 
-    d = peft.LoraConfig(r=4, target_modules=["q"], lora_bias=True, target_parameters=["experts.gate_up_proj"],
-                        trainable_token_indices={"embed_tokens": [1, 2]}, ensure_weight_tying=True,
-                        task_type="CAUSAL_LM", base_model_name_or_path="some/model", revision="v1").to_dict()
-    # not saved / metadata; exclude_modules=None is left out for PEFT < 0.14
-    d = {k: v for k, v in d.items() if k not in ("runtime_config", "peft_version", "exclude_modules")}
-    d["peft_type"], d["target_modules"] = "LORA", ["q"]
+    ref = peft.LoraConfig(r=4, target_modules=["q"], lora_bias=True, target_parameters=["experts.gate_up_proj"],
+                          trainable_token_indices={"embed_tokens": [1, 2]}, ensure_weight_tying=True,
+                          task_type="CAUSAL_LM", base_model_name_or_path="some/model", revision="v1",
+                          qalora_group_size=32)
+    d = json.loads(json.dumps({k: v for k, v in ref.to_dict().items() if k != "runtime_config"}, default=sorted))
     cfg = lk.LoraConfig.from_peft_dict(d)
-    back = cfg.to_peft_dict()
-    assert {k: back[k] for k in d if k != "inference_mode"} == {k: v for k, v in d.items() if k != "inference_mode"}
+    written = cfg.to_peft_dict()
+    assert "use_bdlora" not in written and "kasa_config" not in written and written["qalora_group_size"] == 32
+    rebuilt = peft.LoraConfig(**{k: v for k, v in written.items() if k != "peft_type"}).to_dict()
+    back = json.loads(json.dumps(rebuilt, default=sorted))  # sets (target_modules) as sorted lists, as PEFT saves
+    skip = ("inference_mode", "runtime_config")
+    assert {k: v for k, v in back.items() if k not in skip} == {k: v for k, v in d.items() if k not in skip}
+    assert lk.LoraConfig.from_peft_dict({**written, "inference_mode": cfg.inference_mode}) == cfg
 
 
 @pytest.mark.parametrize("field, value", [

@@ -17,7 +17,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Union
 
-from lorakit.peft_fields import METADATA_KEYS, OTHER_VERSIONS_OFF, check_token_indices, refused
+from lorakit.peft_fields import METADATA_KEYS, OTHER_VERSIONS_OFF, UNIMPLEMENTED, check_token_indices, refused
 
 TargetSpec = Union[list[str], str, None]
 
@@ -215,6 +215,9 @@ class LoraConfig:
             d["target_modules"] = sorted(set(d["target_modules"]))
         if d["exclude_modules"] is None:
             del d["exclude_modules"]  # a PEFT >= 0.14 key; left out when unset so PEFT 0.10-0.13 read the file
+        for key in _NEWER_PEFT_KEYS:  # likewise: only when not PEFT's default (PEFT < 0.13 refuses unknown keys)
+            if d[key] == _DEFAULTS[key]:
+                del d[key]
         d.update(peft_type="LORA", task_type=task_type or self.task_type, inference_mode=True,
                  base_model_name_or_path=base_model_name_or_path or self.base_model_name_or_path)
         return d
@@ -265,6 +268,14 @@ class LoraConfig:
     def to_json(self) -> str:
         """The PEFT json text; key order is kept (rank/alpha patterns: the first match wins)."""
         return json.dumps(self.to_peft_dict(), indent=2)
+
+
+# fields newer PEFT versions added (lorakit's features beyond plain LoRA, PEFT's metadata and the methods
+# lorakit does not implement), and their defaults
+_NEWER_PEFT_KEYS = ("lora_bias", "target_parameters", "trainable_token_indices", "ensure_weight_tying",
+                    "megatron_core", "qalora_group_size", "auto_mapping", *UNIMPLEMENTED)
+_DEFAULTS = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+             for f in dataclasses.fields(LoraConfig)}
 
 
 def _check_positive_int(name: str, v: Any) -> None:
