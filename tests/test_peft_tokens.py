@@ -10,6 +10,7 @@ import peft
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch import nn
 
 import lorakit as lk
 import peft_models as pm
@@ -166,3 +167,41 @@ def test_ensure_weight_tying_of_lora_or_saved_copies_is_refused(kw):
     with pytest.raises(ValueError, match="ensure_weight_tying"):
         lk.inject(model, lk.LoraConfig(ensure_weight_tying=True, **kw))
     assert lk.adapter_names(model) == []
+
+
+class ScaledEmbedding(nn.Embedding):
+    """Gemma's kind of embedding: its forward scales the lookup."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.register_buffer("embed_scale", torch.tensor(3.0), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * self.embed_scale
+
+
+class TokenNet(nn.Module):
+    def __init__(self, emb: nn.Embedding) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = emb
+        self.lin = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(self.emb(x))
+
+
+@pytest.mark.parametrize("emb", [lambda: nn.Embedding(20, 6), lambda: ScaledEmbedding(20, 6),
+                                 lambda: nn.Embedding(20, 6, padding_idx=2)], ids=["plain", "scaled", "padding_row"])
+def test_outputs_and_row_gradients_equal_peft(emb):
+    """The direct path (plain embedding) and the module's own forward (a scaled embedding; a padding
+    row among the trained rows) give PEFT's outputs and PEFT's gradients of the rows."""
+    torch.manual_seed(0)
+    base = TokenNet(emb())
+    ours, ref = _pair(base, target_modules=["lin"], trainable_token_indices={"emb": [2, 4, 9]})
+    x = torch.tensor([[2, 4, 5], [9, 9, 1]])
+    torch.testing.assert_close(ours(x), ref(x), atol=1e-6, rtol=1e-6)
+    ours(x).square().sum().backward()
+    ref(x).square().sum().backward()
+    grad = ref.base_model.model.emb.token_adapter.trainable_tokens_delta["default"].grad
+    torch.testing.assert_close(ours.emb.token_adapter.trainable_tokens_delta["default"].grad, grad)

@@ -7,8 +7,10 @@ An adapter holds the new values of rows ``idx`` of the weight (``trainable_token
     W'[i] = delta[k]  if i = idx[k],  else W[i]
 
 (rows replaced, not added: a resized-then-reinitialised vocabulary still gets the trained rows).
-The module's own forward runs with ``W'`` (``torch.func.functional_call``), so embedding options
-and scaled embeddings (Gemma's) behave as in the base. Merging writes the rows into W, keeping the
+For a plain nn.Embedding / nn.Linear the base output is computed with W and the adapter's rows put
+in (the outputs of its tokens; an output layer's logits of its tokens), so no copy of W and no dense
+gradient of it is made; any other module (a scaled embedding, say) runs its own forward with ``W'``
+(``torch.func.functional_call``), so it behaves as the base. Merging writes the rows into W, keeping the
 rows it overwrote for an exact unmerge. Adapters active together must use disjoint rows.
 
 PEFT's structure, for its file keys: the embedding ``P`` becomes a ``TokensWrapper`` whose
@@ -23,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lorakit.config import LoraConfig
@@ -131,7 +134,41 @@ class TrainableTokens(LoraLayer):
         return weight.index_copy(0, idx, old.to(weight.dtype))
 
     # ------------------------------------------------------------------ forward
+    def _direct(self, names: list[str]) -> bool:
+        """Can the rows be put into the base output directly (no (rows, dim) copy of W, no dense
+        gradient of it)? A plain nn.Linear, or an nn.Embedding whose options only touch W's gradient
+        or rows in place (padding_idx among the rows, max_norm, scale_grad_by_freq) — these take
+        the general path, as does any subclass (a scaled embedding's forward is its own)."""
+        base = self.base_layer
+        if type(base) is nn.Linear:
+            return True
+        if type(base) is not nn.Embedding or base.max_norm is not None or base.scale_grad_by_freq:
+            return False
+        return all(base.padding_idx not in self.owner.token_indices[n] for n in names)
+
+    def _put_rows(self, name: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``out`` (the output with W) with adapter ``name``'s rows in place, computed in the
+        activations' dtype: embedding outputs of its tokens replaced by its rows; an output layer's
+        logits of its tokens by ``x·rowsᵀ (+ b)``."""
+        owner = self.owner
+        idx = torch.tensor(owner.token_indices[name], device=x.device)
+        rows = owner.trainable_tokens_delta[name].to(out.dtype)  # (k, dim)
+        if isinstance(self.base_layer, nn.Linear):
+            bias = self.base_layer.bias
+            cols = F.linear(x, rows, None if bias is None else bias.index_select(0, idx).to(out.dtype))  # (..., k)
+            return out.index_copy(out.dim() - 1, idx, cols)
+        slot = torch.full((self.base_weight().shape[0],), -1, dtype=torch.long, device=x.device)
+        slot[idx] = torch.arange(len(idx), device=x.device)
+        k = slot[x]  # (...,) row of each token in `rows`, -1 for the others
+        return torch.where((k >= 0).unsqueeze(-1), F.embedding(k.clamp(min=0), rows), out)  # (..., dim)
+
     def _call(self, names: list[str], x: torch.Tensor, *args, **kwargs):
+        if not args and not kwargs and self._direct(names):
+            self._check_disjoint(names)
+            out = self.base_layer(x)
+            for name in names:
+                out = self._put_rows(name, x, out)
+            return out
         return torch.func.functional_call(self.base_layer, {"weight": self.adapted_weight(names)}, (x, *args), kwargs)
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
@@ -151,9 +188,9 @@ class TrainableTokens(LoraLayer):
         return self._call(names, x, *args, **kwargs)
 
     def _add_term(self, x: torch.Tensor, name: str, result: torch.Tensor) -> torch.Tensor:
-        """Not additive: the output with adapter ``name``'s rows replaces ``result`` (the mixed-batch
-        reference loop calls this per group of rows)."""
-        return self._call([name], x)
+        """``result`` (these rows' base output) with adapter ``name``'s rows (the mixed-batch reference
+        loop calls this per group of rows)."""
+        return self._put_rows(name, x, result) if self._direct([name]) else self._call([name], x)
 
     def extra_repr(self) -> str:
         tied = ", tied to the input embedding's rows" if self.source is not None else ""
