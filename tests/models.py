@@ -95,6 +95,7 @@ def copy_from_peft(ours: nn.Module, peft_model: nn.Module) -> int:
     """
     sd = ours.state_dict()
     n = 0
+    copied: set[int] = set()
     with torch.no_grad():
         for k, v in peft_model.state_dict().items():
             # PEFT keeps DoRA's m in a module (`...lora_magnitude_vector.<name>.weight`), lorakit in a
@@ -102,12 +103,15 @@ def copy_from_peft(ours: nn.Module, peft_model: nn.Module) -> int:
             ours_k = k.removeprefix("base_model.model.")
             if ".lora_magnitude_vector." in ours_k:
                 ours_k = ours_k.removesuffix(".weight")
-            is_adapter = any(t in ours_k for t in (".lora_", ".modules_to_save."))
+            is_adapter = any(t in ours_k for t in (".lora_", ".modules_to_save.", ".trainable_tokens_delta."))
             if not is_adapter:
                 continue
+            if ours_k not in sd and v.data_ptr() in copied:
+                continue  # PEFT's tied token adapter lists the embedding's rows a second time
             if ours_k not in sd:
                 raise KeyError(f"PEFT tensor {k} has no lorakit twin {ours_k}")
             sd[ours_k].copy_(v)
+            copied.add(v.data_ptr())
             n += 1
     return n
 

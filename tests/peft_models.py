@@ -271,8 +271,49 @@ _SUPPORTED = [
     ("Conv3d 2 LoRA", "Conv3d", {"target_modules": ["conv3d", "lin0"]}),
     ("MHA 1 LoRA", "MHA", {"target_modules": ["mha"]}),
     ("MHA 2 LoRA", "MHA", {"target_modules": ["mha", "lin0"]}),
+    # issue 16: DoRA on embeddings and convolutions, grouped convolutions, lora_bias
+    ("Embedding + transformers Conv1D 2 DoRA", "EmbConv1D", {"target_modules": ["emb"], "use_dora": True}),
+    ("Embedding + transformers Conv1D 3 DoRA", "EmbConv1D", {"target_modules": ["emb", "conv1d"], "use_dora": True}),
+    ("Conv1d LoRA with DoRA", "Conv1d", {"target_modules": ["conv1d"], "use_dora": True}),
+    ("Conv2d 1 LoRA with DoRA", "Conv2d", {"target_modules": ["conv2d"], "use_dora": True}),
+    ("Conv2d 2 LoRA with DoRA", "Conv2d", {"target_modules": ["conv2d", "lin0"], "use_dora": True}),
+    ("Conv2d Groups LoRA", "Conv2dGroups", {"target_modules": ["conv2d"]}),
+    ("Conv2d Groups2 LoRA", "Conv2dGroups2", {"target_modules": ["conv2d"]}),
+    ("Conv2d Groups LoRA with DoRA", "Conv2dGroups", {"target_modules": ["conv2d"], "use_dora": True}),
+    ("Conv2d Groups2 LoRA with DoRA", "Conv2dGroups2", {"target_modules": ["conv2d"], "use_dora": True}),
+    ("Conv3d 1 LoRA with DoRA", "Conv3d", {"target_modules": ["conv3d"], "use_dora": True}),
+    ("Conv3d 2 LoRA with DoRA", "Conv3d", {"target_modules": ["conv3d", "lin0"], "use_dora": True}),
+    ("Vanilla MLP 1 LoRA with lora_b bias", "MLP", {"target_modules": ["lin0", "lin1"], "lora_bias": True,
+                                                    "lora_alpha": 32}),
+    ("Conv2d 1 LoRA with lora_b bias", "Conv2d", {"target_modules": ["conv2d"], "lora_bias": True, "lora_alpha": 32}),
+    ("Conv3d 1 LoRA with lora_b bias", "Conv3d", {"target_modules": ["conv3d"], "lora_bias": True, "lora_alpha": 32}),
+    ("Embedding + transformers Conv1D 1 LoRA trainable_tokens", "EmbConv1D",
+     {"target_modules": ["conv1d"], "trainable_token_indices": {"emb": [0, 10]}}),
+    ("MLP 1 using nn.Parameter LoRA", "MlpUsingParameters", {"target_parameters": ["lin0.weight"]}),
+    ("MLP 2 using nn.Parameter LoRA", "MLP", {"target_modules": ["lin0"], "target_parameters": ["lin1.weight"]}),
 ]
 SUPPORTED = {_slug(n): (m, kw) for n, m, kw in _SUPPORTED}
+# rows whose adapters cannot be merged: the update of a grouped convolution is a dense kernel that
+# the grouped weight cannot hold (PEFT refuses the merge too); their merge checks assert the refusal
+MERGE_REFUSED = {cid for cid, (m, _) in SUPPORTED.items() if m.startswith("Conv2dGroups")}
+
+
+def assert_merge_refused(model: nn.Module) -> None:
+    """merge, safe merge and merge_and_unload each raise a ValueError naming the groups, and
+    change nothing: not a weight, not a wrapper."""
+    import pytest
+
+    import lorakit as lk
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    types = module_types(model)
+    for attempt in (lambda: lk.merge(model), lambda: lk.merge(model, safe_merge=True),
+                    lambda: lk.merge_and_unload(model), lambda: lk.merge_and_unload(model, safe_merge=True)):
+        with pytest.raises(ValueError, match="groups=.*cannot hold"):
+            attempt()
+        after = model.state_dict()
+        assert after.keys() == before.keys() and all(torch.equal(v, after[k]) for k, v in before.items())
+        assert module_types(model) == types
 
 
 def _peft_extra(name: str) -> dict[str, Any]:
@@ -304,40 +345,6 @@ _UNSUPPORTED = [
      "VeLoRA", "velora_config"),
     ("Vanilla MLP 12 LoRA with VeLoRA batch_average_once", "MLP", {"target_modules": ["lin0"]}, "velora_once",
      "VeLoRA", "velora_config"),
-    ("Embedding + transformers Conv1D 2 DoRA", "EmbConv1D", {"target_modules": ["emb"], "use_dora": True}, None,
-     "DoRA on nn.Embedding", "dora"),
-    ("Embedding + transformers Conv1D 3 DoRA", "EmbConv1D", {"target_modules": ["emb", "conv1d"], "use_dora": True},
-     None, "DoRA on nn.Embedding", "dora"),
-    ("Embedding + transformers Conv1D 1 LoRA trainable_tokens", "EmbConv1D",
-     {"target_modules": ["conv1d"], "trainable_token_indices": {"emb": [0, 10]}}, None, "trainable_token_indices",
-     "trainable_token_indices"),
-    ("Conv1d LoRA with DoRA", "Conv1d", {"target_modules": ["conv1d"], "use_dora": True}, None, "DoRA on convolutions",
-     "dora"),
-    ("Conv2d 1 LoRA with DoRA", "Conv2d", {"target_modules": ["conv2d"], "use_dora": True}, None,
-     "DoRA on convolutions", "dora"),
-    ("Conv2d 2 LoRA with DoRA", "Conv2d", {"target_modules": ["conv2d", "lin0"], "use_dora": True}, None,
-     "DoRA on convolutions", "dora"),
-    ("Conv2d Groups LoRA", "Conv2dGroups", {"target_modules": ["conv2d"]}, None, "conv groups > 1", "groups"),
-    ("Conv2d Groups2 LoRA", "Conv2dGroups2", {"target_modules": ["conv2d"]}, None, "conv groups > 1", "groups"),
-    ("Conv2d Groups LoRA with DoRA", "Conv2dGroups", {"target_modules": ["conv2d"], "use_dora": True}, None,
-     "conv groups > 1 and DoRA on convolutions", "groups"),
-    ("Conv2d Groups2 LoRA with DoRA", "Conv2dGroups2", {"target_modules": ["conv2d"], "use_dora": True}, None,
-     "conv groups > 1 and DoRA on convolutions", "groups"),
-    ("Conv3d 1 LoRA with DoRA", "Conv3d", {"target_modules": ["conv3d"], "use_dora": True}, None,
-     "DoRA on convolutions", "dora"),
-    ("Conv3d 2 LoRA with DoRA", "Conv3d", {"target_modules": ["conv3d", "lin0"], "use_dora": True}, None,
-     "DoRA on convolutions", "dora"),
-    ("Vanilla MLP 1 LoRA with lora_b bias", "MLP", {"target_modules": ["lin0", "lin1"], "lora_bias": True,
-                                                    "lora_alpha": 32}, None, "lora_bias (a bias on lora_B)",
-     "lora_bias"),
-    ("Conv2d 1 LoRA with lora_b bias", "Conv2d", {"target_modules": ["conv2d"], "lora_bias": True, "lora_alpha": 32},
-     None, "lora_bias (a bias on lora_B)", "lora_bias"),
-    ("Conv3d 1 LoRA with lora_b bias", "Conv3d", {"target_modules": ["conv3d"], "lora_bias": True, "lora_alpha": 32},
-     None, "lora_bias (a bias on lora_B)", "lora_bias"),
-    ("MLP 1 using nn.Parameter LoRA", "MlpUsingParameters", {"target_parameters": ["lin0.weight"]}, None,
-     "target_parameters (LoRA on a bare nn.Parameter)", "target_parameters"),
-    ("MLP 2 using nn.Parameter LoRA", "MLP", {"target_modules": ["lin0"], "target_parameters": ["lin1.weight"]}, None,
-     "target_parameters (LoRA on a bare nn.Parameter)", "target_parameters"),
     ("Vanilla MLP 1 LoRA with Monteclora", "MLP", {"target_modules": ["lin0"]}, "monteclora", "MonteCLoRA",
      "monteclora_config"),
     ("BD-LoRA A only", "MLP", {"target_modules": ["lin0", "lin1"]}, "bd_a", "BD-LoRA (block-diagonal factors)",
@@ -366,29 +373,36 @@ def peft_config(kwargs: dict[str, Any], extra: str | None = None, **over: Any):
 
 
 # ------------------------------------------------------------------ MULTIPLE_ACTIVE_ADAPTERS_TEST_CASES (LoRA)
+_TOKENS_1 = {"target_modules": ["lin0"], "init_lora_weights": False, "trainable_token_indices": {"emb": [0, 1, 2]}}
+# id -> (model id, kwargs of adapter 1, kwargs of adapter 2)
 MULTI = {
-    "LoRA_Same": ({"target_modules": ["lin0"], "init_lora_weights": False},
+    "LoRA_Same": ("MLP", {"target_modules": ["lin0"], "init_lora_weights": False},
                   {"target_modules": ["lin0"], "init_lora_weights": False}),
-    "LoRA_Different": ({"target_modules": ["lin0"], "init_lora_weights": False},
+    "LoRA_Different": ("MLP", {"target_modules": ["lin0"], "init_lora_weights": False},
                        {"target_modules": ["lin1"], "init_lora_weights": False}),
-}
-# the rows lorakit lacks a feature for: id -> (model id, kwargs 1, kwargs 2, feature, word)
-MULTI_UNSUPPORTED = {
     "LoRA_plus_trainable_tokens_Same": (
-        "EmbConv1D", {"target_modules": ["lin0"], "trainable_token_indices": {"emb": [0, 1, 2]}},
-        {"target_modules": ["lin0"], "trainable_token_indices": {"emb": [3, 4, 5, 6]}},
-        "trainable_token_indices", "trainable_token_indices"),
+        "EmbConv1D", _TOKENS_1,
+        {"target_modules": ["lin0"], "init_lora_weights": False, "trainable_token_indices": {"emb": [3, 4, 5, 6]}}),
     "LoRA_plus_trainable_tokens_Different": (
-        "EmbConv1D", {"target_modules": ["lin0"], "trainable_token_indices": {"emb": [0, 1, 2]}},
-        {"target_modules": ["conv1d"], "trainable_token_indices": {"emb": [3, 4, 5, 6]}},
-        "trainable_token_indices", "trainable_token_indices"),
-    "LoRA_targeting_nnParameter_Same": (
-        "MLP", {"target_parameters": ["lin0.weight"]}, {"target_parameters": ["lin0.weight"]},
-        "target_parameters", "target_parameters"),
-    "LoRA_targeting_nnParameter_Different": (
-        "MLP", {"target_parameters": ["lin0.weight"]}, {"target_parameters": ["lin1.weight"]},
-        "target_parameters", "target_parameters"),
+        "EmbConv1D", _TOKENS_1,
+        {"target_modules": ["conv1d"], "init_lora_weights": False, "trainable_token_indices": {"emb": [3, 4, 5, 6]}}),
+    "LoRA_targeting_nnParameter_Same": ("MLP", {"target_parameters": ["lin0.weight"], "init_lora_weights": False},
+                                        {"target_parameters": ["lin0.weight"], "init_lora_weights": False}),
+    "LoRA_targeting_nnParameter_Different": ("MLP", {"target_parameters": ["lin0.weight"], "init_lora_weights": False},
+                                             {"target_parameters": ["lin1.weight"], "init_lora_weights": False}),
 }
+# the rows lorakit lacks a feature for: id -> (model id, kwargs 1, kwargs 2, feature, word) — none left
+MULTI_UNSUPPORTED: dict[str, tuple] = {}
+
+
+def randomize_tokens(model: nn.Module, seed: int = 0) -> None:
+    """Trained rows differ from the embedding's (PEFT's tests do the same: ``rand_like``, since
+    ``init_lora_weights`` does not apply to token rows)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".trainable_tokens_delta." in n:
+                p.copy_(torch.rand(p.shape, generator=g))
 
 
 # ------------------------------------------------------------------ lorakit side

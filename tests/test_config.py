@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -90,3 +91,59 @@ def test_peft_dict_warns_on_unknown_keys():
     with pytest.warns(UserWarning, match="some_future_key"):
         cfg = lk.LoraConfig.from_peft_dict({"peft_type": "LORA", "target_modules": ["q"], "some_future_key": None})
     assert cfg.target_modules == ["q"]
+
+
+def test_every_peft_field_round_trips():
+    """A config PEFT wrote (all of PEFT 0.21's fields) reads into lorakit, and what lorakit writes
+    back rebuilds the same PEFT config; fields at PEFT's default are left out of the file, so that
+    PEFT versions older than the field read it."""
+    import peft
+
+    ref = peft.LoraConfig(r=4, target_modules=["q"], lora_bias=True, target_parameters=["experts.gate_up_proj"],
+                          trainable_token_indices={"embed_tokens": [1, 2]}, ensure_weight_tying=True,
+                          task_type="CAUSAL_LM", base_model_name_or_path="some/model", revision="v1",
+                          qalora_group_size=32)
+    d = json.loads(json.dumps({k: v for k, v in ref.to_dict().items() if k != "runtime_config"}, default=sorted))
+    cfg = lk.LoraConfig.from_peft_dict(d)
+    written = cfg.to_peft_dict()
+    assert "use_bdlora" not in written and "kasa_config" not in written and written["qalora_group_size"] == 32
+    rebuilt = peft.LoraConfig(**{k: v for k, v in written.items() if k != "peft_type"}).to_dict()
+    back = json.loads(json.dumps(rebuilt, default=sorted))  # sets (target_modules) as sorted lists, as PEFT saves
+    skip = ("inference_mode", "runtime_config")
+    assert {k: v for k, v in back.items() if k not in skip} == {k: v for k, v in d.items() if k not in skip}
+    assert lk.LoraConfig.from_peft_dict({**written, "inference_mode": cfg.inference_mode}) == cfg
+
+
+@pytest.mark.parametrize("field, value", [
+    ("layer_replication", [[0, 2]]), ("loftq_config", {"loftq_bits": 4}), ("megatron_config", {"a": 1}),
+    ("use_qalora", True), ("eva_config", {"rho": 2.0}), ("corda_config", {"x": 1}), ("lora_ga_config", {"x": 1}),
+    ("velora_config", {"num_groups": 2}), ("alora_invocation_tokens", [1, 2]), ("monteclora_config", {"n": 1}),
+    ("use_bdlora", {"nblocks": 2}), ("arrow_config", {"top_k": 2}), ("kasa_config", {"x": 1}),
+    ("init_lora_weights", "mica"), ("init_lora_weights", "loftq"), ("init_lora_weights", "pissa_niter_4"),
+])
+def test_unimplemented_peft_methods_are_refused_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=f"does not implement {field}="):
+        lk.LoraConfig(target_modules=["q"], **{field: value})
+    with pytest.raises(ValueError, match=f"does not implement {field}="):
+        lk.LoraConfig.from_peft_dict({"peft_type": "LORA", "target_modules": ["q"], field: value})
+
+
+@pytest.mark.parametrize("kwargs, exc, words", [
+    (dict(lora_bias=True, use_dora=True), ValueError, ["lora_bias", "use_dora"]),
+    (dict(lora_bias=True, init_lora_weights="pissa"), ValueError, ["lora_bias", "pissa"]),
+    (dict(target_parameters="experts.gate_up_proj"), TypeError, ["target_parameters"]),
+    (dict(target_parameters=["nodot"]), ValueError, ["target_parameters", "nodot"]),
+    (dict(trainable_token_indices=[1, -2]), ValueError, ["trainable_token_indices", "-2"]),
+    (dict(trainable_token_indices={"emb": [1, 1]}), ValueError, ["trainable_token_indices", "twice"]),
+    (dict(trainable_token_indices="emb"), TypeError, ["trainable_token_indices"]),
+    (dict(ensure_weight_tying="yes"), TypeError, ["ensure_weight_tying"]),
+])
+def test_new_fields_are_validated(kwargs, exc, words):
+    with pytest.raises(exc) as info:
+        lk.LoraConfig(target_modules=["q"], **kwargs)
+    assert all(w in str(info.value) for w in words), str(info.value)
+
+
+def test_parameters_or_tokens_only_need_no_target_modules():
+    assert lk.LoraConfig(target_parameters=["experts.down_proj"]).target_modules is None
+    assert lk.LoraConfig(target_modules=[], trainable_token_indices=[3]).target_modules is None  # PEFT's spelling

@@ -114,6 +114,12 @@ def test_forward_half(case, dtype, autocast):
     X = pm.inputs()
     with torch.no_grad():
         outs = [model(X)]
+        if case in pm.MERGE_REFUSED:
+            # Conv2dGroups2 feeds PEFT's arange input (up to 57,599, fp16's limit is 65,504): its conv
+            # outputs overflow in fp16, PEFT's too; bf16 has the range
+            overflow = model_id == "Conv2dGroups2" and dtype == torch.float16
+            assert outs[0].dtype == dtype and (overflow or torch.isfinite(outs[0]).all())
+            return pm.assert_merge_refused(model)
         lk.merge(model)
         outs.append(model(X))
         lk.unmerge(model)
@@ -175,6 +181,8 @@ def test_disable_adapters_with_merging(case):
     out_before = model(X)
     _sgd_steps(model, 0.01, loss="nll", opt=torch.optim.Adam)
     out_unmerged = model(X)
+    if case in pm.MERGE_REFUSED:
+        return pm.assert_merge_refused(model)
     lk.merge(model)
     out_merged = model(X)
     with lk.disable_adapters(model):
@@ -227,6 +235,9 @@ def test_merge_layers(case):
     out_base = base(X)
     model = lk.inject(copy.deepcopy(base), pm.lk_config(pm.SUPPORTED[case][1], init_lora_weights=False)).eval()
     out = model(X)
+    assert not torch.allclose(out, out_base, atol=1e-10, rtol=1e-10)
+    if case in pm.MERGE_REFUSED:
+        return pm.assert_merge_refused(model)
     lk.merge(model)
     out_merged = model(X)
     lk.unmerge(model)
@@ -247,6 +258,8 @@ def test_merge_layers_fp16(case):
     model = lk.inject(pm.build(model_id, torch.float16), pm.lk_config(kwargs, init_lora_weights=False)).eval()
     X = pm.inputs()
     out = model(X)
+    if case in pm.MERGE_REFUSED:
+        return pm.assert_merge_refused(model)
     merged = lk.merge_and_unload(model)
     torch.testing.assert_close(merged(X), out, atol=0.1, rtol=0.05)
 
@@ -255,6 +268,8 @@ def test_merge_layers_fp16(case):
 def test_merge_layers_is_idempotent(case):
     model = pm.make(case, init_lora_weights=False).eval()
     X = pm.inputs()
+    if case in pm.MERGE_REFUSED:
+        return pm.assert_merge_refused(model)
     lk.merge(model)
     out0 = model(X)
     weights = {k: v.clone() for k, v in model.state_dict().items()}
@@ -274,6 +289,8 @@ def test_safe_merge(case, tmp_path):
     model = lk.inject(base, pm.lk_config(pm.SUPPORTED[case][1], init_lora_weights=False)).eval()
     out = model(X)
     assert not torch.allclose(out, out_base, atol=1e-6, rtol=1e-6)
+    if case in pm.MERGE_REFUSED:
+        return pm.assert_merge_refused(model)
     unloaded = lk.merge_and_unload(model, safe_merge=True)
     torch.testing.assert_close(unloaded(X), out, atol=_atol(model_id), rtol=_atol(model_id))
     torch.save(unloaded.state_dict(), tmp_path / "model.bin")
@@ -291,7 +308,7 @@ def test_merge_layers_nan(case, bad):
             if ".lora_" in n:
                 p.view(-1)[0] = bad
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ValueError, match="non-finite|NaN"):
+    with pytest.raises(ValueError, match="groups=" if case in pm.MERGE_REFUSED else "non-finite|NaN"):
         lk.merge_and_unload(model, safe_merge=True)
     after = model.state_dict()
     assert before.keys() == after.keys()
@@ -365,6 +382,10 @@ def test_same_outputs_as_peft(case):
         if p.requires_grad:
             g = grads[n + ".weight" if ".lora_magnitude_vector." in n else n]
             torch.testing.assert_close(p.grad, g.view_as(p.grad), atol=1e-4, rtol=1e-4)
+    if case in pm.MERGE_REFUSED:
+        with pytest.raises(NotImplementedError):  # PEFT refuses this merge too
+            ref.merge_and_unload()
+        return pm.assert_merge_refused(ours)
     with torch.no_grad():
         ours_merged, ref_merged = lk.merge_and_unload(ours), ref.merge_and_unload()
         torch.testing.assert_close(ours_merged(X), ref_merged(X), atol=1e-4, rtol=1e-4)

@@ -12,6 +12,8 @@ import copy
 import peft
 import pytest
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils.other import AuxiliaryTrainingWrapper
 
 import lorakit as lk
 import peft_models as pm
@@ -24,20 +26,36 @@ BASE = "__base__"
 pytestmark = [pytest.mark.filterwarnings(w) for w in pm.PEFT_WARNINGS]
 
 
-def _mlp(kw1: dict, kw2: dict, names=("adapter_1", "adapter_2"), model=None):
-    """PEFT's ``MLP(bias=True)`` (seed 0) with two lorakit adapters."""
+def _base(case: str) -> torch.nn.Module:
+    """PEFT's model of a multi-adapter row (seed 0, as its ``resolve_model_cls``)."""
     torch.manual_seed(0)
-    model = (pm.MLP() if model is None else model).eval()
+    return pm.MODELS[pm.MULTI[case][0]]().eval()
+
+
+def _two(case: str, names=("adapter_1", "adapter_2"), model=None):
+    """The row's base model with its two lorakit adapters (token rows randomised, as PEFT does)."""
+    _, kw1, kw2 = pm.MULTI[case]
+    model = (_base(case) if model is None else model).eval()
     lk.inject(model, pm.lk_config(kw1), names[0])
     lk.inject(model, pm.lk_config(kw2), names[1])
+    pm.randomize_tokens(model)
+    return model.eval()
+
+
+def _mlp(kw1: dict, kw2: dict):
+    """PEFT's ``MLP(bias=True)`` (seed 0) with two lorakit adapters."""
+    torch.manual_seed(0)
+    model = pm.MLP().eval()
+    lk.inject(model, pm.lk_config(kw1), "adapter_1")
+    lk.inject(model, pm.lk_config(kw2), "adapter_2")
     return model.eval()
 
 
 # ------------------------------------------------------------------ TestMultipleActiveAdapters
 @pytest.mark.parametrize("case", cases("multiple_active_adapters_forward", pm.MULTI))
 def test_multiple_active_adapters_forward(case):
-    kw1, kw2 = pm.MULTI[case]
-    model = _mlp(kw1, kw2)
+    _, kw1, kw2 = pm.MULTI[case]
+    model = _two(case)
     X = pm.inputs()
     lk.set_adapter(model, "adapter_1")
     out1 = model(X)
@@ -48,6 +66,11 @@ def test_multiple_active_adapters_forward(case):
     assert not torch.allclose(out1, out2, atol=1e-5)
     assert not torch.allclose(out1, both, atol=1e-5)
     assert not torch.allclose(out2, both, atol=1e-5)
+    if kw1.get("target_parameters"):  # refused, as PEFT refuses it: per-parameter updates are not one B·A
+        with pytest.raises(ValueError, match="target_parameters"):
+            lk.combine_adapters(model, ["adapter_1", "adapter_2"], [1.0, 1.0], "new_combined_adapter")
+        assert lk.adapter_names(model) == ["adapter_1", "adapter_2"]
+        return
     # the exact (rank-concatenating) weighted sum equals both adapters active
     lk.combine_adapters(model, ["adapter_1", "adapter_2"], [1.0, 1.0], "new_combined_adapter")
     lk.set_adapter(model, "new_combined_adapter")
@@ -57,14 +80,26 @@ def test_multiple_active_adapters_forward(case):
 @pytest.mark.parametrize("case", cases("multiple_active_adapters_same_as_peft", pm.MULTI))
 def test_multiple_active_adapters_same_as_peft(case):
     """Both adapters active: PEFT's output on the same weights, unmerged and merged."""
-    kw1, kw2 = pm.MULTI[case]
-    torch.manual_seed(0)
-    base = pm.MLP().eval()
-    ours = _mlp(kw1, kw2, model=copy.deepcopy(base))
-    ref = peft.get_peft_model(base, pm.peft_config(kw1), adapter_name="adapter_1")
-    ref.add_adapter("adapter_2", pm.peft_config(kw2))
-    assert models.copy_from_peft(ours, ref) > 0
-    ref.base_model.set_adapter(["adapter_1", "adapter_2"])
+    _, kw1, kw2 = pm.MULTI[case]
+    base = _base(case)
+    ours = _two(case, model=copy.deepcopy(base))
+    if case == "LoRA_targeting_nnParameter_Different":
+        # PEFT refuses adapters with different target_parameters; both active on different layers are
+        # one PEFT adapter on both layers, adapter_1's factors on lin0 and adapter_2's on lin1
+        ref = peft.get_peft_model(base, pm.peft_config({**kw1, "target_parameters": ["lin0.weight", "lin1.weight"]}))
+        with torch.no_grad():
+            for layer, name in (("lin0", "adapter_1"), ("lin1", "adapter_2")):
+                for factor in ("lora_A", "lora_B"):
+                    getattr(ref.base_model.model.get_submodule(layer), factor)["default"].weight.copy_(
+                        getattr(ours.get_submodule(layer), factor)[name].weight)
+    else:
+        ref = peft.get_peft_model(base, pm.peft_config(kw1), adapter_name="adapter_1")
+        ref.add_adapter("adapter_2", pm.peft_config(kw2))
+        pm.randomize_tokens(ref)
+        assert models.copy_from_peft(ours, ref) > 0
+        for module in ref.modules():  # PEFT's test helper: its set_adapter refuses two token adapters on a layer
+            if isinstance(module, (BaseTunerLayer, AuxiliaryTrainingWrapper)):
+                module.set_adapter(["adapter_1", "adapter_2"])
     lk.set_adapter(ours, ["adapter_1", "adapter_2"])
     ref.eval()
     X = pm.inputs()
@@ -76,10 +111,9 @@ def test_multiple_active_adapters_same_as_peft(case):
 
 @pytest.mark.parametrize("case", cases("multiple_active_adapters_merge_and_unmerge", pm.MULTI))
 def test_multiple_active_adapters_merge_and_unmerge(case):
-    torch.manual_seed(0)
     X = pm.inputs()
-    base_out = pm.MLP().eval()(X)
-    model = _mlp(*pm.MULTI[case])
+    base_out = _base(case)(X)
+    model = _two(case)
     lk.set_adapter(model, ["adapter_1", "adapter_2"])
     both = model(X)
     lk.merge(model)
@@ -91,8 +125,7 @@ def test_multiple_active_adapters_merge_and_unmerge(case):
 
 @pytest.mark.parametrize("case", cases("merge_layers_multi", pm.MULTI))
 def test_merge_layers_multi(case):
-    kw1, kw2 = pm.MULTI[case]
-    model = _mlp(kw1, kw2, names=("default", "adapter-2"))
+    model = _two(case, names=("default", "adapter-2"))
     X = pm.inputs()
     out1 = model(X)
     lk.set_adapter(model, "adapter-2")
@@ -111,7 +144,7 @@ def test_merge_layers_multi(case):
 
 @pytest.mark.parametrize("case", cases("sequential_merge_matches_batch_merge", pm.MULTI))
 def test_sequential_merge_matches_batch_merge(case):
-    model = _mlp(*pm.MULTI[case])
+    model = _two(case)
     sequential = copy.deepcopy(model)
     X = pm.inputs()
     lk.merge(model, ["adapter_1", "adapter_2"])
@@ -122,11 +155,10 @@ def test_sequential_merge_matches_batch_merge(case):
 
 @pytest.mark.parametrize("case", cases("unmerge_after_sequential_merge_restores_base", pm.MULTI))
 def test_unmerge_after_sequential_merge_restores_base(case):
-    torch.manual_seed(0)
-    base = pm.MLP().eval()
+    base = _base(case)
     X = pm.inputs()
     base_out, base_sd = base(X), {k: v.clone() for k, v in base.state_dict().items()}
-    model = _mlp(*pm.MULTI[case])
+    model = _two(case)
     lk.merge(model, ["adapter_1"])
     lk.merge(model, ["adapter_2"])
     lk.unmerge(model)

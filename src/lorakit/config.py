@@ -17,6 +17,8 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Union
 
+from lorakit.peft_fields import METADATA_KEYS, OTHER_VERSIONS_OFF, UNIMPLEMENTED, check_token_indices, refused
+
 TargetSpec = Union[list[str], str, None]
 
 BIAS_MODES = ("none", "all", "lora_only")
@@ -24,18 +26,6 @@ INIT_MODES = (True, False, "gaussian", "pissa", "olora")
 ALL_LINEAR = "all-linear"
 
 TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
-# Keys of PEFT's adapter_config.json that describe the file, not the numbers: skipped on read.
-_PEFT_METADATA = {"peft_type", "auto_mapping", "peft_version", "megatron_core", "runtime_config",
-                  "qalora_group_size"}
-# PEFT features lorakit does not implement, with the value that means "off". A file that switches
-# one on is refused: loading it would give different outputs from PEFT's.
-_PEFT_FEATURES_OFF = {
-    "layer_replication": None, "loftq_config": {}, "megatron_config": None, "use_qalora": False,
-    "lora_bias": False, "eva_config": None, "corda_config": None, "trainable_token_indices": None,
-    "target_parameters": None, "alora_invocation_tokens": None, "arrow_config": None,
-    "ensure_weight_tying": False, "use_bdlora": None, "velora_config": None, "kasa_config": None,
-    "lora_ga_config": None, "mica_config": None, "monteclora_config": None,
-}
 
 
 @dataclass
@@ -65,13 +55,30 @@ class LoraConfig:
             is not a no-op; for tests), ``"gaussian"`` (A ~ N(0, 1/r), B = 0), ``"pissa"``
             (A, B from the top-r SVD of W; W keeps the residual) or ``"olora"`` (from a QR of W).
         use_rslora: Rank-stabilised scaling ``lora_alpha / √r``.
-        use_dora: Weight-decomposed LoRA: ``W' = m · (W + ΔW) / ‖W + ΔW‖_row`` (Linear only).
+        use_dora: Weight-decomposed LoRA: ``W' = m · (W + ΔW) / ‖W + ΔW‖`` (norms per output row of a
+            Linear, per output channel of a convolution, per embedding dimension of an nn.Embedding).
         fan_in_fan_out: The base weight is stored ``(in, out)`` (GPT-2's Conv1D); set
             automatically for Conv1D layers.
         task_type: PEFT's task type (``"CAUSAL_LM"``, ``"SEQ_CLS"``, ...), recorded in the file; PEFT
             picks its model class from it. ``None``: inferred from a transformers model when saved.
         base_model_name_or_path, revision: the base model the adapter belongs to (metadata).
         inference_mode: PEFT's flag for an adapter loaded for inference (metadata; written as True).
+        lora_bias: ``lora_B`` gets a bias ``b`` (init 0): ``y += scaling·(B·A·x + b)``; merging folds
+            ``scaling·b`` into the base bias (Linear and Conv layers with a bias).
+        target_parameters: ``nn.Parameter`` names to adapt directly (``"lin0.weight"``,
+            ``"experts.gate_up_proj"``, as dotted suffixes), e.g. the fused expert tensors of MoE models:
+            a 2-D parameter gets ``ΔW = scaling·B·A``, a 3-D ``(experts, d1, d2)`` one a rank-``r``
+            update per expert (PEFT's ``ParamWrapper``).
+        trainable_token_indices: train only these rows of an embedding (a list: the input embedding;
+            or ``{module name: [token ids]}``), stored as the new rows themselves (PEFT's
+            ``trainable_tokens_delta``), so a few new tokens cost a few rows, not the whole matrix.
+        ensure_weight_tying: with tied input/output embeddings, keep the trainable tokens of the
+            output layer tied to those of the input embedding (PEFT's flag).
+        megatron_core, qalora_group_size, auto_mapping: PEFT's metadata, carried unchanged.
+        layer_replication, loftq_config, megatron_config, use_qalora, eva_config, corda_config,
+            lora_ga_config, velora_config, alora_invocation_tokens, monteclora_config, use_bdlora,
+            arrow_config, kasa_config: PEFT methods lorakit does not implement; accepted at PEFT's
+            default ("off") so configs round-trip, refused otherwise.
 
     Raises:
         ValueError / TypeError: naming the field, the bad value and what is valid.
@@ -96,8 +103,34 @@ class LoraConfig:
     base_model_name_or_path: Union[str, None] = None
     revision: Union[str, None] = None
     inference_mode: bool = False
+    lora_bias: bool = False
+    target_parameters: Union[list[str], None] = None
+    trainable_token_indices: Union[list[int], dict[str, list[int]], None] = None
+    ensure_weight_tying: bool = False
+    # PEFT's metadata, carried unchanged
+    megatron_core: Union[str, None] = "megatron.core"
+    qalora_group_size: int = 16
+    auto_mapping: Union[dict, None] = None
+    # PEFT methods lorakit does not implement (accepted only when off; see lorakit.peft_fields)
+    layer_replication: Union[list, None] = None
+    loftq_config: dict = field(default_factory=dict)
+    megatron_config: Union[dict, None] = None
+    use_qalora: bool = False
+    eva_config: Union[dict, None] = None
+    corda_config: Union[dict, None] = None
+    lora_ga_config: Union[dict, None] = None
+    velora_config: Union[dict, None] = None
+    alora_invocation_tokens: Union[list, None] = None
+    monteclora_config: Union[dict, None] = None
+    use_bdlora: Union[dict, None] = None
+    arrow_config: Union[dict, None] = None
+    kasa_config: Union[dict, None] = None
 
     def __post_init__(self) -> None:
+        not_here = refused({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
+        if not_here:
+            raise ValueError(f"lorakit does not implement {', '.join(not_here)}; set the field back to PEFT's "
+                             "default or use PEFT for this method")
         _check_positive_int("r", self.r)
         if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)):
             raise TypeError(f"lora_alpha must be a number, got {self.lora_alpha!r}")
@@ -107,6 +140,11 @@ class LoraConfig:
             raise TypeError(f"lora_dropout must be a float in [0, 1), got {self.lora_dropout!r}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        self.target_parameters = _check_parameter_targets(self.target_parameters)
+        self.trainable_token_indices = check_token_indices(self.trainable_token_indices)
+        beside = self.target_parameters is not None or self.trainable_token_indices is not None
+        if beside and self.target_modules in ([], ()):  # PEFT's way to adapt parameters / tokens only
+            self.target_modules = None
         self.target_modules = _check_targets("target_modules", self.target_modules)
         self.exclude_modules = _check_targets("exclude_modules", self.exclude_modules)
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
@@ -135,12 +173,21 @@ class LoraConfig:
             self.modules_to_save = list(self.modules_to_save)
         if not (isinstance(self.init_lora_weights, bool) or self.init_lora_weights in INIT_MODES[2:]):
             raise ValueError(f"init_lora_weights must be one of {INIT_MODES}, got {self.init_lora_weights!r}")
+        if self.lora_bias and self.use_dora:
+            raise ValueError("lora_bias=True cannot be combined with use_dora=True (as in PEFT); set one of them")
+        if self.lora_bias and not isinstance(self.init_lora_weights, bool):
+            raise ValueError(f"lora_bias=True needs init_lora_weights True or False (as in PEFT), got "
+                             f"{self.init_lora_weights!r}")
+        if not isinstance(self.qalora_group_size, int) or isinstance(self.qalora_group_size, bool):
+            raise TypeError(f"qalora_group_size must be an int, got {self.qalora_group_size!r}")
+        if self.megatron_core is not None and not isinstance(self.megatron_core, str):
+            raise TypeError(f"megatron_core must be a module name string, got {self.megatron_core!r}")
         if self.task_type is not None and self.task_type not in TASK_TYPES:
             raise ValueError(f"task_type must be one of {TASK_TYPES} or None, got {self.task_type!r}")
         for meta in ("base_model_name_or_path", "revision"):
             if getattr(self, meta) is not None and not isinstance(getattr(self, meta), str):
                 raise TypeError(f"{meta} must be a string or None, got {getattr(self, meta)!r}")
-        for flag in ("use_rslora", "use_dora", "fan_in_fan_out", "inference_mode"):
+        for flag in ("use_rslora", "use_dora", "fan_in_fan_out", "inference_mode", "lora_bias", "ensure_weight_tying"):
             if not isinstance(getattr(self, flag), bool):
                 raise TypeError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
 
@@ -168,6 +215,9 @@ class LoraConfig:
             d["target_modules"] = sorted(set(d["target_modules"]))
         if d["exclude_modules"] is None:
             del d["exclude_modules"]  # a PEFT >= 0.14 key; left out when unset so PEFT 0.10-0.13 read the file
+        for key in _NEWER_PEFT_KEYS:  # likewise: only when not PEFT's default (PEFT < 0.13 refuses unknown keys)
+            if d[key] == _DEFAULTS[key]:
+                del d[key]
         d.update(peft_type="LORA", task_type=task_type or self.task_type, inference_mode=True,
                  base_model_name_or_path=base_model_name_or_path or self.base_model_name_or_path)
         return d
@@ -176,9 +226,9 @@ class LoraConfig:
     def from_peft_dict(cls, d: dict[str, Any], source: str = "adapter_config.json") -> LoraConfig:
         """Build from a PEFT config dict.
 
-        Unknown keys from newer PEFT versions are ignored with a warning; a feature we do not
-        implement (another ``peft_type``, LoftQ, a LoRA bias, ...) raises rather than silently
-        loading wrong numbers.
+        Unknown keys from newer PEFT versions are ignored with a warning; a method lorakit does not
+        implement (another ``peft_type``, LoftQ, VeLoRA, ...) raises rather than silently loading
+        wrong numbers.
 
         Raises:
             ValueError: another PEFT method, or an unsupported feature is switched on.
@@ -191,24 +241,18 @@ class LoraConfig:
                              "(peft_type 'LORA')")
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in d.items() if k in known}
-        unsupported, unknown = [], []
-        for k, v in d.items():
-            if k in known or k in _PEFT_METADATA:
-                continue
-            if k in _PEFT_FEATURES_OFF:
-                if v not in (None, False, {}, [], _PEFT_FEATURES_OFF[k]):
-                    unsupported.append(f"{k}={v!r}")
-            else:
-                unknown.append(k)
+        unsupported = refused(d)
         init = kwargs.get("init_lora_weights", True)
-        if not (isinstance(init, bool) or init in INIT_MODES[2:]):
+        if not unsupported and not (isinstance(init, bool) or init in INIT_MODES[2:]):
             unsupported.append(f"init_lora_weights={init!r}")
         if unsupported:
             raise ValueError(f"{source}: lorakit does not implement {', '.join(unsupported)}; refusing to load "
                              "an adapter whose outputs it cannot reproduce")
+        unknown = [k for k in d if k not in known and k not in METADATA_KEYS and k not in OTHER_VERSIONS_OFF]
         if unknown:
             warnings.warn(f"{source}: ignoring config keys lorakit does not know: {unknown}", stacklevel=2)
-        if kwargs.get("target_modules") is None and "target_modules" in d:
+        adapts_other = d.get("target_parameters") or d.get("trainable_token_indices")
+        if kwargs.get("target_modules") is None and "target_modules" in d and not adapts_other:
             raise ValueError(f"{source}: target_modules is null; the file does not say which modules it adapts")
         if kwargs.get("task_type") not in (None, *TASK_TYPES):
             warnings.warn(f"{source}: unknown task_type {kwargs['task_type']!r}; ignored", stacklevel=2)
@@ -224,6 +268,14 @@ class LoraConfig:
     def to_json(self) -> str:
         """The PEFT json text; key order is kept (rank/alpha patterns: the first match wins)."""
         return json.dumps(self.to_peft_dict(), indent=2)
+
+
+# fields newer PEFT versions added (lorakit's features beyond plain LoRA, PEFT's metadata and the methods
+# lorakit does not implement), and their defaults
+_NEWER_PEFT_KEYS = ("lora_bias", "target_parameters", "trainable_token_indices", "ensure_weight_tying",
+                    "megatron_core", "qalora_group_size", "auto_mapping", *UNIMPLEMENTED)
+_DEFAULTS = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+             for f in dataclasses.fields(LoraConfig)}
 
 
 def _check_positive_int(name: str, v: Any) -> None:
@@ -255,6 +307,21 @@ def _check_targets(name: str, v: Any) -> TargetSpec:
         return sorted(set(items)) if isinstance(v, (set, frozenset)) else items
     raise TypeError(f"{name} must be a list of module names, a regex string or 'all-linear', "
                     f"got {type(v).__name__} {v!r}")
+
+
+def _check_parameter_targets(v: Any) -> Union[list[str], None]:
+    if v is None:
+        return None
+    if isinstance(v, str) or not isinstance(v, (list, tuple, set)):
+        raise TypeError(f"target_parameters must be a list of parameter names (e.g. ['experts.gate_up_proj']), "
+                        f"got {type(v).__name__} {v!r}")
+    items = list(v)
+    bad = [x for x in items if not isinstance(x, str) or not x or "." not in x]
+    if bad:
+        raise ValueError(f"target_parameters entries must be '<module>.<parameter>' names, got {bad!r}")
+    if not items:
+        raise ValueError("target_parameters must not be an empty list; give names like 'experts.gate_up_proj'")
+    return sorted(set(items)) if isinstance(v, set) else items
 
 
 def _check_layers(v: Any) -> Union[int, list[int], None]:

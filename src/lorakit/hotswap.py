@@ -148,8 +148,8 @@ def hotswap_adapter(model: nn.Module, source: Source, adapter_name: str = "defau
     pairs = _plan(model, sd, adapter_name)
     targets = [(t, model.get_submodule(t)) for t in state.targets[adapter_name]]  # the modules inject adapted
     if config is not None:
-        bad = [(t, w.r[adapter_name], config.rank_for(t)) for t, w in targets
-               if config.rank_for(t) != w.r[adapter_name]]
+        bad = [(t, w.r[adapter_name], config.rank_for(w.config_key(t))) for t, w in targets
+               if config.rank_for(w.config_key(t)) != w.r[adapter_name]]
         if bad:
             raise ValueError(f"the new config's ranks differ from adapter {adapter_name!r}'s, e.g. at {bad[0][0]!r}: "
                              f"r={bad[0][2]} vs r={bad[0][1]}; hot swap needs the same ranks")
@@ -168,5 +168,5 @@ def hotswap_adapter(model: nn.Module, source: Source, adapter_name: str = "defau
 
             txn.on_undo(restore)
             for t, w in targets:
-                w.set_scale(adapter_name, config.alpha_for(t), config)
+                w.set_scale(adapter_name, config.alpha_for(w.config_key(t)), config)
             state.configs[adapter_name] = config

@@ -27,9 +27,12 @@ from torch import nn
 
 from lorakit.adapters import set_adapter_grads
 from lorakit.config import ALL_LINEAR, LoraConfig
+from lorakit.inject_params import wrap_parameters
+from lorakit.inject_tokens import add_trainable_tokens, check_weight_tying
 from lorakit.layers import (
     LoraLayer,
     ModulesToSave,
+    TokensWrapper,
     check_quantized,
     is_linear_like,
     is_supported,
@@ -37,6 +40,7 @@ from lorakit.layers import (
     wrap,
     wrappers,
 )
+from lorakit.layers.param import ParamWrapper
 from lorakit.state import LorakitState, get_state
 from lorakit.transaction import Transaction, set_submodule, transaction
 
@@ -80,7 +84,7 @@ def candidate_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     for name, module in model.named_modules():
         if not name or any(name.startswith(s) for s in skip):
             continue
-        if isinstance(module, (LoraLayer, ModulesToSave)):
+        if isinstance(module, (LoraLayer, ModulesToSave, TokensWrapper)):
             skip.append(name + ".")
         yield name, module
 
@@ -111,6 +115,8 @@ def find_targets(model: nn.Module, cfg: LoraConfig, strict: bool = True) -> list
         TypeError: a matched module has a type lorakit cannot adapt.
     """
     spec = cfg.target_modules
+    if spec is None and (cfg.target_parameters or cfg.trainable_token_indices is not None):
+        return []  # the config adapts parameters or embedding rows only
     if spec is None:
         raise ValueError("target_modules is not set: give module names, a regex or 'all-linear'. "
                          f"Some module names in this model: {_sample_names(model)}")
@@ -134,6 +140,9 @@ def find_targets(model: nn.Module, cfg: LoraConfig, strict: bool = True) -> list
         if not hit or _excluded(name, cfg):
             continue
         check_quantized(name, module)
+        if isinstance(module, TokensWrapper):
+            raise ValueError(f"target_modules={spec!r} matched {name!r}, whose token rows an adapter trains "
+                             "(trainable_token_indices); a layer is adapted one way only")
         if not is_supported(module):
             raise TypeError(f"target_modules={spec!r} matched {name!r}, a {type(module).__name__}, which lorakit "
                             "cannot adapt (supported: Linear, Conv1D, Embedding, Conv1d/2d/3d, MultiheadAttention). "
@@ -239,6 +248,7 @@ def inject_into(txn: Transaction, cfg: LoraConfig, adapter_name: str, *, autocas
     _check_bias_modes(state, cfg, adapter_name)
     targets = find_targets(model, cfg, strict=strict_targets)
     saved = _find_modules_to_save(model, cfg)
+    check_weight_tying(model, cfg, targets, saved)
     if any(type(model.get_submodule(n)).__name__ == "Conv1D" for n in targets) and not cfg.fan_in_fan_out:
         cfg = dataclasses.replace(cfg, fan_in_fan_out=True)  # GPT-2 layout, recorded as PEFT does
     state = get_state(model, create=True)
@@ -247,6 +257,9 @@ def inject_into(txn: Transaction, cfg: LoraConfig, adapter_name: str, *, autocas
             p.requires_grad_(False)
     for name in targets:
         module = model.get_submodule(name)
+        if isinstance(module, ParamWrapper):
+            raise ValueError(f"target_modules matched {name!r}, whose parameters other adapters adapt "
+                             "(target_parameters); a module's weight is adapted one way only")
         if not isinstance(module, LoraLayer):
             module = wrap(module)
             txn.replace(name, module, module.release)
@@ -261,6 +274,10 @@ def inject_into(txn: Transaction, cfg: LoraConfig, adapter_name: str, *, autocas
             if isinstance(layer, LoraLayer):
                 layer.peft_numerics = peft_numerics
         module.train(module.base_layer.training)  # new dropout modules follow the model's train/eval mode
+    if cfg.target_parameters:
+        targets = targets + wrap_parameters(
+            txn, cfg, adapter_name, dtype_of=None if autocast_adapter_dtype else (lambda w: w.dtype),
+            peft_numerics=peft_numerics, strict=strict_targets)
     for name in saved:
         module = model.get_submodule(name)
         if not isinstance(module, ModulesToSave):
@@ -271,6 +288,8 @@ def inject_into(txn: Transaction, cfg: LoraConfig, adapter_name: str, *, autocas
             txn.on_undo(lambda m=module: m.delete_adapter(adapter_name))
         module.add_adapter(adapter_name)
         module.train(module.original_module.training)
+    if cfg.trainable_token_indices is not None:
+        add_trainable_tokens(txn, cfg, adapter_name, dtype_of=None if autocast_adapter_dtype else (lambda w: w.dtype))
     state.configs[adapter_name] = cfg
     state.targets[adapter_name] = targets
     if not state.active:
@@ -383,6 +402,8 @@ def unload(model: nn.Module, keep_trained_copy_of: str | None = None) -> nn.Modu
         elif isinstance(module, ModulesToSave):
             copies = module.modules_to_save
             set_submodule(model, name, copies[keep] if keep in copies else module.release())
+        elif isinstance(module, TokensWrapper):
+            set_submodule(model, name, module.release())
     _unguard(model)
     model.__dict__.pop("_lorakit", None)
     return model

@@ -1,4 +1,4 @@
-"""Merging adapters into the base weights, and combining adapters.
+"""Merging adapters into the base weights, and combining adapters (the maths: ``lorakit.combine``).
 
 ``merge`` folds ``W ← W + scaling·B·A`` into each adapted layer (a stack per layer, so ``unmerge``
 takes them out in reverse order, restoring W to dtype tolerance). Nothing here ever runs as a
@@ -7,6 +7,7 @@ side effect of ``train()``/``eval()``.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import warnings
 from collections.abc import Sequence
@@ -15,9 +16,17 @@ import torch
 from torch import nn
 
 from lorakit.adapters import _check_names, set_adapter_grads
-from lorakit.config import LoraConfig
+from lorakit.combine import check_combination, combined_factors, peft_rank
 from lorakit.inject import unload
-from lorakit.layers import Embedding, LoraLayer, ModulesToSave, MultiheadAttention, wrappers
+from lorakit.layers import (
+    Embedding,
+    LoraLayer,
+    ModulesToSave,
+    MultiheadAttention,
+    ParamWrapper,
+    TrainableTokens,
+    wrappers,
+)
 from lorakit.layers.quantized import requantization_report
 from lorakit.merge_quantized import dequantizing_merge, finish_dequantized, refuse_inexact_unmerge
 from lorakit.state import require_state
@@ -41,14 +50,23 @@ def untie_adapted_weights(model: nn.Module, names: Sequence[str]) -> list[str]:
     for m in model.modules():
         for p in m.parameters(recurse=False):
             owners[id(p)] = owners.get(id(p), 0) + 1
+    layers = [(path, w) for path, w in wrappers(model) if isinstance(w, LoraLayer)]
     untied = []
-    for path, layer in wrappers(model):
-        if not isinstance(layer, LoraLayer) or not any(n in layer.r and n not in layer.merged_adapters for n in names):
+    for path, layer in layers:
+        if not any(n in layer.r and n not in layer.merged_adapters for n in names):
             continue
         weight = layer.base_weight()
+        sharing = [w for _, w in layers if w.base_weight() is weight]
+        if isinstance(layer, TrainableTokens) and len(sharing) == owners.get(id(weight), 0) and all(
+                isinstance(w, TrainableTokens) and w.owner is layer.owner for w in sharing):
+            continue  # an output layer following the embedding's token rows: both keep the one weight
         if owners.get(id(weight), 0) > 1:
-            attr = "in_proj_weight" if isinstance(layer.base_layer, nn.MultiheadAttention) else "weight"
-            setattr(layer.base_layer, attr, nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad))
+            owner, attr = layer.base_layer, "weight"
+            if isinstance(layer.base_layer, nn.MultiheadAttention):
+                attr = "in_proj_weight"
+            elif isinstance(layer, ParamWrapper):
+                owner, attr = layer.real_module(), layer.parameter_name
+            setattr(owner, attr, nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad))
             untied.append(path)
     config = getattr(model, "config", None)
     if untied and config is not None:
@@ -78,6 +96,12 @@ def merge(model: nn.Module, adapter_names: Sequence[str] | None = None, safe_mer
     names = list(state.active if adapter_names is None else adapter_names)
     _check_names(model, names, "merge")
     layers = _lora_layers(model)
+    for layer in layers:  # every refusal before any weight changes
+        for name in names:
+            if name in layer.r and name not in layer.merged_adapters:
+                refusal = layer.merge_refusal(name)
+                if refusal is not None:
+                    raise ValueError(f"{refusal}. No weight was changed.")
     if safe_merge:
         for layer in layers:
             for name in names:
@@ -128,19 +152,6 @@ def merge_and_unload(model: nn.Module, adapter_names: Sequence[str] | None = Non
     return model if dtype is None else finish_dequantized(model, dtype)
 
 
-def _concat_into(layer: LoraLayer, parts: list[tuple[str, float]], new_name: str) -> None:
-    """Fill ``new_name`` of one layer with the rank-concatenation of ``parts`` (see combine_adapters)."""
-    with torch.no_grad():
-        if isinstance(layer, Embedding):
-            layer.lora_embedding_A[new_name].copy_(torch.cat([layer.lora_embedding_A[n] for n, _ in parts], 0))
-            layer.lora_embedding_B[new_name].copy_(
-                torch.cat([w * layer.scaling[n] * layer.lora_embedding_B[n] for n, w in parts], 1))
-        else:
-            layer.lora_A[new_name].weight.copy_(torch.cat([layer.lora_A[n].weight for n, _ in parts], 0))
-            layer.lora_B[new_name].weight.copy_(
-                torch.cat([w * layer.scaling[n] * layer.lora_B[n].weight for n, w in parts], 1))
-
-
 def _carry_copy(saved: ModulesToSave, source: str, new_name: str) -> None:
     """The new adapter's copy of a ``modules_to_save`` module: an exact copy of ``source``'s (the
     one combined adapter that has one). A trained head is not a delta, so no weight applies."""
@@ -151,21 +162,37 @@ def _carry_copy(saved: ModulesToSave, source: str, new_name: str) -> None:
             t.copy_(v)
 
 
-def combine_adapters(model: nn.Module, names: Sequence[str], weights: Sequence[float], new_name: str) -> None:
-    """Add adapter ``new_name`` with ``ΔW_new = Σ_i w_i·ΔW_i`` exactly, by concatenating ranks:
+def combine_adapters(model: nn.Module, names: Sequence[str], weights: Sequence[float], new_name: str, *,
+                     combination_type: str = "cat", svd_rank: int | None = None, svd_clamp: float | None = None,
+                     svd_full_matrices: bool = True, svd_driver: str | None = None, density: float | None = None,
+                     majority_sign_method: str = "total") -> None:
+    """Add adapter ``new_name``, a weighted combination of adapters ``names`` (PEFT's
+    ``add_weighted_adapter``; the maths of every type is in ``lorakit.combine``).
 
-        A_new = [A_1; A_2; ...] (Σr, in),  B_new = [w_1 s_1 B_1, w_2 s_2 B_2, ...] (out, Σr),  scaling 1.
-
-    Each layer's rank is the sum over the adapters present in it; the new config records it per
-    layer (exact-name ``rank_pattern``/``alpha_pattern``, alpha = rank), so that it rebuilds the
-    same shapes. A ``modules_to_save`` copy (a trained head) is carried over exactly from the one
-    combined adapter that has it, so one adapter with weight 1.0 gives exactly that adapter; as in
-    PEFT, two combined adapters with copies of the same module are refused (heads do not add up).
+    The default, ``"cat"``, is exact: ``ΔW_new = Σ_i w_i·ΔW_i`` by concatenating ranks,
+    ``A_new = [w_1 s_1 A_1; w_2 s_2 A_2; ...]``, ``B_new = [B_1, B_2, ...]``, scaling 1. (PEFT's default
+    is ``"svd"``; its ``"cat"`` gives the same ΔW, zero-padded to one rank for all layers.) Each
+    layer's rank is what its combination has; the new config records it per layer (exact-name
+    ``rank_pattern``/``alpha_pattern``, alpha = rank) so that it rebuilds the same shapes. A
+    ``modules_to_save`` copy (a trained head) is carried over exactly from the one combined adapter
+    that has it; as in PEFT, two combined adapters with copies of the same module are refused
+    (heads do not add up). With one adapter the type is ``"linear"`` (as PEFT), which is exact.
     The new adapter is added inactive; ``set_adapter(model, new_name)`` uses it.
 
+    Args:
+        combination_type: ``cat``, ``linear``, ``svd``, ``ties``, ``ties_svd``, ``dare_linear``,
+            ``dare_ties``, ``dare_linear_svd``, ``dare_ties_svd``, ``magnitude_prune``,
+            ``magnitude_prune_svd``.
+        svd_rank: rank of the ``_svd`` types (default: the largest rank of the adapters' configs).
+        svd_clamp: quantile at which to clamp the SVD factors (``_svd`` types).
+        svd_full_matrices, svd_driver: passed to ``torch.linalg.svd``.
+        density: fraction of entries kept by the pruning types (``ties*``, ``dare*``, ``magnitude_prune*``).
+        majority_sign_method: ``"total"`` or ``"frequency"`` (``ties*``).
+
     Raises:
-        ValueError: unknown names, mismatched lengths, an existing ``new_name``, DoRA adapters, or
-            two adapters saving the same module.
+        ValueError: unknown names, mismatched lengths, an existing ``new_name``, DoRA or
+            ``target_parameters`` adapters (their updates are not B·A sums), two adapters saving
+            the same module, a bad combination argument, unequal ranks for a factor merge.
     """
     state = require_state(model)
     names = list(names)
@@ -175,14 +202,15 @@ def combine_adapters(model: nn.Module, names: Sequence[str], weights: Sequence[f
                          f"{len(weights)} weights")
     if new_name in state.configs:
         raise ValueError(f"adapter {new_name!r} already exists")
-    if any(state.configs[n].use_dora for n in names):
-        raise ValueError("DoRA adapters cannot be combined linearly (their magnitudes do not add)")
-    targets = list(dict.fromkeys(t for n in names for t in state.targets[n]))
-    ranks = {}
-    for t in targets:
-        layer = model.get_submodule(t)
-        ranks[t] = sum(layer.r[n] for n in names if n in layer.r)
-    patterns = {re.escape(t): r for t, r in ranks.items()}
+    configs = [state.configs[n] for n in names]
+    if any(c.use_dora for c in configs):
+        raise ValueError("DoRA adapters cannot be combined (their magnitudes do not add)")
+    if any(c.target_parameters for c in configs):
+        raise ValueError("adapters with target_parameters cannot be combined (as in PEFT): their per-expert updates "
+                         "are not one B·A")
+    kind = check_combination(combination_type, len(names), density, majority_sign_method)
+    targets = set(t for n in names for t in state.targets[n])
+    layers = [(p, w) for p, w in wrappers(model) if p in targets]  # model order: PEFT's order of random draws
     saved = {p: [n for n in names if n in w.modules_to_save] for p, w in wrappers(model)
              if isinstance(w, ModulesToSave) and any(n in w.modules_to_save for n in names)}
     clash = {p: ns for p, ns in saved.items() if len(ns) > 1}
@@ -190,24 +218,80 @@ def combine_adapters(model: nn.Module, names: Sequence[str], weights: Sequence[f
         raise ValueError(f"combine_adapters: {clash} — several of the adapters have their own trained copy of the "
                          "same module (modules_to_save); copies do not add up. Combine adapters whose saved "
                          "modules differ")
-    cfg = LoraConfig(r=max(ranks.values()), lora_alpha=max(ranks.values()), target_modules=targets,
-                     rank_pattern=patterns, alpha_pattern=dict(patterns), init_lora_weights=False,
-                     modules_to_save=list(saved) or None)
+    tokens = {p: [n for n in names if n in w.r] for p, w in wrappers(model)
+              if isinstance(w, TrainableTokens) and w.source is None and any(n in w.r for n in names)}
+    for p, ns in tokens.items():  # rows are replaced, not added: several adapters' rows must be disjoint
+        rows = [i for n in ns for i in model.get_submodule(p).token_indices[n]]
+        if len(set(rows)) != len(rows):
+            raise ValueError(f"combine_adapters: adapters {ns} train overlapping token rows of {p!r} "
+                             "(trainable_token_indices); trained rows do not add up. Combine adapters whose rows "
+                             "are disjoint")
+    options = dict(svd_rank=svd_rank or peft_rank("svd", configs), density=density, svd_clamp=svd_clamp,
+                   majority_sign_method=majority_sign_method, svd_full_matrices=svd_full_matrices,
+                   svd_driver=svd_driver)
+    # PEFT first creates the new adapter (rank peft_rank, its first adapter's init), drawing random
+    # numbers, then merges; lorakit draws the same, so a seeded DARE combination is PEFT's
+    init = configs[0].init_lora_weights if configs[0].init_lora_weights in (True, False, "gaussian") else False
+    alloc = dataclasses.replace(configs[0], init_lora_weights=init, use_rslora=False, lora_dropout=0.0, bias="none",
+                                modules_to_save=None, trainable_token_indices=None, layers_to_transform=None,
+                                layers_pattern=None)
+    rank = options["svd_rank"] if kind.endswith("svd") else peft_rank(kind, configs)
     with transaction(model) as txn:
-        for t in targets:
-            layer = model.get_submodule(t)
-            parts = [(n, w) for n, w in zip(names, weights) if n in layer.r]
+        for _, layer in layers:
             txn.on_undo(lambda layer=layer: layer.delete_adapter(new_name))
-            layer.add_adapter(new_name, ranks[t], ranks[t], cfg)  # scaling = alpha / r = 1
-            _concat_into(layer, parts, new_name)
-            if isinstance(layer, MultiheadAttention):  # its out_proj wrapper got the adapter too
-                _concat_into(layer.out_proj_lora, parts, new_name)
+            layer.add_adapter(new_name, rank, rank, alloc)
+        factors = {}
+        for path, layer in layers:
+            parts = [(n, w) for n, w in zip(names, weights) if n in layer.r]
+            factors[path] = [combined_factors(layer, parts, kind, **options)]
+            if isinstance(layer, MultiheadAttention):  # its out_proj wrapper gets the adapter too
+                factors[path].append(combined_factors(layer.out_proj_lora, parts, kind, **options))
+        ranks = {p: f[0][0].shape[0] for p, f in factors.items()}
+        patterns = {re.escape(p): r for p, r in ranks.items()}
+        cfg = dataclasses.replace(
+            alloc, r=max(ranks.values()), lora_alpha=max(ranks.values()), target_modules=list(ranks),
+            rank_pattern=patterns, alpha_pattern=dict(patterns), init_lora_weights=False,
+            lora_bias=any(b is not None for f in factors.values() for _, _, b in f),
+            modules_to_save=list(saved) or None, exclude_modules=None, target_parameters=None,
+            trainable_token_indices={p.removesuffix(".token_adapter"): [
+                i for n in ns for i in model.get_submodule(p).token_indices[n]] for p, ns in tokens.items()} or None)
+        for path, layer in layers:
+            if ranks[path] != rank or cfg.lora_bias != alloc.lora_bias:
+                with torch.random.fork_rng(devices=[]):  # the final shapes; no more draws
+                    layer.delete_adapter(new_name)
+                    layer.add_adapter(new_name, ranks[path], ranks[path], cfg)  # scaling = alpha / r = 1
+            subs = [layer] + ([layer.out_proj_lora] if isinstance(layer, MultiheadAttention) else [])
+            for sub, (A, B, bias) in zip(subs, factors[path]):
+                _fill(sub, new_name, A, B, bias)
         for p, (source,) in saved.items():
             module = model.get_submodule(p)
             txn.on_undo(lambda m=module: m.delete_adapter(new_name))
             _carry_copy(module, source, new_name)
+        for p, ns in tokens.items():  # trained rows carried exactly (the union), like a saved copy
+            owner = model.get_submodule(p)
+            rows = cfg.trainable_token_indices[p.removesuffix(".token_adapter")]
+            for _, w in wrappers(model):
+                if isinstance(w, TrainableTokens) and w.owner is owner and any(n in w.r for n in ns):
+                    txn.on_undo(lambda w=w: w.delete_adapter(new_name))
+                    w.add_tokens(new_name, rows, cfg)
+            with torch.no_grad():
+                owner.trainable_tokens_delta[new_name].copy_(torch.cat([owner.trainable_tokens_delta[n] for n in ns]))
         state.configs[new_name] = cfg
-        state.targets[new_name] = targets
+        state.targets[new_name] = list(ranks)
         for _, w in wrappers(model):
             w.set_active(state.active)
         set_adapter_grads(model, [new_name], state.active)
+
+
+def _fill(layer: LoraLayer, name: str, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """Copy combined factors (and bias) into adapter ``name`` of one layer."""
+    with torch.no_grad():
+        if isinstance(layer, Embedding):
+            layer.lora_embedding_A[name].copy_(A)
+            layer.lora_embedding_B[name].copy_(B)
+            return
+        layer.lora_A[name].weight.copy_(A)
+        layer.lora_B[name].weight.copy_(B)
+        target = layer.lora_B[name].bias
+        if target is not None:
+            target.copy_(bias if bias is not None else torch.zeros_like(target))

@@ -66,8 +66,12 @@ def describe(directory: str | Path) -> dict[str, Any]:
             cfg = LoraConfig.from_peft_dict(raw, source=str(d / CONFIG_NAME))
         except ValueError as e:
             cfg = f"not loadable by lorakit: {e}"
+    owners = {t.rpartition(".")[0] for t in raw.get("target_parameters") or []}
     for name, entry in modules.items():
-        if isinstance(cfg, LoraConfig):
+        plain = name.replace(".base_layer", "")
+        # a parameter wrapper: lora_A has rank x experts rows (PEFT's layout)
+        entry["param"] = any(plain == o or plain.endswith("." + o) for o in owners)
+        if isinstance(cfg, LoraConfig) and not entry["param"]:
             entry["alpha"] = cfg.alpha_for(name)
     files = [p for p in sorted(d.iterdir()) if p.is_file()]
     subdirs = [p for p in sorted(d.iterdir()) if (p / CONFIG_NAME).is_file()] if d == Path(directory) else []
@@ -79,7 +83,8 @@ def describe(directory: str | Path) -> dict[str, Any]:
         "peft_version": raw.get("peft_version"),
         "config": {k: raw[k] for k in ("r", "lora_alpha", "lora_dropout", "target_modules", "use_dora",
                                        "use_rslora", "bias", "modules_to_save", "layers_to_transform",
-                                       "rank_pattern", "alpha_pattern") if k in raw},
+                                       "rank_pattern", "alpha_pattern") if k in raw}
+                  | {k: raw[k] for k in ("lora_bias", "target_parameters", "trainable_token_indices") if raw.get(k)},
         "lorakit_can_load": isinstance(cfg, LoraConfig) if peft_type.upper() == "LORA" else False,
         "modules": modules,
         "other_tensors": other,
@@ -139,7 +144,8 @@ def format_report(info: dict[str, Any], indent: str = "") -> str:
     ]
     for name, m in info["modules"].items():
         extra = (f"  alpha={m['alpha']:g}" if "alpha" in m else "") + ("  DoRA" if m["dora"] else "")
-        lines.append(f"{indent}    {name}  r={m['rank']}{extra}")
+        rank = f"r x experts={m['rank']} (target_parameters)" if m.get("param") else f"r={m['rank']}"
+        lines.append(f"{indent}    {name}  {rank}{extra}")
     if info["other_tensors"]:
         lines.append(f"{indent}  other tensors ({len(info['other_tensors'])}): saved modules, biases, embeddings")
         lines += [f"{indent}    {k}" for k in info["other_tensors"]]

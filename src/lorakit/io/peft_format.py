@@ -66,8 +66,8 @@ def _vocab_resized(model: nn.Module) -> bool:
 def _embedding_keys(model: nn.Module, cfg: LoraConfig, save_embedding_layers: Union[bool, str]) -> list[str]:
     """Model keys of the embedding layers' base weights that PEFT puts in the file."""
     targeted = embedding_is_targeted(model, cfg)
-    if save_embedding_layers == "auto":
-        save_embedding_layers = targeted or _vocab_resized(model)
+    if save_embedding_layers == "auto":  # with trainable tokens, PEFT saves them only for a resized vocabulary
+        save_embedding_layers = (targeted and cfg.trainable_token_indices is None) or _vocab_resized(model)
     if not save_embedding_layers or not hasattr(model, "get_input_embeddings"):
         return []
     keys: list[str] = []
@@ -99,7 +99,7 @@ def adapter_state_dict(model: nn.Module, name: str,
         extra.update({fk: mk for fk, mk in alias_plan(model, name).items() if mk.rsplit(".", 1)[-1] == "bias"})
     elif cfg.bias == "lora_only":
         extra = {f"{p}.base_layer.bias": f"{p}.base_layer.bias" for p, w in wrappers(model)
-                 if isinstance(w, LoraLayer) and name in w.r and f"{p}.base_layer.bias" in state}
+                 if isinstance(w, LoraLayer) and w.ranked and name in w.r and f"{p}.base_layer.bias" in state}
     else:
         extra = {}
     extra.update({mk: mk for mk in _embedding_keys(model, cfg, save_embedding_layers)})
@@ -168,12 +168,13 @@ def effective_config(model: nn.Module, name: str) -> LoraConfig:
     rebuild the same shapes from the file.
     """
     cfg = require_state(model).configs[name]
-    layers = [(p, w) for p, w in wrappers(model) if isinstance(w, LoraLayer) and name in w.r
+    layers = [(p, w) for p, w in wrappers(model) if isinstance(w, LoraLayer) and w.ranked and name in w.r
               and not p.endswith(".base_layer.out_proj")]  # an nn.MultiheadAttention's out_proj follows its parent
-    if all(w.r[name] == cfg.rank_for(p) and w.lora_alpha[name] == cfg.alpha_for(p) for p, w in layers):
+    keys = [(w.config_key(p), w) for p, w in layers]  # a parameter wrapper: "<module>.<parameter>"
+    if all(w.r[name] == cfg.rank_for(k) and w.lora_alpha[name] == cfg.alpha_for(k) for k, w in keys):
         return cfg
-    rank = {re.escape(p): w.r[name] for p, w in layers}
-    alpha = {re.escape(p): w.lora_alpha[name] for p, w in layers}
+    rank = {re.escape(k): w.r[name] for k, w in keys}
+    alpha = {re.escape(k): w.lora_alpha[name] for k, w in keys}
     return dataclasses.replace(cfg, rank_pattern=rank, alpha_pattern=alpha)
 
 

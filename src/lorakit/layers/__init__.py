@@ -12,16 +12,18 @@ from lorakit.layers.conv import CONV_TYPES, Conv
 from lorakit.layers.embedding import Embedding
 from lorakit.layers.linear import Linear, is_conv1d
 from lorakit.layers.mha import MultiheadAttention
+from lorakit.layers.param import ParamWrapper
 from lorakit.layers.quant_formats import check_quantized, quant_format, unsupported_quantization
 from lorakit.layers.quantized import QuantizedLinear
 from lorakit.layers.routing import BASE_ROW
 from lorakit.layers.saved import ModulesToSave
+from lorakit.layers.tokens import TokensWrapper, TrainableTokens
 
 Wrapper = Union[LoraLayer, ModulesToSave]
 
 __all__ = ["BASE_ROW", "LoraLayer", "ModulesToSave", "Wrapper", "Linear", "Embedding", "Conv", "MultiheadAttention",
-           "QuantizedLinear", "wrap", "is_supported", "is_linear_like", "wrappers", "check_quantized",
-           "unsupported_quantization"]
+           "QuantizedLinear", "ParamWrapper", "TrainableTokens", "TokensWrapper", "wrap", "is_supported",
+           "is_linear_like", "wrappers", "check_quantized", "unsupported_quantization"]
 
 
 def wrappers(model: nn.Module) -> Iterator[tuple[str, Wrapper]]:

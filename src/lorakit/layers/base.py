@@ -14,6 +14,7 @@ active adapters ``a``; a merged adapter lives inside the base weight instead:
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Union
 
@@ -25,17 +26,20 @@ from lorakit.layers import mixed
 from lorakit.layers.routing import Route, blocks_open, route_for
 
 
-def init_lora_pair(A: torch.Tensor, B: torch.Tensor, init: Union[bool, str], r: int) -> None:
+def init_lora_pair(A: torch.Tensor, B: torch.Tensor, init: Union[bool, str], r: int,
+                   bias: torch.Tensor | None = None) -> None:
     """PEFT's default inits: ``True`` A Kaiming-uniform (a=√5), B = 0; ``"gaussian"`` A ~ N(0, 1/r),
-    B = 0. Either way ``B·A = 0``: the adapted model starts exactly at the base model.
-    ``False`` (and the SVD/QR inits, handled by the layer) leave the tensors as they are."""
+    B = 0; a ``lora_bias`` bias of B = 0. Either way the adapted model starts exactly at the base
+    model. ``False`` (and the SVD/QR inits, handled by the layer) leave the tensors as they are."""
     with torch.no_grad():
         if init is True:
             nn.init.kaiming_uniform_(A, a=math.sqrt(5))
-            nn.init.zeros_(B)
         elif init == "gaussian":
             nn.init.normal_(A, std=1 / r)
+        if init is True or init == "gaussian":
             nn.init.zeros_(B)
+            if bias is not None:
+                nn.init.zeros_(bias)
 
 
 class BufferDict(nn.Module):
@@ -66,6 +70,8 @@ class LoraLayer(nn.Module):
 
     # attributes holding per-adapter tensors, keyed by adapter name (subclasses extend)
     adapter_attrs: tuple[str, ...] = ("lora_A", "lora_B")
+    # r / lora_alpha come from the config's rank and alpha patterns (trainable tokens: no)
+    ranked: bool = True
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -110,6 +116,9 @@ class LoraLayer(nn.Module):
         self.scaling[name] = cfg.scaling(r, lora_alpha)
         self.lora_dropout[name] = nn.Dropout(cfg.lora_dropout) if cfg.lora_dropout > 0 else nn.Identity()
         self._create(name, r, cfg)
+        if cfg.lora_bias and getattr(self.base_layer, "bias", None) is None:
+            warnings.warn(f"lora_bias=True on a {type(self.base_layer).__name__} without a bias: the adapter works "
+                          "unmerged, but merging it will be refused (nothing to fold its bias into)", stacklevel=3)
         weight = self.base_weight()
         device = weight.device if weight.device.type != "meta" else None
         if dtype is None:  # fp32 adapters on a half-precision base, as PEFT's autocast_adapter_dtype
@@ -165,6 +174,10 @@ class LoraLayer(nn.Module):
     def base_weight(self) -> torch.Tensor:
         return self.base_layer.weight
 
+    def config_key(self, path: str) -> str:
+        """The name a config's ``rank_pattern``/``alpha_pattern`` is matched against for this layer."""
+        return path
+
     def release(self) -> nn.Module:
         """The wrapped module, with anything this wrapper changed inside it undone (see MHA)."""
         return self.base_layer
@@ -180,20 +193,51 @@ class LoraLayer(nn.Module):
         for name in names:
             if name not in self.r or name in self.merged_adapters:
                 continue
+            refusal = self.merge_refusal(name)
+            if refusal is not None:
+                raise ValueError(refusal)
             weight = self.base_weight()
             with torch.no_grad():
                 new = self._merged_weight(weight, name)
-                if safe_merge and not torch.isfinite(new).all():
+                bias = self._merged_bias(name, +1)
+                if safe_merge and not (torch.isfinite(new).all() and (bias is None or torch.isfinite(bias).all())):
                     self.merge_cache.pop(name)
                     raise ValueError(f"merging adapter {name!r} into {type(self.base_layer).__name__} gives non-finite "
                                      "weights; the adapter is broken. The base weights were left unchanged.")
                 weight.copy_(new)
+                if bias is not None:
+                    self.base_layer.bias.copy_(bias)
             self.merged_adapters.append(name)
 
+    def merge_refusal(self, name: str) -> str | None:
+        """Why adapter ``name`` cannot be merged into this layer's weights (None: it can). Callers
+        check every layer first, so a refused merge changes nothing."""
+        if self.bias_delta(name) is not None and getattr(self.base_layer, "bias", None) is None:
+            return (f"adapter {name!r} has a lora_bias but {type(self.base_layer).__name__} has no bias to merge it "
+                    "into; use it unmerged")
+        return None
+
+    def bias_delta(self, name: str) -> torch.Tensor | None:
+        """``scaling·b`` of adapter ``name``'s ``lora_bias`` (the bias of its ``lora_B``), or None."""
+        holder = getattr(self, "lora_B", None)
+        bias = getattr(holder[name], "bias", None) if holder is not None and name in holder else None
+        return None if bias is None else bias * self.scaling[name]
+
+    def _merged_bias(self, name: str, sign: int) -> torch.Tensor | None:
+        """The base bias ± ``scaling·b`` (summed in at least fp32, in the bias's dtype), or None."""
+        delta = self.bias_delta(name)
+        if delta is None:
+            return None
+        bias = self.base_layer.bias
+        acc = torch.promote_types(bias.dtype, torch.float32)
+        return (bias.to(acc) + sign * delta.detach().to(acc)).to(bias.dtype)
+
     def merged_weight_is_finite(self, name: str) -> bool:
-        """Would merging ``name`` keep the base weight finite? Changes nothing."""
+        """Would merging ``name`` keep the base weight (and bias) finite? Changes nothing."""
         with torch.no_grad():
             ok = bool(torch.isfinite(self._merged_weight(self.base_weight(), name)).all())
+            bias = self._merged_bias(name, +1) if self.merge_refusal(name) is None else None
+            ok = ok and (bias is None or bool(torch.isfinite(bias).all()))
         self.merge_cache.pop(name)
         return ok
 
@@ -204,6 +248,9 @@ class LoraLayer(nn.Module):
             while self.merged_adapters:
                 name = self.merged_adapters.pop()
                 weight.copy_(self._unmerged_weight(weight, name))
+                bias = self._merged_bias(name, -1)
+                if bias is not None:
+                    self.base_layer.bias.copy_(bias)
 
     def unmerged_base_weight(self) -> torch.Tensor:
         """W0: the base weight with every merged adapter taken out (a copy, fp32 or wider), the

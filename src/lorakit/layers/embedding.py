@@ -4,6 +4,13 @@
 
 so ΔE = scaling · (B·A)^T, shape (num_embeddings, embedding_dim). As in PEFT, A starts at zero and
 B ~ N(0, 1) (the transpose of the Linear convention), and no dropout is applied to token ids.
+
+DoRA (PEFT's ``DoraEmbeddingLayer``) normalises per embedding dimension d, over the vocabulary:
+
+    n_d = ‖E0[:, d] + ΔE[:, d]‖        y = (m/n) ⊙ (E0[x] + s·(A^T)[x]·B^T)
+
+with ``m`` (``lora_magnitude_vector``, shape (embedding_dim,)) learnt and ``n`` detached. As in PEFT,
+the running output (base plus any adapter added before this one) is what gets rescaled.
 """
 
 from __future__ import annotations
@@ -21,17 +28,18 @@ from lorakit.layers.routing import Route
 class Embedding(LoraLayer):
     """LoRA wrapper of an ``nn.Embedding``; factors in ``lora_embedding_A/B`` (PEFT's names)."""
 
-    adapter_attrs = ("lora_embedding_A", "lora_embedding_B")
+    adapter_attrs = ("lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
 
     def __init__(self, base_layer: nn.Embedding) -> None:
         super().__init__(base_layer)
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
+        self.lora_magnitude_vector = nn.ParameterDict()  # DoRA: m, (embedding_dim,)
 
     def _create(self, name: str, r: int, cfg: LoraConfig) -> None:
-        if cfg.use_dora:
-            raise ValueError("use_dora is implemented for Linear and Conv1D layers only, not nn.Embedding; "
-                             "exclude the embedding or set use_dora=False")
+        if cfg.lora_bias:
+            raise ValueError("lora_bias=True is not supported on nn.Embedding (as in PEFT); exclude the embedding "
+                             "or set lora_bias=False")
         if cfg.init_lora_weights in ("pissa", "olora"):
             raise ValueError(f"init_lora_weights={cfg.init_lora_weights!r} is implemented for Linear layers only, "
                              "not nn.Embedding")
@@ -44,28 +52,64 @@ class Embedding(LoraLayer):
             with torch.no_grad():
                 nn.init.zeros_(self.lora_embedding_A[name])
                 nn.init.normal_(self.lora_embedding_B[name])
+        if cfg.use_dora:
+            A = self.lora_embedding_A[name]
+            m = self._norm(name, self.base_layer.weight, torch.promote_types(A.dtype, torch.float32))
+            self.lora_magnitude_vector[name] = nn.Parameter(m.to(A.dtype))
+
+    def _norm(self, name: str, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """‖E + ΔE‖ per embedding dimension (over the vocabulary), detached, in ``dtype``: (dim,)."""
+        delta = self.delta_weight(name).detach().to(dtype)  # (num, dim)
+        return torch.linalg.norm(weight.detach().to(dtype) + delta, dim=0)
 
     def delta_weight(self, name: str) -> torch.Tensor:
         A, B = self.lora_embedding_A[name], self.lora_embedding_B[name]  # (r, num), (dim, r)
         return (B @ A).T * self.scaling[name]  # (num, dim)
 
     def _add_term(self, x: torch.Tensor, name: str, result: torch.Tensor) -> torch.Tensor:
-        """``result + s·(A^T)[x]·B^T``, looked up with the base layer's own embedding options."""
+        """``result + s·(A^T)[x]·B^T``, looked up with the base layer's own embedding options; DoRA:
+        ``(m/n) ⊙ (result + s·(A^T)[x]·B^T)``."""
         A, B = self.lora_embedding_A[name], self.lora_embedding_B[name]  # (r, num), (dim, r)
         e = self.base_layer
         after_a = F.embedding(x, A.T, e.padding_idx, e.max_norm, e.norm_type,
                               e.scale_grad_by_freq, e.sparse)  # (..., r), the factors' dtype
         dtype = A.dtype if self.peft_numerics else result.dtype  # an r-wide cast, never an activation's
-        return result + (after_a.to(dtype) @ B.T.to(dtype)) * self.scaling[name]  # (..., dim)
+        term = (after_a.to(dtype) @ B.T.to(dtype)) * self.scaling[name]  # (..., dim)
+        if name not in self.lora_magnitude_vector:
+            return result + term
+        with torch.no_grad():
+            norm = self._norm(name, e.weight, torch.promote_types(dtype, torch.float32))  # (dim,)
+        scale = (self.lora_magnitude_vector[name] / norm).to(dtype)  # (dim,)
+        return scale * result + scale * term
 
     def stack_pairs(self, route: Route) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
         return [(self.lora_embedding_A[n], self.lora_embedding_B[n]) if n in self.r else None for n in route.names]
 
     def mixed_forward(self, x: torch.Tensor, result: torch.Tensor, route: Route) -> torch.Tensor:
-        """One lookup in the stacked A^T tables; ``max_norm`` (which renormalises in place) takes the loop."""
-        if self.base_layer.max_norm is not None:
+        """One lookup in the stacked A^T tables; ``max_norm`` (which renormalises in place) and DoRA take the loop."""
+        if self.base_layer.max_norm is not None or self._route_flag(
+                route, "loop", lambda: any(n in self.lora_magnitude_vector for n in route.names if n in self.r)):
             return super().mixed_forward(x, result, route)
         dtype = self.lora_embedding_A[next(n for n in route.names if n in self.r)].dtype if self.peft_numerics \
             else result.dtype
         stack, idx = self._stack(route, dtype), route.slots(x.device)
         return mixed.embedding_gather(x, result, stack, idx, self._row_blocks(route, dtype, x.device)[1])
+
+    # ------------------------------------------------------------------ merging (DoRA)
+    def _merged_weight(self, weight: torch.Tensor, name: str) -> torch.Tensor:
+        if name not in self.lora_magnitude_vector:
+            return super()._merged_weight(weight, name)
+        # E' = (m / ‖E0 + ΔE‖) ⊙ (E + ΔE) per embedding dimension, E0 the weight without earlier merges
+        w0 = self.unmerged_base_weight()
+        norm = self._norm(name, w0, w0.dtype)  # (dim,)
+        self.merge_cache[name] = norm  # for an exact unmerge
+        factor = self.lora_magnitude_vector[name].detach().to(norm.dtype) / norm  # (dim,)
+        return (factor[None, :] * (weight.to(norm.dtype) + self.delta_weight(name).to(norm.dtype))).to(weight.dtype)
+
+    def _unmerged_weight(self, weight: torch.Tensor, name: str, keep_cache: bool = False) -> torch.Tensor:
+        if name not in self.lora_magnitude_vector:
+            return super()._unmerged_weight(weight, name)
+        norm = self.merge_cache[name] if keep_cache else self.merge_cache.pop(name)
+        norm = norm.to(torch.promote_types(weight.dtype, norm.dtype))
+        factor = self.lora_magnitude_vector[name].detach().to(norm.dtype) / norm
+        return super()._unmerged_weight(weight.to(norm.dtype) / factor[None, :], name).to(weight.dtype)

@@ -27,7 +27,8 @@ class Down(nn.Linear):
 
 
 class Up(nn.Linear):
-    """``lora_B`` of a Linear adapter: ``h ↦ h·Bᵀ``, or, given an accumulator, ``acc + alpha·h·Bᵀ``.
+    """``lora_B`` of a Linear adapter: ``h ↦ h·Bᵀ (+ b)``, or, given an accumulator, ``acc + alpha·(h·Bᵀ + b)``
+    (``b``: the ``lora_bias``, absent by default).
 
     The accumulating form is one ``addmm`` (in place when ``inplace`` and ``acc`` is not a view),
     so the adapter adds no ``(..., out)`` temporary to the base output. In half precision it is a
@@ -39,10 +40,11 @@ class Up(nn.Linear):
     def forward(self, h: torch.Tensor, acc: torch.Tensor | None = None, alpha: float = 1.0,
                 inplace: bool = False) -> torch.Tensor:
         w = self.weight.to(h.dtype)  # (out, r)
+        b = None if self.bias is None else self.bias.to(h.dtype)  # lora_bias: (out,)
         if acc is None:
-            return F.linear(h, w)  # (..., out)
-        if acc.dtype != h.dtype or torch.is_autocast_enabled(h.device.type):
-            return acc + F.linear(h, w) * alpha  # promoted, as PEFT: result + B(A(x))·s
+            return F.linear(h, w, b)  # (..., out)
+        if b is not None or acc.dtype != h.dtype or torch.is_autocast_enabled(h.device.type):
+            return acc + F.linear(h, w, b) * alpha  # promoted, as PEFT: result + B(A(x))·s
         inplace = inplace and acc._base is None  # a hook (FSDP2's) may have handed us a view of the caller's tensor
         if h.dtype in (torch.float16, torch.bfloat16):
             y = F.linear(h, w)  # (..., out)
@@ -55,10 +57,10 @@ class Up(nn.Linear):
 
 
 def _cast_conv(base: type[nn.Module]) -> type[nn.Module]:
-    """A subclass of ``base`` (Conv1d/2d/3d, no bias) whose weight is cast to the input's dtype."""
+    """A subclass of ``base`` (Conv1d/2d/3d) whose weight (and ``lora_bias`` bias) is cast to the input's dtype."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, self.weight.to(x.dtype), None)
+        return self._conv_forward(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     name = f"Lora{base.__name__}"
     return type(name, (base,), {"forward": forward, "__qualname__": name, "__module__": __name__,

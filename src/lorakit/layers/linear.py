@@ -59,7 +59,7 @@ class Linear(LoraLayer):
 
     def _create(self, name: str, r: int, cfg: LoraConfig) -> None:
         self.lora_A[name] = Down(self.in_features, r, bias=False)
-        self.lora_B[name] = Up(r, self.out_features, bias=False)
+        self.lora_B[name] = Up(r, self.out_features, bias=cfg.lora_bias)
 
     def _init(self, name: str, cfg: LoraConfig) -> None:
         A, B = self.lora_A[name].weight, self.lora_B[name].weight
@@ -68,7 +68,7 @@ class Linear(LoraLayer):
             with torch.no_grad():
                 self._init_from_weight(name, init)
         else:  # init False keeps nn.Linear's own (non-zero) init: the adapter is not a no-op
-            init_lora_pair(A, B, init, self.r[name])
+            init_lora_pair(A, B, init, self.r[name], self.lora_B[name].bias)
         if cfg.use_dora:
             self.lora_magnitude_vector[name] = nn.Parameter(self._row_norm(name, self._weight_out_in()).to(A.dtype))
 
@@ -156,10 +156,11 @@ class Linear(LoraLayer):
         return [(self.lora_A[n].weight, self.lora_B[n].weight) if n in self.r else None for n in route.names]
 
     def mixed_forward(self, x: torch.Tensor, result: torch.Tensor, route: Route) -> torch.Tensor:
-        """BGMV gather to decode (one token per row), ``mixed.PREFILL`` for longer rows; DoRA or live
-        dropout take the reference loop."""
+        """BGMV gather to decode (one token per row), ``mixed.PREFILL`` for longer rows; DoRA, a
+        lora_bias or live dropout take the reference loop."""
         if self._route_flag(route, "loop", lambda: any(
-                n in self.lora_magnitude_vector or (self.training and not isinstance(self.lora_dropout[n], nn.Identity))
+                n in self.lora_magnitude_vector or self.lora_B[n].bias is not None
+                or (self.training and not isinstance(self.lora_dropout[n], nn.Identity))
                 for n in route.names if n in self.r)):
             return super().mixed_forward(x, result, route)
         dtype = self.lora_A[next(n for n in route.names if n in self.r)].weight.dtype if self.peft_numerics else x.dtype

@@ -65,8 +65,9 @@ class MultiheadAttention(LoraLayer):
         self.out_proj_lora.set_active(names)
 
     def add_adapter(self, name: str, r: int, lora_alpha: float, cfg: LoraConfig, *, dtype=None) -> None:
-        if cfg.use_dora:
-            raise ValueError("use_dora is not supported on nn.MultiheadAttention; set use_dora=False")
+        if cfg.use_dora or cfg.lora_bias:
+            which = "use_dora" if cfg.use_dora else "lora_bias"
+            raise ValueError(f"{which} is not supported on nn.MultiheadAttention; set {which}=False")
         if cfg.init_lora_weights in ("pissa", "olora"):
             raise ValueError(f"init_lora_weights={cfg.init_lora_weights!r} is not supported on nn.MultiheadAttention")
         super().add_adapter(name, r, lora_alpha, cfg, dtype=dtype)
