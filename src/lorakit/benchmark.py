@@ -148,8 +148,7 @@ def bench_infer(rounds: int, iters: int, bs: int = 8, seq: int = 128) -> dict[st
         "base": lambda: base(input_ids=x),
         "lorakit_unmerged": lambda: ours(input_ids=x),
         "lorakit_merged": lambda: ours_merged(input_ids=x),
-        "lorakit_mixed4_gather": ours_mixed("gather"),
-        "lorakit_mixed4_segment": ours_mixed("segment"),
+        **{f"lorakit_mixed4_{k}": ours_mixed(k) for k in mixed.STRATEGIES},  # auto (the default), gather, segment
         "peft_unmerged": lambda: theirs(input_ids=x),
         "peft_mixed4": lambda: theirs(input_ids=x, adapter_names=names),
     }
@@ -217,7 +216,7 @@ def _ratios(train: dict, infer: dict, mem: dict | None, at: str) -> dict[str, fl
         "peft_train_step_vs_frozen_floor": t["peft"] / t["floor"],
         "unmerged_vs_base": i["lorakit_unmerged"] / b,
         "merged_vs_base": i["lorakit_merged"] / b,
-        "mixed4_vs_base": i[f"lorakit_mixed4_{mixed.STRATEGY}"] / b,
+        "mixed4_vs_base": i["lorakit_mixed4_auto"] / b,  # the default strategy
         "mixed4_gather_vs_base": i["lorakit_mixed4_gather"] / b,
         "mixed4_segment_vs_base": i["lorakit_mixed4_segment"] / b,
         "peft_unmerged_vs_base": i["peft_unmerged"] / b,

@@ -26,7 +26,7 @@ from lorakit.config import LoraConfig
 from lorakit.layers import mixed
 from lorakit.layers.base import LoraLayer, init_lora_pair
 from lorakit.layers.factors import Down, Up
-from lorakit.layers.routing import Route
+from lorakit.layers.routing import Route, blocks_open
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -121,6 +121,16 @@ class Linear(LoraLayer):
         return torch.linalg.norm(w, dim=1)
 
     # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """As ``LoraLayer.forward``; for a plain nn.Linear outside a mixed batch the input is taken
+        as (T, in), so the adapters' in-place ``addmm_`` writes into the base output itself, not into
+        a view of it (autograd would copy the whole gradient for that: measured ~4% of a train step).
+        Not with ``peft_numerics``, whose promise is PEFT's operations exactly."""
+        if args or kwargs or x.dim() <= 2 or not self._fresh_output or self.peft_numerics or blocks_open():
+            return super().forward(x, *args, **kwargs)
+        out = super().forward(x.reshape(-1, x.shape[-1]))  # (T, out)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
     def _add_term(self, x: torch.Tensor, name: str, result: torch.Tensor) -> torch.Tensor:
         """``result + s·B(A(dropout(x)))``: one addmm into the base output (in place when it is a
         fresh tensor of our own), in x's dtype (PEFT's numerics: x cast to the factors'). DoRA: below."""
