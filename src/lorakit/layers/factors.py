@@ -23,7 +23,8 @@ class Down(nn.Linear):
     """``lora_A`` of a Linear adapter: ``x ↦ x·Aᵀ`` in x's dtype."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight.to(x.dtype))  # (..., r)
+        w = self.weight
+        return F.linear(x, w if w.dtype == x.dtype else w.to(x.dtype))  # (..., r)
 
 
 class Up(nn.Linear):
@@ -49,6 +50,8 @@ class Up(nn.Linear):
         if h.dtype in (torch.float16, torch.bfloat16):
             y = F.linear(h, w)  # (..., out)
             return acc.add_(y, alpha=alpha) if inplace else torch.add(acc, y, alpha=alpha)
+        if acc.dim() == 2 and h.dim() == 2:  # the Linear's direct path: no reshapes
+            return acc.addmm_(h, w.T, alpha=alpha) if inplace else torch.addmm(acc, h, w.T, alpha=alpha)
         h2 = h.reshape(-1, h.shape[-1])  # (T, r)
         acc2 = acc.reshape(-1, acc.shape[-1])  # (T, out), a view of a contiguous acc
         if inplace:
