@@ -261,15 +261,43 @@ class LoraLayer(nn.Module):
             w = self._unmerged_weight(w, name, keep_cache=True)
         return w
 
+    def _is_dora(self, name: str) -> bool:
+        return name in self.__dict__["_modules"].get("lora_magnitude_vector", ())
+
     def _merged_weight(self, weight: torch.Tensor, name: str) -> torch.Tensor:
-        """``W + ΔW``, summed in at least fp32, returned in W's dtype (overridden by DoRA)."""
+        """``W + ΔW``, summed in at least fp32, returned in W's dtype. DoRA:
+
+            W' = (m / ‖W0 + ΔW‖) ⊙ (W + ΔW)
+
+        along the layer type's normalised axis (``_dora_norm``, broadcast by ``_dora_scale``), with W0
+        the weight *without* adapters merged before this one — the norm the unmerged forward uses.
+        The norm is kept (a buffer: it follows ``.to()``) for an exact unmerge.
+        """
         acc = torch.promote_types(weight.dtype, torch.float32)
-        return (weight.to(acc) + self.delta_weight(name).to(acc)).to(weight.dtype)
+        if not self._is_dora(name):
+            return (weight.to(acc) + self.delta_weight(name).to(acc)).to(weight.dtype)
+        norm = self._dora_norm(name, self.unmerged_base_weight())
+        self.merge_cache[name] = norm
+        factor = self._dora_scale(self.lora_magnitude_vector[name].detach().to(norm.dtype) / norm)
+        return (factor * (weight.to(norm.dtype) + self.delta_weight(name).to(norm.dtype))).to(weight.dtype)
 
     def _unmerged_weight(self, weight: torch.Tensor, name: str, keep_cache: bool = False) -> torch.Tensor:
-        """``W - ΔW``, the inverse of ``_merged_weight``."""
+        """``W - ΔW``, the inverse of ``_merged_weight`` (DoRA: divided by the kept factor first)."""
         acc = torch.promote_types(weight.dtype, torch.float32)
+        if self._is_dora(name):
+            norm = self.merge_cache[name] if keep_cache else self.merge_cache.pop(name)
+            acc = torch.promote_types(acc, norm.dtype)
+            factor = self._dora_scale(self.lora_magnitude_vector[name].detach().to(acc) / norm.to(acc))
+            return (weight.to(acc) / factor - self.delta_weight(name).to(acc)).to(weight.dtype)
         return (weight.to(acc) - self.delta_weight(name).to(acc)).to(weight.dtype)
+
+    def _dora_norm(self, name: str, w0: torch.Tensor) -> torch.Tensor:  # pragma: no cover - DoRA layers only
+        """‖W0 + ΔW‖ along the axis DoRA normalises, fp32 or wider (``w0`` in the base weight's layout)."""
+        raise NotImplementedError
+
+    def _dora_scale(self, factor: torch.Tensor) -> torch.Tensor:  # pragma: no cover - DoRA layers only
+        """A per-channel factor (the shape ``_dora_norm`` gives) broadcast over the base weight."""
+        raise NotImplementedError
 
     # ------------------------------------------------------------------ forward
     def unmerged_active(self) -> list[str]:
@@ -292,6 +320,24 @@ class LoraLayer(nn.Module):
         for name in self.unmerged_active():
             result = self._add_term(x, name, result)
         return result if result.dtype == out_dtype else result.to(out_dtype)
+
+    def _replacing_forward(self, x: torch.Tensor, args: tuple, kwargs: dict, no_split: str) -> torch.Tensor:
+        """The forward of a layer whose adapters change how the wrapped module computes (``_call``)
+        instead of adding a term (parameter and token layers): the base module with the active,
+        unmerged adapters applied; in a mixed batch, each row's own. ``no_split`` says why rows
+        cannot be split when the module gets more than its one input (or rows off dimension 0)."""
+        if self.disabled:
+            return self.base_layer(x, *args, **kwargs)
+        route = route_for(self) if blocks_open() else None  # no ContextVar read (graph break) outside a block
+        if route is not None:
+            if args or kwargs or route.batch_dim != 0:
+                raise ValueError(f"mixed_batch cannot split the rows of {no_split}; run the adapters in separate "
+                                 "batches")
+            return self._routed(x, self.base_layer(x))
+        names = self.unmerged_active()
+        if not names:
+            return self.base_layer(x, *args, **kwargs)
+        return self._call(names, x, *args, **kwargs)
 
     @torch.compiler.disable
     def _routed(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor | None:
@@ -343,9 +389,9 @@ class LoraLayer(nn.Module):
         """Each row's (A, B) blocks for ``route``: (N, K, r), (N, r, M) with r padded to a multiple of 8."""
         return mixed.row_blocks(self, self._stack(route, dtype), route.slots(device))
 
-    def check_stack(self, route: Route) -> None:
+    def check_stack(self) -> None:
         """Entering a mixed-batch block: drop a cached stack whose factors changed since it was built."""
-        mixed.check(self, self.stack_pairs(route))
+        mixed.check(self)
 
     def _route_flag(self, route: Route, what: str, compute) -> bool:
         """A per-layer fact about a route (e.g. "needs the loop"), computed once per block."""

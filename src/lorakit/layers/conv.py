@@ -153,20 +153,8 @@ class Conv(LoraLayer):
         return B.repeat(1, groups) * mask  # (out, r)
 
     # ------------------------------------------------------------------ merging (DoRA)
-    def _merged_weight(self, weight: torch.Tensor, name: str) -> torch.Tensor:
-        if name not in self.lora_magnitude_vector:
-            return super()._merged_weight(weight, name)
-        # W' = (m / ‖W0 + ΔW‖) ⊙ (W + ΔW) per output channel, W0 the weight without earlier merges
-        w0 = self.unmerged_base_weight()
-        norm = self._norm(name, w0, w0.dtype)  # (1, out, 1, ...)
-        self.merge_cache[name] = norm  # for an exact unmerge; a buffer, so it follows .to()
-        factor = self._channel(self.lora_magnitude_vector[name].detach().to(norm.dtype) / norm)
-        return (factor * (weight.to(norm.dtype) + self.delta_weight(name).to(norm.dtype))).to(weight.dtype)
+    def _dora_norm(self, name: str, w0: torch.Tensor) -> torch.Tensor:
+        return self._norm(name, w0, w0.dtype)  # (1, out, 1, ...)
 
-    def _unmerged_weight(self, weight: torch.Tensor, name: str, keep_cache: bool = False) -> torch.Tensor:
-        if name not in self.lora_magnitude_vector:
-            return super()._unmerged_weight(weight, name)
-        norm = self.merge_cache[name] if keep_cache else self.merge_cache.pop(name)
-        norm = norm.to(torch.promote_types(weight.dtype, norm.dtype))
-        factor = self._channel(self.lora_magnitude_vector[name].detach().to(norm.dtype) / norm)
-        return super()._unmerged_weight(weight.to(norm.dtype) / factor, name).to(weight.dtype)
+    def _dora_scale(self, factor: torch.Tensor) -> torch.Tensor:
+        return self._channel(factor)  # (out, 1, 1, ...)

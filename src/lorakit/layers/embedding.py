@@ -96,20 +96,8 @@ class Embedding(LoraLayer):
         return mixed.embedding_gather(x, result, stack, idx, self._row_blocks(route, dtype, x.device)[1])
 
     # ------------------------------------------------------------------ merging (DoRA)
-    def _merged_weight(self, weight: torch.Tensor, name: str) -> torch.Tensor:
-        if name not in self.lora_magnitude_vector:
-            return super()._merged_weight(weight, name)
-        # E' = (m / ‖E0 + ΔE‖) ⊙ (E + ΔE) per embedding dimension, E0 the weight without earlier merges
-        w0 = self.unmerged_base_weight()
-        norm = self._norm(name, w0, w0.dtype)  # (dim,)
-        self.merge_cache[name] = norm  # for an exact unmerge
-        factor = self.lora_magnitude_vector[name].detach().to(norm.dtype) / norm  # (dim,)
-        return (factor[None, :] * (weight.to(norm.dtype) + self.delta_weight(name).to(norm.dtype))).to(weight.dtype)
+    def _dora_norm(self, name: str, w0: torch.Tensor) -> torch.Tensor:
+        return self._norm(name, w0, w0.dtype)  # (dim,), over the vocabulary
 
-    def _unmerged_weight(self, weight: torch.Tensor, name: str, keep_cache: bool = False) -> torch.Tensor:
-        if name not in self.lora_magnitude_vector:
-            return super()._unmerged_weight(weight, name)
-        norm = self.merge_cache[name] if keep_cache else self.merge_cache.pop(name)
-        norm = norm.to(torch.promote_types(weight.dtype, norm.dtype))
-        factor = self.lora_magnitude_vector[name].detach().to(norm.dtype) / norm
-        return super()._unmerged_weight(weight.to(norm.dtype) / factor[None, :], name).to(weight.dtype)
+    def _dora_scale(self, factor: torch.Tensor) -> torch.Tensor:
+        return factor[None, :]  # (1, dim) over E (num, dim)

@@ -189,24 +189,8 @@ class Linear(LoraLayer):
         return mixed.linear_gather(x, result, self._row_blocks(route, dtype, x.device))
 
     # ------------------------------------------------------------------ merging (DoRA)
-    def _merged_weight(self, weight: torch.Tensor, name: str) -> torch.Tensor:
-        if name not in self.lora_magnitude_vector:
-            return super()._merged_weight(weight, name)
-        # DoRA: W' = (m / ‖W0 + ΔW‖) ⊙ (W + ΔW), row-wise in (out, in) layout, with W0 the weight
-        # *without* adapters merged before this one — the norm the unmerged forward uses.
-        w0 = self.unmerged_base_weight()
-        norm = self._row_norm(name, w0.T if self.fan_in_fan_out else w0)
-        self.merge_cache[name] = norm  # for an exact unmerge; a buffer, so it follows .to()
-        factor = (self.lora_magnitude_vector[name].detach().to(norm.dtype) / norm)  # (out,)
-        w = weight.to(norm.dtype) + self.delta_weight(name).to(norm.dtype)
-        w = w * (factor[None, :] if self.fan_in_fan_out else factor[:, None])
-        return w.to(weight.dtype)
+    def _dora_norm(self, name: str, w0: torch.Tensor) -> torch.Tensor:
+        return self._row_norm(name, w0.T if self.fan_in_fan_out else w0)  # (out,)
 
-    def _unmerged_weight(self, weight: torch.Tensor, name: str, keep_cache: bool = False) -> torch.Tensor:
-        if name not in self.lora_magnitude_vector:
-            return super()._unmerged_weight(weight, name)
-        norm = self.merge_cache[name] if keep_cache else self.merge_cache.pop(name)
-        norm = norm.to(torch.promote_types(weight.dtype, norm.dtype))
-        factor = self.lora_magnitude_vector[name].detach().to(norm.dtype) / norm
-        w = weight.to(norm.dtype) / (factor[None, :] if self.fan_in_fan_out else factor[:, None])
-        return super()._unmerged_weight(w, name).to(weight.dtype)
+    def _dora_scale(self, factor: torch.Tensor) -> torch.Tensor:
+        return factor[None, :] if self.fan_in_fan_out else factor[:, None]  # rows of W (out, in), columns of W^T

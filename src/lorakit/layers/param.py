@@ -31,7 +31,6 @@ from torch import nn
 
 from lorakit.config import LoraConfig
 from lorakit.layers.base import LoraLayer, init_lora_pair
-from lorakit.layers.routing import blocks_open, route_for
 
 
 class ParamFactor(nn.Linear):
@@ -139,21 +138,10 @@ class ParamWrapper(LoraLayer):
     def forward(self, x: torch.Tensor, *args, **kwargs):
         """The wrapped module's output with its parameter replaced by ``W + Σ ΔW`` (the active,
         unmerged adapters); inside ``mixed_batch``, each row's own adapter."""
-        if self.disabled:
-            return self.base_layer(x, *args, **kwargs)
-        route = route_for(self) if blocks_open() else None  # no ContextVar read (graph break) outside a block
-        if route is not None:
-            if args or kwargs or route.batch_dim != 0:
-                owner = type(self.real_module()).__name__
-                raise ValueError(f"mixed_batch cannot give each row its own adapter of {owner}.{self.parameter_name} "
-                                 "(target_parameters): the module is called with more than one "
-                                 "input or with rows off dimension 0, so its rows cannot be split; run the adapters in "
-                                 "separate batches")
-            return self._routed(x, self.base_layer(x))
-        names = self.unmerged_active()
-        if not names:
-            return self.base_layer(x, *args, **kwargs)
-        return self._call(names, x, *args, **kwargs)
+        owner = type(self.real_module()).__name__
+        return self._replacing_forward(x, args, kwargs, f"{owner}.{self.parameter_name} (target_parameters): the "
+                                                        "module is called with more than one input or with rows off "
+                                                        "dimension 0")
 
     def _add_term(self, x: torch.Tensor, name: str, result: torch.Tensor) -> torch.Tensor:
         """Not additive: the output computed with ``W + ΔW_name`` replaces ``result`` (the mixed-batch

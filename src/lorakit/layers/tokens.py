@@ -30,7 +30,6 @@ from torch import nn
 
 from lorakit.config import LoraConfig
 from lorakit.layers.base import LoraLayer
-from lorakit.layers.routing import blocks_open, route_for
 
 
 class TrainableTokens(LoraLayer):
@@ -174,18 +173,8 @@ class TrainableTokens(LoraLayer):
     def forward(self, x: torch.Tensor, *args, **kwargs):
         """The wrapped layer's output with the active, unmerged adapters' rows; inside
         ``mixed_batch``, each row's own adapter's."""
-        if self.disabled:
-            return self.base_layer(x, *args, **kwargs)
-        route = route_for(self) if blocks_open() else None  # no ContextVar read (graph break) outside a block
-        if route is not None:
-            if args or kwargs:
-                raise ValueError(f"mixed_batch cannot split the rows of a {type(self.base_layer).__name__} called with "
-                                 "more than one input (trainable tokens); run the adapters in separate batches")
-            return self._routed(x, self.base_layer(x))
-        names = self.unmerged_active()
-        if not names:
-            return self.base_layer(x, *args, **kwargs)
-        return self._call(names, x, *args, **kwargs)
+        return self._replacing_forward(x, args, kwargs, f"a {type(self.base_layer).__name__} called with more than "
+                                                        "one input (trainable tokens)")
 
     def _add_term(self, x: torch.Tensor, name: str, result: torch.Tensor) -> torch.Tensor:
         """``result`` (these rows' base output) with adapter ``name``'s rows (the mixed-batch reference
