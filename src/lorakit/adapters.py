@@ -136,20 +136,27 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
             p.requires_grad_(flag)
 
 
-def _sequence_first(model: nn.Module) -> list[str]:
-    """Blocks whose adapted layers see sequence-first inputs, ``(L, N, ...)``: those holding a
-    module that declares ``batch_first=False`` (nn.MultiheadAttention, RNNs, nn.Transformer — and
-    so nn.TransformerEncoderLayer, whose linear1/linear2 get its attention's layout)."""
-    modules = dict(model.named_modules())
-    found = []
-    for name, m in modules.items():
-        declared = m.base_layer if isinstance(m, LoraLayer) else m
-        if getattr(declared, "batch_first", None) is not False:
-            continue
-        block = modules[name.rpartition(".")[0]] if name else m
+def _layers_for_routing(model: nn.Module) -> tuple[list, list[str], list[str]]:
+    """One pass over ``model``: its wrappers, the adapted nn.MultiheadAttention layers, and the
+    blocks whose adapted layers see sequence-first inputs ``(L, N, ...)`` — those holding a module
+    that declares ``batch_first=False`` (nn.MultiheadAttention, RNNs, nn.Transformer — and so
+    nn.TransformerEncoderLayer, whose linear1/linear2 get its attention's layout)."""
+    layers, attn, declared = [], [], []
+    for name, m in model.named_modules():
+        if isinstance(m, (LoraLayer, ModulesToSave)):
+            layers.append(m)
+            if isinstance(m, MultiheadAttention):
+                attn.append(name)
+            m = m.base_layer if isinstance(m, LoraLayer) else m
+        if m.__dict__.get("batch_first", None) is False:  # an instance attribute where torch declares it
+            declared.append(name)
+    seq_first = []
+    for name in declared:
+        block_name = name.rpartition(".")[0]
+        block = model.get_submodule(block_name) if block_name else model
         if any(isinstance(s, (LoraLayer, ModulesToSave)) for s in block.modules()):
-            found.append(name.rpartition(".")[0] or type(block).__name__)
-    return list(dict.fromkeys(found))
+            seq_first.append(block_name or type(block).__name__)
+    return layers, attn, list(dict.fromkeys(seq_first))
 
 
 @contextlib.contextmanager
@@ -175,22 +182,19 @@ def mixed_batch(model: nn.Module, names: Sequence[str], *, batch_dim: int = 0) -
     if batch_dim not in (0, 1):
         raise ValueError(f"batch_dim must be 0 (batch-first inputs) or 1 (sequence-first), got {batch_dim!r}")
     _check_names(model, [n for n in names if n != BASE_ROW], "mixed_batch")
-    layers = [w for _, w in wrappers(model)]
+    layers, attn, seq_first = _layers_for_routing(model)
     if any(isinstance(w, LoraLayer) and w.merged for w in layers):
         raise ValueError("mixed_batch needs unmerged adapters; call lorakit.unmerge(model) first")
-    attn = [p for p, w in wrappers(model) if isinstance(w, MultiheadAttention)]
     if attn:
         raise ValueError(f"mixed_batch does not support adapted nn.MultiheadAttention layers ({attn[:3]}): their "
                          "update acts on weights the whole batch shares")
-    if batch_dim == 0:
-        seq_first = _sequence_first(model)
-        if seq_first:
-            raise ValueError(f"mixed_batch: {seq_first[:3]} take sequence-first inputs (batch_first=False), so "
-                             "batch rows are on dimension 1, not 0; pass batch_dim=1")
+    if batch_dim == 0 and seq_first:
+        raise ValueError(f"mixed_batch: {seq_first[:3]} take sequence-first inputs (batch_first=False), so "
+                         "batch rows are on dimension 1, not 0; pass batch_dim=1")
     route = Route(tuple(names), batch_dim)
     for w in layers:
         if isinstance(w, LoraLayer):
-            w.check_stack(route)  # once per block: catches factors changed since a stack was built
+            w.check_stack()  # once per block: catches factors changed since a stack was built
     with routed(layers, route):
         yield model
 

@@ -20,7 +20,8 @@ a global epoch counter is bumped by lorakit's own operations (add, delete, load,
 alpha, ``.to()``, ``load_state_dict``), by every optimizer step (a global optimizer hook), and by
 :func:`adapters_updated` — call it after changing factors in place yourself inside a block. Entering
 a block also compares each layer's factors (identity, storage, version) with those its stack was
-built from, once, so changes made between blocks are always seen. Slot and rank counts are padded
+built from (their storage and version counters, read off the tensors it keeps), so changes made
+between blocks are always seen. Slot and rank counts are padded
 to multiples of 8, so a compiled model sees few distinct shapes as adapters come and go. Each row's
 gathered blocks (``A_stack[j_i]``, ``B_stack[j_i]``) are kept with the stack too: every decoding step
 of a block reuses them instead of gathering again.
@@ -78,25 +79,24 @@ def bucket(n: int) -> int:
     return -(-n // 8) * 8
 
 
-def fingerprint(pairs: Sequence[Factors | None]) -> tuple:
-    """What a stack was built from: each factor's identity, storage and in-place version."""
+def fingerprint(tensors: Sequence[torch.Tensor]) -> tuple:
+    """What a stack was built from: each factor's storage and in-place version."""
     key = []
-    for pair in pairs:
-        for t in pair or ():
-            try:
-                version = t._version
-            except RuntimeError:  # an inference tensor has no version counter: never equal
-                version = object()
-            key.append((id(t), t.data_ptr(), version))
+    for t in tensors:
+        try:
+            version = t._version
+        except RuntimeError:  # an inference tensor has no version counter: never equal
+            version = object()
+        key.append((t.data_ptr(), version))
     return tuple(key)
 
 
-def check(owner: nn.Module, pairs: Sequence[Factors | None]) -> None:
-    """At the start of a block: drop ``owner``'s stack if its factors changed since it was built."""
-    fp = fingerprint(pairs)
-    if owner.__dict__.get("_mixed_fingerprint") != fp:
-        owner.__dict__.pop("_mixed_stack", None)
-        owner.__dict__["_mixed_fingerprint"] = fp
+def check(owner: nn.Module) -> None:
+    """At the start of a block: drop ``owner``'s stack if a factor it was built from changed since
+    (in place, or moved to other storage) — a scan of the kept tensor references, no module lookups."""
+    cached = owner.__dict__.get("_mixed_stack")
+    if cached is not None and fingerprint(cached[3]) != cached[4]:
+        del owner.__dict__["_mixed_stack"]
 
 
 def stacked(owner: nn.Module, route: Route, pairs: Callable[[], list[Factors | None]],
@@ -138,7 +138,8 @@ def stacked(owner: nn.Module, route: Route, pairs: Callable[[], list[Factors | N
                     B[j, : p[1].shape[1]].copy_((p[1] * s).T)  # scaled in the masters' precision, then cast
     stack = Stack(A, B)
     if not grad:
-        owner.__dict__["_mixed_stack"] = (key, stack, {})
+        sources = [t for p in pairs() if p is not None for t in p]  # the parameters themselves, for check()
+        owner.__dict__["_mixed_stack"] = (key, stack, {}, sources, fingerprint(sources))
     return stack
 
 
