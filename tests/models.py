@@ -128,3 +128,62 @@ def randomize_adapters(model: nn.Module, seed: int = 0, std: float = 0.1) -> Non
                 if hasattr(w, "r"):
                     for p in w.adapter_parameters(name):
                         p.copy_(torch.randn(p.shape, generator=g) * std + (1.0 if p.dim() == 1 else 0.0))
+
+
+# ---------------------------------------------------------------- shared test helpers
+def snapshot(model: nn.Module) -> tuple[dict, dict, list]:
+    """Everything a failed operation must leave as it was: tensors (cloned), flags, module types."""
+    tensors = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    types = [(n, type(m).__name__) for n, m in model.named_modules()]
+    return tensors, flags, types
+
+
+def assert_unchanged(model: nn.Module, snap: tuple[dict, dict, list]) -> None:
+    """``model`` is as ``snapshot`` found it: the same modules, flags, and every tensor bit for bit."""
+    tensors, flags, types = snapshot(model)
+    assert types == snap[2]
+    assert flags == snap[1]
+    assert tensors.keys() == snap[0].keys()
+    for k in tensors:
+        assert torch.equal(tensors[k], snap[0][k]), k
+
+
+def rows_alone(model: nn.Module, rows: list[str], run, restore: str) -> list:
+    """The reference for a mixed batch: ``run(i)`` with row i's adapter alone (``set_adapter``, or
+    ``disable_adapters`` for "__base__"); ``restore`` is made active again afterwards."""
+    import lorakit as lk
+
+    outs = []
+    for i, name in enumerate(rows):
+        if name == "__base__":
+            with lk.disable_adapters(model):
+                outs.append(run(i))
+        else:
+            lk.set_adapter(model, name)
+            outs.append(run(i))
+    lk.set_adapter(model, restore)
+    return outs
+
+
+def save_tiny_llama(directory, hidden_size: int = 32) -> str:
+    """lorakit's built-in tiny-llama (seed 0) and its tokenizer, saved as a transformers directory."""
+    from lorakit.models import tiny_llama
+
+    model, tok = tiny_llama(hidden_size=hidden_size, num_layers=2, seed=0)
+    model.save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return str(directory)
+
+
+def write_reverse_sft(path, n: int = 60) -> str:
+    """``n`` prompt/completion lines teaching to reverse a short word (``"abc="`` -> ``"cba"``)."""
+    import json
+
+    g = torch.Generator().manual_seed(0)
+    with open(path, "w", encoding="utf-8") as f:
+        for _ in range(n):
+            k = int(torch.randint(2, 6, (1,), generator=g))
+            word = "".join(chr(97 + int(c)) for c in torch.randint(0, 5, (k,), generator=g))
+            f.write(json.dumps({"prompt": f"{word}=", "completion": word[::-1]}) + "\n")
+    return str(path)

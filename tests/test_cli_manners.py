@@ -18,10 +18,11 @@ import pytest
 import torch
 
 from lorakit.cli import build_parser, main
-from lorakit.models import tiny_llama
 from lorakit.train.checkpoint import list_checkpoints
 from lorakit.train.config import TrainConfig
 from lorakit.train.settings import DEFAULTS, TRAIN_KEYS, parse_modules
+
+import models
 
 SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
 ENV = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -29,11 +30,7 @@ ENV = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH
 
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-llama")
-    model, tok = tiny_llama(hidden_size=32, num_layers=2, seed=0)
-    model.save_pretrained(d)
-    tok.save_pretrained(d)
-    return str(d)
+    return models.save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), hidden_size=32)
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from lorakit.models import tiny_llama  # noqa: E402
 from lorakit.quantize import load_quantized, prepare_for_kbit_training  # noqa: E402
 from lorakit.train.job import run_job  # noqa: E402
 
+import models  # noqa: E402
 import quantized_models as qm  # noqa: E402
 
 torch.set_num_threads(1)
@@ -23,23 +24,12 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-llama-q")
-    model, tok = tiny_llama(hidden_size=64, num_layers=2, seed=0)
-    model.save_pretrained(d)
-    tok.save_pretrained(d)
-    return str(d)
+    return models.save_tiny_llama(tmp_path_factory.mktemp("tiny-llama-q"), hidden_size=64)
 
 
 @pytest.fixture(scope="module")
 def sft_file(tmp_path_factory):
-    g = torch.Generator().manual_seed(0)
-    path = tmp_path_factory.mktemp("data") / "sft.jsonl"
-    with open(path, "w", encoding="utf-8") as f:
-        for _ in range(60):
-            k = int(torch.randint(2, 6, (1,), generator=g))
-            word = "".join(chr(97 + int(c)) for c in torch.randint(0, 5, (k,), generator=g))
-            f.write(json.dumps({"prompt": f"{word}=", "completion": word[::-1]}) + "\n")
-    return str(path)
+    return models.write_reverse_sft(tmp_path_factory.mktemp("data") / "sft.jsonl", n=60)
 
 
 @pytest.fixture(scope="module")

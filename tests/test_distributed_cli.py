@@ -21,7 +21,8 @@ import torch
 from safetensors.torch import load_file
 
 from lorakit.cli import main
-from lorakit.models import tiny_llama
+
+import models
 
 torch.set_num_threads(1)
 SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
@@ -31,23 +32,13 @@ TIMEOUT = 300
 
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-llama")
-    model, tok = tiny_llama(hidden_size=32, num_layers=2, seed=0)
-    model.save_pretrained(d)
-    tok.save_pretrained(d)
-    return str(d)
+    return models.save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), hidden_size=32)
 
 
 @pytest.fixture(scope="module")
 def sft_file(tmp_path_factory):
-    g = torch.Generator().manual_seed(0)
-    path = tmp_path_factory.mktemp("data") / "sft.jsonl"
-    with open(path, "w", encoding="utf-8") as f:
-        for _ in range(41):  # 37 train + 4 eval (eval_split 0.1)
-            k = int(torch.randint(2, 6, (1,), generator=g))
-            word = "".join(chr(97 + int(c)) for c in torch.randint(0, 5, (k,), generator=g))
-            f.write(json.dumps({"prompt": f"{word}=", "completion": word[::-1]}) + "\n")
-    return str(path)
+    # 37 train + 4 eval (eval_split 0.1)
+    return models.write_reverse_sft(tmp_path_factory.mktemp("data") / "sft.jsonl", n=41)
 
 
 def train_args(llama_dir, sft_file, out, batch, *extra):

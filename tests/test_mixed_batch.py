@@ -11,6 +11,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import lorakit as lk
 from lorakit.layers import mixed
 
+import models
+
 torch.set_num_threads(2)
 ATOL = 1e-5
 PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -38,17 +40,7 @@ def tiny_llama(ranks=(4, 4, 4)) -> LlamaForCausalLM:
 
 @torch.no_grad()
 def per_row(model: nn.Module, rows: list[str], run) -> list[torch.Tensor]:
-    """Each row alone: set_adapter(name), or disable_adapters for "__base__"."""
-    outs = []
-    for i, name in enumerate(rows):
-        if name == "__base__":
-            with lk.disable_adapters(model):
-                outs.append(run(i))
-        else:
-            lk.set_adapter(model, name)
-            outs.append(run(i))
-    lk.set_adapter(model, "a")
-    return outs
+    return models.rows_alone(model, rows, run, restore="a")
 
 
 @pytest.mark.parametrize("strategy", mixed.STRATEGIES)

@@ -30,16 +30,7 @@ def many(dtype: torch.dtype = torch.float32) -> nn.Module:
 
 
 def alone(model: nn.Module, rows: list[str], run) -> list[torch.Tensor]:
-    outs = []
-    for i, name in enumerate(rows):
-        if name == "__base__":
-            with lk.disable_adapters(model):
-                outs.append(run(i))
-        else:
-            lk.set_adapter(model, name)
-            outs.append(run(i))
-    lk.set_adapter(model, NAMES[0])
-    return outs
+    return models.rows_alone(model, rows, run, restore=NAMES[0])
 
 
 def check_prefill(model: nn.Module, rows: list[str], dtype: torch.dtype = torch.float32) -> None:

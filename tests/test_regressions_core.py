@@ -19,24 +19,6 @@ from lorakit.layers import LoraLayer
 import models
 
 
-def _snapshot(model: nn.Module) -> tuple[dict, dict, list]:
-    """Everything a failed operation must leave as it was: tensors (bitwise), flags, module types."""
-    tensors = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    types = [(n, type(m).__name__) for n, m in model.named_modules()]
-    return tensors, flags, types
-
-
-def _assert_same(model: nn.Module, snap: tuple[dict, dict, list]) -> None:
-    tensors, flags, types = _snapshot(model)
-    assert types == snap[2]
-    assert flags == snap[1]
-    assert tensors.keys() == snap[0].keys()
-    for k in tensors:
-        assert torch.equal(tensors[k], snap[0][k]), k
-    assert lk.adapter_names(model) == []
-
-
 class LinThenEmb(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -51,10 +33,11 @@ class LinThenEmb(nn.Module):
 def test_06_inject_is_atomic_and_a_corrected_retry_works():
     model = LinThenEmb()
     model.lin.weight.requires_grad_(False)  # a user's own flag, kept as it was
-    snap = _snapshot(model)
+    snap = models.snapshot(model)
     with pytest.raises(ValueError, match="lora_bias"):  # Linear accepts lora_bias, the Embedding (later) refuses
         lk.inject(model, lk.LoraConfig(r=2, target_modules=["lin", "emb"], lora_bias=True))
-    _assert_same(model, snap)
+    models.assert_unchanged(model, snap)
+    assert lk.adapter_names(model) == []
     lk.inject(model, lk.LoraConfig(r=2, target_modules=["lin", "emb"]))
     assert isinstance(model.lin, LoraLayer) and isinstance(model.emb, LoraLayer)
 
@@ -106,10 +89,11 @@ def test_13_set_adapter_keeps_parameters_the_user_unfroze():
 # ---------------------------------------------------------------- 22: a typo among several targets
 def test_22_a_target_that_matches_nothing_is_an_error_with_close_names():
     model = models.llama()
-    snap = _snapshot(model)
+    snap = models.snapshot(model)
     with pytest.raises(ValueError, match=r"q_prj.*q_proj"):
         lk.inject(model, lk.LoraConfig(r=2, target_modules=["q_prj", "v_proj"]))
-    _assert_same(model, snap)
+    models.assert_unchanged(model, snap)
+    assert lk.adapter_names(model) == []
 
 
 # ---------------------------------------------------------------- 23: PEFT's task_type field

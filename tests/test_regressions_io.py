@@ -22,21 +22,6 @@ def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return model(input_ids=x).logits
 
 
-def _snapshot(model: nn.Module) -> tuple[dict, dict, list]:
-    tensors = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    types = [(n, type(m).__name__) for n, m in model.named_modules()]
-    return tensors, flags, types
-
-
-def _assert_same(model: nn.Module, snap: tuple[dict, dict, list]) -> None:
-    tensors, flags, types = _snapshot(model)
-    assert types == snap[2]
-    assert flags == snap[1]
-    for k in snap[0]:
-        assert torch.equal(tensors[k], snap[0][k]), k
-
-
 # ---------------------------------------------------------------- 1: keys assigned structurally
 @pytest.mark.parametrize("names", [("0", "1"), ("default", "mlp"), ("mlp", "h")])
 def test_01_adapter_names_that_look_like_module_names_save_every_tensor(tmp_path, names):
@@ -113,10 +98,10 @@ def test_02_a_file_whose_base_tensors_differ_is_refused_on_an_adapted_model(tmp_
     lk.save_adapter(model, tmp_path)
     other = models.llama()
     lk.inject(other, lk.LoraConfig(r=2, target_modules=["v_proj"]), adapter_name="mine")
-    snap = _snapshot(other)
+    snap = models.snapshot(other)
     with pytest.raises(ValueError, match="embed_tokens"):
         lk.load_adapter(other, tmp_path, adapter_name="second")
-    _assert_same(other, snap)
+    models.assert_unchanged(other, snap)
     assert lk.adapter_names(other) == ["mine"]
 
 
@@ -173,10 +158,10 @@ def test_07_failed_pissa_load_leaves_the_model_bit_identical(tmp_path):
     save_file(tensors, str(path))
     target = models.llama()
     target.model.norm.weight.requires_grad_(False)  # the user's flags must survive too
-    snap = _snapshot(target)
+    snap = models.snapshot(target)
     with pytest.raises(ValueError, match="shape"):
         lk.load_adapter(target, tmp_path)
-    _assert_same(target, snap)
+    models.assert_unchanged(target, snap)
     assert lk.adapter_names(target) == []
 
 
@@ -187,10 +172,10 @@ def test_07_failed_load_into_an_adapted_model_keeps_its_adapters(tmp_path):
     (tmp_path / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
     target = models.llama()
     lk.inject(target, lk.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False), adapter_name="mine")
-    snap = _snapshot(target)
+    snap = models.snapshot(target)
     with pytest.raises(ValueError):
         lk.load_adapter(target, tmp_path, adapter_name="new")
-    _assert_same(target, snap)
+    models.assert_unchanged(target, snap)
 
 
 # ---------------------------------------------------------------- 11: hot swap, patterns, MHA
