@@ -162,6 +162,21 @@ def test_stack_cache_reused_and_invalidated():
     _rows_equal_alone(model, x, rows)
 
 
+def test_one_stack_serves_every_mix_of_rows():
+    """A layer's stack covers all the model's adapters in the model's order, so blocks whose rows
+    use different adapters (alternating prefill requests) reuse it rather than rebuilding it."""
+    model = tiny_llama()
+    x = torch.randint(0, 64, (3, 4), generator=torch.Generator().manual_seed(7))
+    layer = model.model.layers[0].self_attn.q_proj
+    mixes = [["a", "b", "__base__"], ["c", "c", "a"], ["b", "__base__", "c"]]
+    with torch.no_grad(), lk.mixed_batch(model, mixes[0]):
+        model(input_ids=x)
+    first = layer.__dict__["_mixed_stack"][1]
+    for rows in mixes[1:] + mixes:
+        _rows_equal_alone(model, x, rows)
+        assert layer.__dict__["_mixed_stack"][1] is first
+
+
 def test_dora_rows_fall_back_to_loop():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 5))

@@ -191,7 +191,7 @@ def mixed_batch(model: nn.Module, names: Sequence[str], *, batch_dim: int = 0) -
     if batch_dim == 0 and seq_first:
         raise ValueError(f"mixed_batch: {seq_first[:3]} take sequence-first inputs (batch_first=False), so "
                          "batch rows are on dimension 1, not 0; pass batch_dim=1")
-    route = Route(tuple(names), batch_dim)
+    route = Route(tuple(names), batch_dim, order=tuple(adapter_names(model)))
     for w in layers:
         if isinstance(w, LoraLayer):
             w.check_stack()  # once per block: catches factors changed since a stack was built

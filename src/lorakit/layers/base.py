@@ -376,14 +376,14 @@ class LoraLayer(nn.Module):
         return out
 
     def stack_pairs(self, route: Route) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
-        """Per adapter of ``route.names``, the factors a batched kernel stacks (A, B), or None where
+        """Per adapter of ``route.order``, the factors a batched kernel stacks (A, B), or None where
         this layer lacks the adapter; [] for layer types without a batched kernel."""
         return []
 
     def _stack(self, route: Route, dtype: torch.dtype) -> mixed.Stack:
         """This layer's stacked factors for ``route`` in ``dtype`` (cached; see ``lorakit.layers.mixed``)."""
         return mixed.stacked(self, route, lambda: self.stack_pairs(route),
-                             lambda: [self.scaling.get(n, 0.0) for n in route.names], dtype)
+                             lambda: [self.scaling.get(n, 0.0) for n in route.order], dtype)
 
     def _row_blocks(self, route: Route, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row's (A, B) blocks for ``route``: (N, K, r), (N, r, M) with r padded to a multiple of 8."""

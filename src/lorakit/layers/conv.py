@@ -128,7 +128,7 @@ class Conv(LoraLayer):
         return result + (scale - 1) * plain + scale * B(A(x)) * s
 
     def stack_pairs(self, route: Route) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
-        return [(self.lora_A[n].weight, self._dense_B(n)) if n in self.r else None for n in route.names]
+        return [(self.lora_A[n].weight, self._dense_B(n)) if n in self.r else None for n in route.order]
 
     def mixed_forward(self, x: torch.Tensor, result: torch.Tensor, route: Route) -> torch.Tensor:
         """Per-row A as one grouped convolution, per-row B as one bmm (a grouped B as its block-diagonal

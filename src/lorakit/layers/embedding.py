@@ -83,7 +83,7 @@ class Embedding(LoraLayer):
         return scale * result + scale * term
 
     def stack_pairs(self, route: Route) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
-        return [(self.lora_embedding_A[n], self.lora_embedding_B[n]) if n in self.r else None for n in route.names]
+        return [(self.lora_embedding_A[n], self.lora_embedding_B[n]) if n in self.r else None for n in route.order]
 
     def mixed_forward(self, x: torch.Tensor, result: torch.Tensor, route: Route) -> torch.Tensor:
         """One lookup in the stacked A^T tables; ``max_norm`` (which renormalises in place) and DoRA take the loop."""

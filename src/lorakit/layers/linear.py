@@ -170,7 +170,7 @@ class Linear(LoraLayer):
         return result + (scale - 1) * plain + scale * B(A(x)) * s
 
     def stack_pairs(self, route: Route) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
-        return [(self.lora_A[n].weight, self.lora_B[n].weight) if n in self.r else None for n in route.names]
+        return [(self.lora_A[n].weight, self.lora_B[n].weight) if n in self.r else None for n in route.order]
 
     def mixed_forward(self, x: torch.Tensor, result: torch.Tensor, route: Route) -> torch.Tensor:
         """BGMV gather to decode (one token per row), ``mixed.PREFILL`` for longer rows; DoRA, a

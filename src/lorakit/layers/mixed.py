@@ -13,9 +13,10 @@ Row i with slot j_i then gets ``y_i = base(x_i) + x_i · A_stack[j_i] · B_stack
 contiguous blocks; an embedding reads A_stack as its lookup table). Zero padding adds exact zeros,
 so adapters of different ranks mix freely, and a "__base__" row adds exactly 0.
 
-Stacks are built once per ``mixed_batch`` block and layer (over the block's adapters, in the
-order of its :class:`~lorakit.layers.routing.Route`, so one row-slot index serves every layer) and
-reused by every forward in the block. A stack is rebuilt only when the adapters may have changed:
+Stacks are built once per layer over all the model's adapters, in the model's order (the
+``order`` of a :class:`~lorakit.layers.routing.Route`, so one row-slot index serves every layer and
+any mix of adapters in the rows uses the same stack), and reused by every forward and every block.
+A stack is rebuilt only when the adapters may have changed:
 a global epoch counter is bumped by lorakit's own operations (add, delete, load, hot swap, a new
 alpha, ``.to()``, ``load_state_dict``), by every optimizer step (a global optimizer hook), and by
 :func:`adapters_updated` — call it after changing factors in place yourself inside a block. Entering
@@ -101,13 +102,13 @@ def check(owner: nn.Module) -> None:
 
 def stacked(owner: nn.Module, route: Route, pairs: Callable[[], list[Factors | None]],
             scalings: Callable[[], list[float]], dtype: torch.dtype) -> Stack:
-    """``owner``'s factors for ``route.names`` (``pairs()[j]`` for slot ``j + 1``, flattened to
+    """``owner``'s factors for ``route.order`` (``pairs()[j]`` for slot ``j + 1``, flattened to
     A (r, K), B (M, r); None where the layer lacks that adapter) stacked as in the module
     docstring, in ``dtype`` (the activations': fp32 masters are cast once per build, activations
     never). Cached on ``owner`` (see the module docstring); built in the autograd graph,
     uncached, when grad is on and a factor requires it, so a mixed batch can be differentiated.
     """
-    key = (route.names, dtype, _EPOCH[0])
+    key = (route.order, dtype, _EPOCH[0])
     cached = owner.__dict__.get("_mixed_stack")
     if not torch.is_grad_enabled() and cached is not None and cached[0] == key:
         return cached[1]

@@ -30,23 +30,28 @@ class Route:
     """One adapter name per batch row; ``batch_dim`` is the dimension of the layer's input that
     indexes rows (0 for batch-first inputs, 1 for sequence-first ones such as ``(L, N, E)``).
 
-    ``names`` are the distinct adapters the rows use, sorted: adapter ``names[j]`` is stack slot
-    ``j + 1``, slot 0 the zero adapter (``"__base__"``, or an adapter a layer does not have).
+    ``order`` is every adapter of the model in a fixed order (the model's): adapter ``order[j]``
+    is stack slot ``j + 1`` in every layer and every block, so a layer's stack serves all routes
+    and is rebuilt only when the adapters change; slot 0 is the zero adapter (``"__base__"``, or an
+    adapter a layer lacks). ``names`` are the distinct adapters the rows use, sorted.
     """
 
     rows: tuple[str, ...]
     batch_dim: int = 0
+    order: tuple[str, ...] = ()
     names: tuple[str, ...] = field(init=False)
     _cache: dict = field(init=False, default_factory=dict, repr=False)  # device -> prepared index tensors
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "names", tuple(sorted({n for n in self.rows if n != BASE_ROW})))
+        if not self.order:
+            object.__setattr__(self, "order", self.names)
 
     def slots(self, device: torch.device) -> torch.Tensor:
         """Each row's slot: (N,) int64 on ``device``, built once per block and device."""
         key = ("slots", device)
         if key not in self._cache:
-            index = {n: j for j, n in enumerate(self.names, start=1)}
+            index = {n: j for j, n in enumerate(self.order, start=1)}
             self._cache[key] = torch.tensor([index.get(n, 0) for n in self.rows], device=device)
         return self._cache[key]
 
@@ -55,7 +60,7 @@ class Route:
         ``segments`` = ``[(slot, start, stop), ...]`` for the adapter slots present."""
         key = ("groups", device)
         if key not in self._cache:
-            index = {n: j for j, n in enumerate(self.names, start=1)}
+            index = {n: j for j, n in enumerate(self.order, start=1)}
             slots = [index.get(n, 0) for n in self.rows]
             order = sorted(range(len(slots)), key=lambda i: slots[i])
             segments, start = [], 0
