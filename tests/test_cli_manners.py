@@ -276,3 +276,15 @@ def test_import_lorakit_loads_no_application_dependency():
             "'yaml', 'peft'); print(sorted({m.split('.')[0] for m in sys.modules} & set(heavy)))")
     out = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"  # (tqdm is imported by torch itself, through torch.hub)
+
+
+def test_loading_a_model_logs_nothing_from_torchao(llama_dir):
+    """transformers imports torchao when it is installed (the quant extra); torchao's import-time
+    warnings (CUDA kernel libraries it cannot load, a torch pytree deprecation) stay off stderr."""
+    pytest.importorskip("torchao")
+    code = ("from lorakit.models import load_model; "
+            f"load_model({str(llama_dir)!r}, task='causal-lm'); print('loaded')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "loaded"
+    assert "Failed to load" not in proc.stderr and "register_constant" not in proc.stderr, proc.stderr

@@ -160,12 +160,39 @@ def quiet_transformers() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    _import_torchao_quietly()
     try:
         from huggingface_hub.utils import disable_progress_bars
 
         disable_progress_bars()
     except ImportError:  # pragma: no cover - very old huggingface_hub
         pass
+
+
+def _import_torchao_quietly() -> None:
+    """transformers imports torchao whenever it is installed (``lorakit[quant]``), and torchao's
+    import logs a warning per optional CUDA kernel library it cannot load on this machine, plus a
+    torch pytree deprecation warning: noise above every CLI run. Import it once here with those two
+    loggers at ERROR, then restore their levels."""
+    import importlib
+    import importlib.util
+    import logging
+    import sys
+
+    if "torchao" in sys.modules or importlib.util.find_spec("torchao") is None:
+        return
+    loggers = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:  # the package, and the module transformers' torchao quantizer imports at load time
+        importlib.import_module("torchao")
+        importlib.import_module("torchao.prototype.safetensors.safetensors_support")
+    except Exception:  # noqa: BLE001 - a broken or different optional install is transformers' to report
+        pass
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def load_tokenizer(name_or_path: str):
