@@ -73,7 +73,10 @@ def test_sft_run_lowers_completion_loss_and_writes_outputs(llama_dir, sft_file, 
     assert printed == tok.decode(new, skip_special_tokens=True)
 
 
-def test_sigint_then_resume_equals_uninterrupted(llama_dir, sft_file, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_signal_then_resume_equals_uninterrupted(llama_dir, sft_file, tmp_path, sig):
+    """Ctrl-C, or SIGTERM (kill, a scheduler's preemption): the step in progress finishes, a checkpoint
+    is saved, and ``--resume`` ends at the uninterrupted run's weights."""
     steps = ["--max-steps", "150", "--checkpoint-every", "1", "--batch-size", "4", "--lora-dropout", "0.1"]
     part = tmp_path / "part"
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -84,9 +87,10 @@ def test_sigint_then_resume_equals_uninterrupted(llama_dir, sft_file, tmp_path):
     while not [p for p in part.glob("checkpoints/step-*") if int(p.name[5:]) >= 3] and time.time() < deadline \
             and proc.poll() is None:
         time.sleep(0.02)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
+    assert ("interrupt:" if sig == signal.SIGINT else "terminate signal:") in out
     assert f"lorakit train --resume {part}" in err
     assert not (part / "adapter").exists()  # it really stopped early
     assert main(["train", "--resume", str(part), "--no-progress"]) == 0

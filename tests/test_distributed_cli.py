@@ -155,3 +155,18 @@ def test_ctrl_c_then_killed_rank_then_resume_ends_at_uninterrupted_weights(llama
     log, _ = reference.communicate(timeout=TIMEOUT)
     assert reference.returncode == 0, log[-6000:]
     assert_same_adapter(adapter(part), adapter(full), atol=0)
+
+
+def test_sigterm_to_torchrun_stops_every_rank_after_one_step_with_a_checkpoint(llama_dir, sft_file, tmp_path):
+    """SIGTERM (a scheduler's preemption, ``kill``) to torchrun: it forwards SIGTERM to the workers,
+    which finish the step in progress, agree to stop and save one checkpoint together."""
+    part = tmp_path / "part"
+    proc = torchrun(train_args(llama_dir, sft_file, part, 2, "--max-steps", "400", "--checkpoint-every", "1"))
+    seen = _wait_for_checkpoint(part, proc, 1)
+    proc.send_signal(signal.SIGTERM)
+    log, _ = proc.communicate(timeout=TIMEOUT)
+    assert log.count("terminate signal: finishing this step") == 1, log[-4000:]  # rank 0 alone speaks
+    assert log.count("interrupted: checkpoint saved") == 1, log[-4000:]  # rank 0 alone reports
+    steps = sorted(int(p.name[5:]) for p in part.glob("checkpoints/step-*"))
+    assert steps and seen <= steps[-1] < 400 and not (part / "adapter").exists()
+    assert (part / "checkpoints" / f"step-{steps[-1]:06d}" / "trainable.safetensors").is_file()

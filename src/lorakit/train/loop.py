@@ -21,6 +21,7 @@ process makes with the whole batch; see :mod:`lorakit.train.distributed`.
 from __future__ import annotations
 
 import math
+import os
 import signal
 import threading
 import time
@@ -90,28 +91,34 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
             if g["params"]]
 
 
-class _StopOnSigint:
-    """First Ctrl-C: finish the current optimizer step, then stop (a checkpoint gets saved).
-    Second Ctrl-C: the usual immediate KeyboardInterrupt."""
+class _StopOnSignal:
+    """First Ctrl-C (SIGINT) or SIGTERM (what ``kill``, SLURM's preemption and torchrun's shutdown of
+    a job send): finish the current optimizer step, then stop (a checkpoint gets saved). A second
+    signal of either kind: the usual immediate KeyboardInterrupt."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.requested = False
-        self._old = None
+        self._old: dict[int, Any] = {}
 
-    def __enter__(self) -> _StopOnSigint:
+    def __enter__(self) -> _StopOnSignal:
         if threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGINT, self._handle)
+            self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def _handle(self, signum, frame) -> None:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("\ninterrupt: finishing this step and saving a checkpoint (Ctrl-C again to abort at once)", flush=True)
+        if os.environ.get("RANK", "0") != "0":  # torchrun: every rank hears it; rank 0 speaks
+            return
+        what = "interrupt" if signum == signal.SIGINT else "terminate signal"
+        print(f"\n{what}: finishing this step and saving a checkpoint (Ctrl-C again to abort at once)", flush=True)
 
     def __exit__(self, *exc) -> None:
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        for s, old in self._old.items():
+            signal.signal(s, old)
 
 
 def plan_steps(n_examples: int, cfg: TrainConfig) -> tuple[int, int, int]:
@@ -212,7 +219,7 @@ def fit(model: nn.Module, train_ds: TokenDataset, eval_ds: TokenDataset | None =
     rng_at_step: dict[str, Any] | None = None  # RNG at the start of the step in progress
     stopped_together = False  # torchrun: every rank left the loop at the same step (a collective save is safe)
     try:
-        with _StopOnSigint() as stop:
+        with _StopOnSignal() as stop:
             while step < total:
                 rng_at_step = rng_state()
                 t0 = time.perf_counter()
