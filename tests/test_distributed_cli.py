@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -87,6 +88,7 @@ def test_two_ranks_end_at_the_single_process_adapter(llama_dir, sft_file, single
     out = tmp_path / "run"
     log = run_ok(train_args(llama_dir, sft_file, out, 2, "--max-steps", "6", *how))
     assert "effective batch 8 = 2 per rank × 2 ranks × 2 micro-batch(es)" in log
+    assert ("FSDP2 (fully_shard per decoder block, then the root)" if how else "DDP over 2 ranks") in log
     assert log.count("lorakit train: run directory") == 1  # rank 0 alone prints
     assert_same_adapter(adapter(out), adapter(single), atol=2e-6)
     b = adapter(single)
@@ -170,3 +172,65 @@ def test_sigterm_to_torchrun_stops_every_rank_after_one_step_with_a_checkpoint(l
     steps = sorted(int(p.name[5:]) for p in part.glob("checkpoints/step-*"))
     assert steps and seen <= steps[-1] < 400 and not (part / "adapter").exists()
     assert (part / "checkpoints" / f"step-{steps[-1]:06d}" / "trainable.safetensors").is_file()
+
+
+QUANT_WORKER = '''
+import sys, torch, torch.distributed as dist
+import lorakit as lk
+from lorakit.quantize import load_quantized
+from lorakit.train.distributed import shard_model
+dist.init_process_group("gloo")
+model = load_quantized(sys.argv[1], "causal-lm", "nf4")
+model = model[0] if isinstance(model, tuple) else model
+lk.inject(model, lk.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights="gaussian"))
+torch.manual_seed(0)
+with torch.no_grad():
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            p.normal_(0, 0.1)
+x = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(1))
+# train mode (no dropout in this Llama): bitsandbytes 0.50's CPU inference repacking (eval, no grad)
+# fails on in_features that are not a multiple of its 64-wide block, with or without sharding
+model.train()
+with torch.no_grad():
+    want = model(input_ids=x).logits.float()
+w = model.model.layers[0].self_attn.q_proj.base_layer.weight
+before = tuple(w.shape)
+shard_model(model)
+w = model.model.layers[0].self_attn.q_proj.base_layer.weight
+with torch.no_grad():
+    got = model(input_ids=x).logits.float()
+print(f"rank {dist.get_rank()}: packed {before} local {tuple(w.to_local().shape)} "
+      f"max diff {float((got - want).abs().max()):.3g}", flush=True)
+dist.destroy_process_group()
+'''
+
+
+def test_fsdp2_over_a_4bit_base(sft_file, tmp_path):
+    """FSDP2 shards a bitsandbytes NF4 base's packed weights (each rank holds half the bytes), its
+    outputs are the unsharded model's, and ``--quantize nf4 --fsdp`` on 2 ranks ends at the adapter
+    of one process with the doubled batch."""
+    pytest.importorskip("bitsandbytes")
+    llama_dir = models.save_tiny_llama(tmp_path / "llama64", hidden_size=64)
+    script = tmp_path / "worker.py"
+    script.write_text(QUANT_WORKER)
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script), str(llama_dir)], env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    lines = sorted(line for line in run.stdout.splitlines() if line.startswith("rank "))
+    assert len(lines) == 2, run.stdout
+    for line in lines:
+        packed = tuple(int(v) for v in re.search(r"packed \((\d+), (\d+)\)", line).groups())
+        local = tuple(int(v) for v in re.search(r"local \((\d+), (\d+)\)", line).groups())
+        assert local == (packed[0] // 2, packed[1]), line  # half the packed 4-bit bytes on each rank
+        assert float(line.rsplit(" ", 1)[1]) == 0.0, line  # gathered, dequantized: the same numbers
+
+    q = ["--quantize", "nf4", "--max-steps", "4"]
+    single = tmp_path / "single"
+    assert main(train_args(llama_dir, sft_file, single, 4, *q)) == 0
+    out = tmp_path / "fsdp"
+    log = run_ok(train_args(llama_dir, sft_file, out, 2, *q, "--fsdp", "--gradient-checkpointing"))
+    assert "FSDP2 (fully_shard per decoder block, then the root) over 2 ranks" in log
+    assert_same_adapter(adapter(out), adapter(single), atol=1e-5)
+    assert all(t.abs().max() > 0 for k, t in adapter(single).items() if "lora_B" in k)

@@ -135,9 +135,9 @@ def shard_model(model: nn.Module, *, bf16: bool = False, mesh=None) -> nn.Module
 
     ``mesh``: FSDP's device mesh; default, all ranks on the device type of ``model``'s parameters.
 
-    Inject or load adapters *before* sharding, so each block's factors are sharded with it.
-    A LoRA factor must not be a shard unit of its own (lorakit's fast path reads the factor's
-    weight directly, past that unit's hooks).
+    Inject or load adapters *before* sharding, so each block's factors are sharded with it. (A
+    factor may also be a unit of its own: lorakit calls factors as modules, so their hooks run.)
+    A bitsandbytes 4-bit base is sharded too: its packed bytes split across ranks.
 
     Raises:
         ValueError: no process group is running, or torch has no ``fully_shard`` (< 2.6).

@@ -19,7 +19,8 @@ from lorakit.train.config import TrainConfig
 _TRAIN_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 TRAIN_KEYS = ["epochs", "max_steps", "lr", "batch_size", "grad_accum", "weight_decay", "warmup_ratio", "warmup_steps",
               "schedule", "loraplus_lr_ratio", "max_grad_norm", "gradient_checkpointing", "bf16", "seed", "eval_every",
-              "eval_batch_size", "checkpoint_every", "keep_checkpoints", "group_by_length", "device", "progress"]
+              "eval_batch_size", "checkpoint_every", "keep_checkpoints", "group_by_length", "device", "progress",
+              "fsdp"]
 LORA_KEYS = ["r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "layers_to_transform",
              "layers_pattern", "modules_to_save", "bias", "use_rslora", "use_dora", "init_lora_weights"]
 
@@ -33,7 +34,7 @@ DEFAULTS: dict[str, Any] = {
     "use_rslora": False, "use_dora": False, "init_lora_weights": True,
     **{k: _TRAIN_DEFAULTS[k] for k in TRAIN_KEYS},
     "progress": None,  # None: a bar on a terminal, plain lines in a log
-    "threads": None, "report_to": "none", "out": None, "overwrite": False, "quantize": None, "fsdp": False,
+    "threads": None, "report_to": "none", "out": None, "overwrite": False, "quantize": None,
 }
 
 # names from transformers' TrainingArguments, TRL's SFTConfig and PEFT's LoraConfig -> ours
