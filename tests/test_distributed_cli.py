@@ -106,6 +106,14 @@ def test_two_ranks_end_at_the_single_process_adapter(llama_dir, sft_file, single
         run_job({"progress": False}, resume=str(out))
 
 
+def test_two_ranks_packed_end_at_the_single_process_adapter(llama_dir, sft_file, single, tmp_path):
+    """--packing under DDP: each rank packs its slice of the global batch into one row."""
+    out = tmp_path / "run"
+    log = run_ok(train_args(llama_dir, sft_file, out, 2, "--max-steps", "6", "--packing"))
+    assert "packing off" not in log and "DDP over 2 ranks" in log
+    assert_same_adapter(adapter(out), adapter(single), atol=1e-5)  # padded single process: same loss terms
+
+
 def _rank_pid(tag: str, rank: int) -> int | None:
     """The pid of the worker with ``RANK=rank`` among the processes started with ``LK_TEST_TAG=tag``."""
     for pid in filter(str.isdigit, os.listdir("/proc")):

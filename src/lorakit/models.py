@@ -225,8 +225,27 @@ def parse_dtype(name: str | None) -> torch.dtype | str | None:
     return DTYPES[name]
 
 
+def set_attention(model: nn.Module, implementation: str | None) -> nn.Module:
+    """Switch a transformers model to another attention implementation (``eager``, ``sdpa``,
+    ``flash_attention_2``, ``flex_attention``...); ``None`` keeps the one it loaded with.
+
+    Raises:
+        ValueError: the model cannot use it (not installed, not supported by the architecture).
+    """
+    if implementation is None:
+        return model
+    if not hasattr(model, "set_attn_implementation"):
+        raise ValueError(f"--attn-implementation needs a transformers model; {type(model).__name__} is not one")
+    try:
+        model.set_attn_implementation(implementation)
+    except (ImportError, ValueError) as e:
+        raise ValueError(f"attention implementation {implementation!r} is not available for "
+                         f"{type(model).__name__}: {str(e).splitlines()[0]}") from None
+    return model
+
+
 def load_model(name_or_path: str, task: str, *, num_labels: int = 2, label_names: list[str] | None = None,
-               seed: int = 0, dtype: torch.dtype | str | None = None):
+               seed: int = 0, dtype: torch.dtype | str | None = None, attn_implementation: str | None = None):
     """Load ``(model, tokenizer)`` for ``task`` from a built-in name, a local directory or a Hub id.
 
     For ``seq-cls`` the classification head is new: it is initialised after
@@ -244,7 +263,7 @@ def load_model(name_or_path: str, task: str, *, num_labels: int = 2, label_names
         model, tok = tiny_llama(seed=seed)
         if isinstance(dtype, torch.dtype):
             model.to(dtype)
-        return model, tok
+        return set_attention(model, attn_implementation), tok
     if task not in ("seq-cls", "causal-lm"):
         raise ValueError(f"task must be 'seq-cls' or 'causal-lm', got {task!r}")
     path = resolve(name_or_path)
@@ -263,7 +282,7 @@ def load_model(name_or_path: str, task: str, *, num_labels: int = 2, label_names
     else:
         model = from_pretrained(AutoModelForCausalLM, path, **kwargs)
         model.config.use_cache = False
-    return model, tok
+    return set_attention(model, attn_implementation), tok
 
 
 def export(name: str, out: str, *, task: str | None = None, seed: int = 0) -> str:

@@ -61,7 +61,8 @@ def load_kwargs(kind: str, task: str, device: str = "cpu", compute_dtype: torch.
 
 
 def load_quantized(name_or_path: str, task: str, kind: str, *, label_names: list[str] | None = None, seed: int = 0,
-                   device: str = "cpu", compute_dtype: torch.dtype = torch.bfloat16, double_quant: bool = True):
+                   device: str = "cpu", compute_dtype: torch.dtype = torch.bfloat16, double_quant: bool = True,
+                   attn_implementation: str | None = None):
     """Load ``(model, tokenizer)`` with its Linear layers quantized by bitsandbytes, offline.
 
     The non-quantized parameters are loaded in ``compute_dtype``, as in the QLoRA recipe; the
@@ -75,7 +76,7 @@ def load_quantized(name_or_path: str, task: str, kind: str, *, label_names: list
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
-    from lorakit.models import load_tokenizer, resolve, tiny_llama
+    from lorakit.models import load_tokenizer, resolve, set_attention, tiny_llama
 
     if task not in ("seq-cls", "causal-lm"):
         raise ValueError(f"task must be 'seq-cls' or 'causal-lm', got {task!r}")
@@ -90,7 +91,7 @@ def load_quantized(name_or_path: str, task: str, kind: str, *, label_names: list
             model.save_pretrained(tmp)
             model = AutoModelForCausalLM.from_pretrained(tmp, **kwargs)
         model.config.use_cache = False
-        return model, tok
+        return set_attention(model, attn_implementation), tok
     path = resolve(name_or_path)
     tok = load_tokenizer(path)
     torch.manual_seed(seed)
@@ -104,7 +105,7 @@ def load_quantized(name_or_path: str, task: str, kind: str, *, label_names: list
     else:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         model.config.use_cache = False
-    return model, tok
+    return set_attention(model, attn_implementation), tok
 
 
 def _is_norm(module: nn.Module) -> bool:
@@ -238,6 +239,7 @@ def load_for_job(s: dict[str, Any]):
     from lorakit.train.loop import resolve_device
 
     model, tok = load_quantized(s["model"], s["task"], s["quantize"], label_names=s.get("labels"),
-                                seed=s.get("seed", 0), device=str(resolve_device(s.get("device", "auto"))))
+                                seed=s.get("seed", 0), device=str(resolve_device(s.get("device", "auto"))),
+                                attn_implementation=s.get("attn_implementation"))
     prepare_for_kbit_training(model)
     return model, tok

@@ -66,6 +66,8 @@ OPTIONS: list[tuple[str, str, Any, str]] = [
     ("data", "--dtype", ["float32", "bfloat16", "float16", "auto"],
      "weights' dtype when loading the model (default: bfloat16 on a CUDA GPU with bf16 support — the adapters stay "
      "fp32 masters — else float32; auto: the checkpoint's)"),
+    ("data", "--attn-implementation", str, "the model's attention: eager, sdpa, flash_attention_2, flex_attention... "
+                                         "(default: what transformers picks, usually sdpa)"),
     ("data", "--data", str, "training data (file or dataset directory, see above), or 'vader' for the built-in "
                             "word-sentiment data"),
     ("data", "--eval-data", str, "evaluation file; if absent, --eval-split of --data is held out"),
@@ -112,6 +114,9 @@ OPTIONS: list[tuple[str, str, Any, str]] = [
     ("train", "--checkpoint-every", int, "checkpoint every N steps (0: only on Ctrl-C and at the end)"),
     ("train", "--keep-checkpoints", int, "how many checkpoints to keep"),
     ("train", "--group-by-length", "bool", "batch similar lengths together (less padding)"),
+    ("train", "--packing", "bool", "causal LM: each batch's examples end to end in one row, no padding, if the "
+                                  "model's attention keeps them apart (checked; fastest with --attn-implementation "
+                                  "flash_attention_2 or flex_attention)"),
     ("train", "--quantize", ["nf4", "fp4", "int8"], "QLoRA: load the base quantized by bitsandbytes (nf4/fp4 with "
                                                     "double quant and bf16 compute, or int8) and train LoRA on it"),
     ("train", "--fsdp", "bool", "under torchrun: shard with FSDP2 (each decoder block, then the root) instead of "

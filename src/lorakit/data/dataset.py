@@ -10,7 +10,8 @@ A :class:`TokenDataset` is a list of examples, each ``{"input_ids": [...], "labe
 Batches are formed by :func:`batch_order`: a seeded shuffle, then length-grouping inside
 windows of ``50 · batch_size`` examples so that each batch holds similar lengths and padding
 wastes little compute; the order depends only on ``(seed, epoch)``, so a resumed run can skip
-straight to the batch it stopped at.
+straight to the batch it stopped at. :func:`collate_packed` lays a causal-LM batch out without any
+padding instead: its examples end to end in one row, positions restarting at each example.
 """
 
 from __future__ import annotations
@@ -111,3 +112,28 @@ def collate(examples: list[dict[str, Any]], task: str, pad_id: int) -> dict[str,
         else:
             labels[i] = int(e["labels"])
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def collate_packed(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """A causal-LM batch packed into one row without padding: the examples end to end.
+
+    Example i (length T_i) occupies columns ``[S_i, S_i + T_i)`` with ``S_i = Σ_{j<i} T_j``;
+    ``position_ids`` restart at 0 there, which is how a Hugging Face model with a packing-aware
+    attention (``flash_attention_2``, ``flex_attention``, and ``sdpa``/``eager`` through a
+    block-diagonal mask; see :func:`lorakit.train.packing.packing_problem`) keeps the examples
+    apart. The label at each example's first column is ``-100``: position t predicts label t+1, so
+    the last token of example i must not predict the first of example i+1. Every other label is
+    the example's own, so the loss terms are exactly those of :func:`collate`'s padded batch.
+
+    Returns:
+        ``input_ids``, ``attention_mask`` (all ones), ``labels``, ``position_ids``: each (1, ΣT_i).
+    """
+    ids, labels, pos = [], [], []
+    for e in examples:
+        n = len(e["input_ids"])
+        ids += e["input_ids"]
+        labels += [IGNORE_INDEX] + list(e["labels"][1:])
+        pos += range(n)
+    ids_t = torch.tensor([ids], dtype=torch.long)  # (1, ΣT)
+    return {"input_ids": ids_t, "attention_mask": torch.ones_like(ids_t),
+            "labels": torch.tensor([labels], dtype=torch.long), "position_ids": torch.tensor([pos], dtype=torch.long)}

@@ -42,6 +42,11 @@ class TrainConfig:
         progress: show a tqdm progress bar.
         fsdp: under torchrun, shard with FSDP2 instead of replicating with DDP (see
             :mod:`lorakit.train.distributed`); ``batch_size`` is then per rank either way.
+        packing: causal LM: lay each micro-batch's examples end to end in one row, no padding
+            (:func:`lorakit.data.dataset.collate_packed`), if the model's attention keeps them apart
+            (checked once, see :mod:`lorakit.train.packing`; otherwise padded batches, with a note).
+            The loss terms are the padded batch's. Fastest with ``flash_attention_2`` or
+            ``flex_attention``; with ``sdpa``/``eager`` attention spans the packed row.
     """
 
     epochs: float = 5.0
@@ -68,6 +73,7 @@ class TrainConfig:
     device: str = "auto"
     progress: bool = True
     fsdp: bool = False
+    packing: bool = False
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "grad_accum", "eval_batch_size", "log_every", "keep_checkpoints", "loss_chunk_size"):

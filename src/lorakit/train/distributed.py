@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit.data.dataset import IGNORE_INDEX, TokenDataset, collate
+from lorakit.data.dataset import IGNORE_INDEX, TokenDataset, collate, collate_packed
 from lorakit.io.distributed import is_distributed, is_main_process, on_main_process, rank, world_size
 from lorakit.train.checkpoint import check_world_size, find_checkpoint, read_checkpoint, write_checkpoint
 from lorakit.train.config import TrainConfig
@@ -238,15 +238,16 @@ class Parallel:
         """``cfg`` with the global batch size ``batch_size · N`` (what one process would use)."""
         return cfg if self.world == 1 else dataclasses.replace(cfg, batch_size=cfg.batch_size * self.world)
 
-    def local_batch(self, indices: Sequence[int], ds: TokenDataset) -> dict[str, torch.Tensor]:
-        """This rank's slice of a global batch, collated (see the module docstring for an empty slice)."""
+    def local_batch(self, indices: Sequence[int], ds: TokenDataset, packed: bool = False) -> dict[str, torch.Tensor]:
+        """This rank's slice of a global batch, collated (see the module docstring for an empty slice);
+        ``packed``: causal-LM examples end to end in one row (:func:`collate_packed`)."""
         n, k = len(indices), self.rank
-        mine = list(indices[k * n // self.world:(k + 1) * n // self.world])
-        if mine:
-            return collate([ds[i] for i in mine], ds.task, ds.pad_id)
-        dummy = dict(ds[indices[0]])
-        dummy["labels"] = [IGNORE_INDEX] * len(dummy["input_ids"]) if ds.task == "causal-lm" else IGNORE_INDEX
-        return collate([dummy], ds.task, ds.pad_id)
+        mine = [ds[i] for i in indices[k * n // self.world:(k + 1) * n // self.world]]
+        if not mine:
+            dummy = dict(ds[indices[0]])
+            dummy["labels"] = [IGNORE_INDEX] * len(dummy["input_ids"]) if ds.task == "causal-lm" else IGNORE_INDEX
+            mine = [dummy]
+        return collate_packed(mine) if packed else collate(mine, ds.task, ds.pad_id)
 
     def total_count(self, n: int) -> int:
         """``Σ_ranks n`` (an ``all_reduce``)."""

@@ -239,7 +239,8 @@ def run_job(settings: dict[str, Any], resume: str | None = None, callbacks=()) -
             model, tok = load_for_job(s)
         else:
             s["dtype"], s["bf16"] = gpu_precision(s["device"], s["dtype"], s["bf16"])  # a bf16 base on a GPU
-            model, tok = load_model(s["model"], s["task"], label_names=s["labels"], seed=s["seed"], dtype=s["dtype"])
+            model, tok = load_model(s["model"], s["task"], label_names=s["labels"], seed=s["seed"], dtype=s["dtype"],
+                                    attn_implementation=s["attn_implementation"])
         method = None
         if s["method"] == "lora":
             cfg = lora_config(s, model)

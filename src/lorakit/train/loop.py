@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -121,6 +122,25 @@ class _StopOnSignal:
             signal.signal(s, old)
 
 
+def _can_pack(model: nn.Module, task: str, device: torch.device, speak: bool) -> bool:
+    """Whether ``cfg.packing`` can be honoured: a causal LM whose attention keeps packed examples
+    apart (:func:`lorakit.train.packing.packing_problem`); otherwise say why and pad instead."""
+    from lorakit.train.packing import FAST_ATTENTION, attention_implementation, packing_problem
+
+    if task != "causal-lm":
+        raise ValueError(f"packing applies to causal-lm training, not {task!r}")
+    problem = packing_problem(model, device)
+    impl = attention_implementation(model)
+    if problem is not None and speak:
+        print(f"lorakit: packing off: {problem}; batches are padded (length-grouped) instead",
+              file=sys.stderr, flush=True)
+    elif impl not in FAST_ATTENTION and speak:
+        print(f"lorakit: packing with {impl} attention: each packed row's attention is computed whole (masked "
+              "block-diagonally), which can be slower than padded length-grouped batches; flash_attention_2 or "
+              "flex_attention compute each example alone (--attn-implementation)", file=sys.stderr, flush=True)
+    return problem is None
+
+
 def plan_steps(n_examples: int, cfg: TrainConfig) -> tuple[int, int, int]:
     """``(micro-batches per epoch, optimizer steps per epoch, total optimizer steps)``."""
     n_batches = math.ceil(n_examples / cfg.batch_size)
@@ -166,6 +186,7 @@ def fit(model: nn.Module, train_ds: TokenDataset, eval_ds: TokenDataset | None =
     device = resolve_device(cfg.device)
     par = Parallel(cfg.fsdp, device)  # torchrun: this rank's share of the work; one process: the identity
     model.to(device)
+    packed = cfg.packing and _can_pack(model, train_ds.task, device, par.is_main)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(cfg.seed)
@@ -195,7 +216,7 @@ def fit(model: nn.Module, train_ds: TokenDataset, eval_ds: TokenDataset | None =
         if epoch not in orders:
             orders.clear()
             orders[epoch] = batch_order(lengths, gcfg.batch_size, cfg.seed, epoch, cfg.group_by_length)
-        return par.local_batch(orders[epoch][pos], train_ds)  # one process: the whole batch, collated
+        return par.local_batch(orders[epoch][pos], train_ds, packed)  # one process: the whole batch, collated
 
     def run_eval() -> dict[str, float]:
         if eval_ds is None:

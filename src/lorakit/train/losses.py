@@ -70,13 +70,17 @@ def causal_lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], chunk_s
     target = labels[:, 1:]  # (B, T-1): the token position t must predict
     keep = target != IGNORE_INDEX  # (B, T-1)
     parts = split_lm(model)
+    # packed (collate_packed): no mask, positions restarting per example, and no KV cache (transformers
+    # detects packing from position_ids only without one)
+    packed = {"position_ids": batch["position_ids"], "use_cache": False} if "position_ids" in batch else {}
+    mask = None if packed else batch["attention_mask"]
     if parts is None:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+        logits = model(input_ids=batch["input_ids"], attention_mask=mask, **packed).logits  # (B, T, V)
         return F.cross_entropy(logits[:, :-1][keep].float(), target[keep], reduction="sum")
     backbone, head = parts
-    mask = batch["attention_mask"]
-    right_padded = bool((mask[:, :-1] >= mask[:, 1:]).all())  # no 0 followed by a 1
-    hidden = backbone(input_ids=batch["input_ids"], attention_mask=None if right_padded else mask)[0]  # (B, T, H)
+    if mask is not None and bool((mask[:, :-1] >= mask[:, 1:]).all()):  # right-padded: no 0 followed by a 1
+        mask = None
+    hidden = backbone(input_ids=batch["input_ids"], attention_mask=mask, **packed)[0]  # (B, T, H)
     h = hidden[:, :-1][keep]  # (N, H)
     y = target[keep]  # (N,)
     total = h.new_zeros((), dtype=torch.float32)

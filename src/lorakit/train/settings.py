@@ -20,13 +20,14 @@ _TRAIN_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 TRAIN_KEYS = ["epochs", "max_steps", "lr", "batch_size", "grad_accum", "weight_decay", "warmup_ratio", "warmup_steps",
               "schedule", "loraplus_lr_ratio", "max_grad_norm", "gradient_checkpointing", "bf16", "seed", "eval_every",
               "eval_batch_size", "checkpoint_every", "keep_checkpoints", "group_by_length", "device", "progress",
-              "fsdp"]
+              "fsdp", "packing"]
 LORA_KEYS = ["r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "layers_to_transform",
              "layers_pattern", "modules_to_save", "bias", "use_rslora", "use_dora", "init_lora_weights"]
 
 # every setting of a job and its default
 DEFAULTS: dict[str, Any] = {
-    "method": "lora", "model": "minilm", "dtype": None, "data": "vader", "eval_data": None, "eval_split": 0.1,
+    "method": "lora", "model": "minilm", "dtype": None, "attn_implementation": None, "data": "vader",
+    "eval_data": None, "eval_split": 0.1,
     "task": None, "labels": None, "max_length": None, "text_column": None, "label_column": None,
     "prompt_column": None, "completion_column": None, "messages_column": None,
     "r": 8, "lora_alpha": 16.0, "lora_dropout": 0.0, "target_modules": None, "exclude_modules": None,
