@@ -169,6 +169,17 @@ def test_train_config_defaults_are_the_clis():
             assert DEFAULTS[key] == train_defaults[key], key
 
 
+def test_every_training_setting_reaches_train_config():
+    """A job setting that names a TrainConfig field must be passed to it (``--fsdp`` once was not, and
+    trained with DDP without a word), and every train flag must land in a setting."""
+    settings_only = {"log_every", "loss_chunk_size"}  # TrainConfig fields the CLI does not expose
+    assert {f.name for f in fields(TrainConfig)} - settings_only == set(TRAIN_KEYS)
+    parser = build_parser()
+    train = next(a for a in parser._actions if hasattr(a, "choices") and isinstance(a.choices, dict)).choices["train"]
+    dests = {a.dest for a in train._actions if a.option_strings and a.dest not in ("help", "config", "resume")}
+    assert dests <= set(DEFAULTS), dests - set(DEFAULTS)
+
+
 def test_device_without_cuda_is_one_line_and_writes_nothing(llama_dir, sft_file, tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("this torch can use CUDA")
