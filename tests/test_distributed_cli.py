@@ -208,8 +208,9 @@ shard_model(model)
 w = model.model.layers[0].self_attn.q_proj.base_layer.weight
 with torch.no_grad():
     got = model(input_ids=x).logits.float()
-print(f"rank {dist.get_rank()}: packed {before} local {tuple(w.to_local().shape)} "
-      f"max diff {float((got - want).abs().max()):.3g}", flush=True)
+with open(f"{sys.argv[2]}/rank{dist.get_rank()}.txt", "w") as f:  # a file per rank: stdout lines interleave
+    f.write(f"rank {dist.get_rank()}: packed {before} local {tuple(w.to_local().shape)} "
+            f"max diff {float((got - want).abs().max()):.3g}")
 dist.destroy_process_group()
 '''
 
@@ -224,10 +225,10 @@ def test_fsdp2_over_a_4bit_base(sft_file, tmp_path):
     script.write_text(QUANT_WORKER)
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          str(script), str(llama_dir)], env=env, capture_output=True, text=True, timeout=TIMEOUT)
+                          str(script), str(llama_dir), str(tmp_path)], env=env, capture_output=True, text=True,
+                         timeout=TIMEOUT)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    lines = sorted(line for line in run.stdout.splitlines() if line.startswith("rank "))
-    assert len(lines) == 2, run.stdout
+    lines = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
     for line in lines:
         packed = tuple(int(v) for v in re.search(r"packed \((\d+), (\d+)\)", line).groups())
         local = tuple(int(v) for v in re.search(r"local \((\d+), (\d+)\)", line).groups())
