@@ -185,11 +185,10 @@ def test_sigterm_to_torchrun_stops_every_rank_after_one_step_with_a_checkpoint(l
 QUANT_WORKER = '''
 import sys, torch, torch.distributed as dist
 import lorakit as lk
-from lorakit.quantize import load_quantized
+from lorakit.quantize import load_quantized, prepare_for_kbit_training
 from lorakit.train.distributed import shard_model
 dist.init_process_group("gloo")
-model = load_quantized(sys.argv[1], "causal-lm", "nf4")
-model = model[0] if isinstance(model, tuple) else model
+model = prepare_for_kbit_training(load_quantized(sys.argv[1], "causal-lm", "nf4")[0])  # as lorakit train --quantize
 lk.inject(model, lk.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights="gaussian"))
 torch.manual_seed(0)
 with torch.no_grad():
@@ -197,9 +196,6 @@ with torch.no_grad():
         if "lora_B" in n:
             p.normal_(0, 0.1)
 x = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(1))
-# train mode (no dropout in this Llama): bitsandbytes 0.50's CPU inference repacking (eval, no grad)
-# fails on in_features that are not a multiple of its 64-wide block, with or without sharding
-model.train()
 with torch.no_grad():
     want = model(input_ids=x).logits.float()
 w = model.model.layers[0].self_attn.q_proj.base_layer.weight

@@ -245,11 +245,14 @@ def set_attention(model: nn.Module, implementation: str | None) -> nn.Module:
 
 
 def load_model(name_or_path: str, task: str, *, num_labels: int = 2, label_names: list[str] | None = None,
-               seed: int = 0, dtype: torch.dtype | str | None = None, attn_implementation: str | None = None):
+               seed: int = 0, dtype: torch.dtype | str | None = None, attn_implementation: str | None = None,
+               load_kwargs: dict | None = None):
     """Load ``(model, tokenizer)`` for ``task`` from a built-in name, a local directory or a Hub id.
 
     For ``seq-cls`` the classification head is new: it is initialised after
-    ``torch.manual_seed(seed)``, so the same seed gives the same head.
+    ``torch.manual_seed(seed)``, so the same seed gives the same head. ``load_kwargs``: more
+    ``from_pretrained`` keywords (a quantized load, see :func:`lorakit.quantize.load_kwargs`); the
+    built-in ``tiny-llama`` is then written to a temporary directory and loaded from it.
 
     Raises:
         FileNotFoundError: see :func:`resolve` and :func:`from_pretrained`.
@@ -257,11 +260,22 @@ def load_model(name_or_path: str, task: str, *, num_labels: int = 2, label_names
     """
     if isinstance(dtype, str):
         dtype = parse_dtype(dtype)
+    kwargs = {**({"dtype": dtype} if dtype is not None else {}), **(load_kwargs or {})}
     if name_or_path == "tiny-llama":
         if task != "causal-lm":
             raise ValueError("the built-in 'tiny-llama' is a causal LM; use --task causal-lm")
         model, tok = tiny_llama(seed=seed)
-        if isinstance(dtype, torch.dtype):
+        if load_kwargs:
+            import tempfile
+
+            from transformers import AutoModelForCausalLM
+
+            quiet_transformers()
+            with tempfile.TemporaryDirectory(prefix="lorakit-tiny-llama-") as tmp:
+                model.save_pretrained(tmp)
+                model = AutoModelForCausalLM.from_pretrained(tmp, **kwargs)
+            model.config.use_cache = False
+        elif isinstance(dtype, torch.dtype):
             model.to(dtype)
         return set_attention(model, attn_implementation), tok
     if task not in ("seq-cls", "causal-lm"):
@@ -272,7 +286,6 @@ def load_model(name_or_path: str, task: str, *, num_labels: int = 2, label_names
     quiet_transformers()
     tok = load_tokenizer(path)
     torch.manual_seed(seed)
-    kwargs = {"dtype": dtype} if dtype is not None else {}
     if task == "seq-cls":
         names = label_names or [str(i) for i in range(num_labels)]
         model = from_pretrained(AutoModelForSequenceClassification, path, num_labels=len(names),

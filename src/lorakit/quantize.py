@@ -11,8 +11,6 @@ lorakit`` never imports this module.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from typing import Any
 
 import torch
@@ -63,49 +61,19 @@ def load_kwargs(kind: str, task: str, device: str = "cpu", compute_dtype: torch.
 def load_quantized(name_or_path: str, task: str, kind: str, *, label_names: list[str] | None = None, seed: int = 0,
                    device: str = "cpu", compute_dtype: torch.dtype = torch.bfloat16, double_quant: bool = True,
                    attn_implementation: str | None = None):
-    """Load ``(model, tokenizer)`` with its Linear layers quantized by bitsandbytes, offline.
+    """Load ``(model, tokenizer)`` with its Linear layers quantized by bitsandbytes: a built-in
+    name, a local directory or a Hub id, as :func:`lorakit.models.load_model` loads them.
 
     The non-quantized parameters are loaded in ``compute_dtype``, as in the QLoRA recipe; the
-    output head (``lm_head``, a classifier's new head) is not quantized. The built-in
-    ``tiny-llama`` is built from its config, written to a temporary directory and loaded from it.
+    output head (``lm_head``, a classifier's new head) is not quantized.
 
     Raises:
         FileNotFoundError / ValueError: see :func:`lorakit.models.load_model` and :func:`bnb_config`.
     """
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-    from transformers.utils import logging as hf_logging
+    from lorakit.models import load_model
 
-    from lorakit.models import load_tokenizer, resolve, set_attention, tiny_llama
-
-    if task not in ("seq-cls", "causal-lm"):
-        raise ValueError(f"task must be 'seq-cls' or 'causal-lm', got {task!r}")
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    kwargs = load_kwargs(kind, task, device, compute_dtype, double_quant)
-    if name_or_path == "tiny-llama":
-        if task != "causal-lm":
-            raise ValueError("the built-in 'tiny-llama' is a causal LM; use --task causal-lm")
-        model, tok = tiny_llama(seed=seed)
-        with tempfile.TemporaryDirectory(prefix="lorakit-tiny-llama-") as tmp:
-            model.save_pretrained(tmp)
-            model = AutoModelForCausalLM.from_pretrained(tmp, **kwargs)
-        model.config.use_cache = False
-        return set_attention(model, attn_implementation), tok
-    path = resolve(name_or_path)
-    tok = load_tokenizer(path)
-    torch.manual_seed(seed)
-    if task == "seq-cls":
-        names = label_names or ["0", "1"]
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=len(names), id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)},
-            **kwargs)
-        if getattr(model.config, "pad_token_id", None) is None:
-            model.config.pad_token_id = tok.pad_token_id
-    else:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-        model.config.use_cache = False
-    return set_attention(model, attn_implementation), tok
+    return load_model(name_or_path, task, label_names=label_names, seed=seed, attn_implementation=attn_implementation,
+                      load_kwargs=load_kwargs(kind, task, device, compute_dtype, double_quant))
 
 
 def _is_norm(module: nn.Module) -> bool:

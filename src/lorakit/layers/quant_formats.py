@@ -76,7 +76,7 @@ class Bnb4bit(QuantFormat):
     def hold(self, layer: nn.Module) -> dict[str, Any]:
         """bitsandbytes ≥ 0.48 repacks a 4-bit weight in place at its first CPU inference forward
         on AVX512-BF16 machines (absmax rounded to bf16; undone, with the double-quantized absmax
-        re-quantized, at every ``state_dict()``; and failing for in_features < 64). While
+        re-quantized, at every ``state_dict()``; and failing when in_features is not a multiple of 64). While
         wrapped, that repacking is off: the bytes stay those loaded, deq(W) is what the forward
         uses, and merges are exact references. A weight repacked before wrapping is unpacked
         first, as bitsandbytes' own ``state_dict`` does."""

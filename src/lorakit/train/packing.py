@@ -35,8 +35,10 @@ def packing_problem(model: nn.Module, device: torch.device | str | None = None) 
     The probe: example a (12 tokens) then example b (6 tokens) packed, against b alone; b's logits
     must agree to within 2% of their scale (bf16 rounding passes, attention leaking across the
     boundary does not). The model is put in eval mode for the probe (no dropout) and restored.
-    Autograd stays on (nothing is back-propagated): bitsandbytes' CPU kernels repack a 4-bit
-    weight in place when an eval-mode input does not require grad, which k-bit training avoids.
+    Autograd stays on (nothing is back-propagated): on some CPUs bitsandbytes repacks a 4-bit
+    weight in place at an eval-mode forward whose input does not require grad, unless the layer is
+    held (LoRA-wrapped, or :func:`lorakit.quantize.prepare_for_kbit_training`); the probe must not
+    change an unprepared model either.
     """
     config = getattr(model, "config", None)
     vocab = int(getattr(config, "vocab_size", 0) or 0)
