@@ -21,7 +21,6 @@ process makes with the whole batch; see :mod:`lorakit.train.distributed`.
 from __future__ import annotations
 
 import math
-import os
 import signal
 import sys
 import threading
@@ -99,8 +98,8 @@ class _StopOnSignal:
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self) -> None:
-        self.requested = False
+    def __init__(self, speak: bool = True) -> None:
+        self.requested, self.speak = False, speak  # speak: under torchrun every rank hears it, rank 0 says so
         self._old: dict[int, Any] = {}
 
     def __enter__(self) -> _StopOnSignal:
@@ -112,7 +111,7 @@ class _StopOnSignal:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        if os.environ.get("RANK", "0") != "0":  # torchrun: every rank hears it; rank 0 speaks
+        if not self.speak:
             return
         what = "interrupt" if signum == signal.SIGINT else "terminate signal"
         print(f"\n{what}: finishing this step and saving a checkpoint (Ctrl-C again to abort at once)", flush=True)
@@ -240,7 +239,7 @@ def fit(model: nn.Module, train_ds: TokenDataset, eval_ds: TokenDataset | None =
     rng_at_step: dict[str, Any] | None = None  # RNG at the start of the step in progress
     stopped_together = False  # torchrun: every rank left the loop at the same step (a collective save is safe)
     try:
-        with _StopOnSignal() as stop:
+        with _StopOnSignal(speak=par.is_main) as stop:
             while step < total:
                 rng_at_step = rng_state()
                 t0 = time.perf_counter()
