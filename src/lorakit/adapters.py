@@ -194,7 +194,7 @@ def mixed_batch(model: nn.Module, names: Sequence[str], *, batch_dim: int = 0) -
     route = Route(tuple(names), batch_dim, order=tuple(adapter_names(model)))
     for w in layers:
         if isinstance(w, LoraLayer):
-            w.check_stack()  # once per block: catches factors changed since a stack was built
+            w.check_stack(route.order)  # once per block: catches factors changed since a stack was built
     with routed(layers, route):
         yield model
 

@@ -120,7 +120,7 @@ class LoraLayer(nn.Module):
             warnings.warn(f"lora_bias=True on a {type(self.base_layer).__name__} without a bias: the adapter works "
                           "unmerged, but merging it will be refused (nothing to fold its bias into)", stacklevel=3)
         weight = self.base_weight()
-        device = weight.device if weight.device.type != "meta" else None
+        device = weight.device  # a base on the meta device gets meta factors, filled by a later load (as PEFT)
         if dtype is None:  # fp32 adapters on a half-precision base, as PEFT's autocast_adapter_dtype
             dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
         for attr in self.adapter_attrs:
@@ -383,15 +383,26 @@ class LoraLayer(nn.Module):
     def _stack(self, route: Route, dtype: torch.dtype) -> mixed.Stack:
         """This layer's stacked factors for ``route`` in ``dtype`` (cached; see ``lorakit.layers.mixed``)."""
         return mixed.stacked(self, route, lambda: self.stack_pairs(route),
-                             lambda: [self.scaling.get(n, 0.0) for n in route.order], dtype)
+                             lambda: [self.term_scale(n) if n in self.r else 0.0 for n in route.order], dtype,
+                             lambda: self._stack_sources(route.order))
+
+    def term_scale(self, name: str) -> float:
+        """The factor adapter ``name``'s ``B·A`` term is multiplied by: its scaling (a layer whose base
+        module scales its own output, e.g. a scaled embedding, multiplies it in too)."""
+        return self.scaling[name]
 
     def _row_blocks(self, route: Route, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row's (A, B) blocks for ``route``: (N, K, r), (N, r, M) with r padded to a multiple of 8."""
         return mixed.row_blocks(self, self._stack(route, dtype), route.slots(device))
 
-    def check_stack(self) -> None:
-        """Entering a mixed-batch block: drop a cached stack whose factors changed since it was built."""
-        mixed.check(self)
+    def _stack_sources(self, order: Sequence[str]) -> list[torch.Tensor]:
+        """The parameters a stack over ``order`` is built from, looked up now (not kept references)."""
+        return [p for n in order if n in self.r for p in self.adapter_parameters(n)]
+
+    def check_stack(self, order: Sequence[str]) -> None:
+        """Entering a mixed-batch block over adapters ``order``: drop a cached stack whose factors
+        changed since it was built — replaced, re-pointed, written in place or through ``.data``."""
+        mixed.check(self, self._stack_sources(order))
 
     def _route_flag(self, route: Route, what: str, compute) -> bool:
         """A per-layer fact about a route (e.g. "needs the loop"), computed once per block."""

@@ -20,12 +20,14 @@ A stack is rebuilt only when the adapters may have changed:
 a global epoch counter is bumped by lorakit's own operations (add, delete, load, hot swap, a new
 alpha, ``.to()``, ``load_state_dict``), by every optimizer step (a global optimizer hook), and by
 :func:`adapters_updated` — call it after changing factors in place yourself inside a block. Entering
-a block also compares each layer's factors (identity, storage, version) with those its stack was
-built from (their storage and version counters, read off the tensors it keeps), so changes made
-between blocks are always seen. Slot and rank counts are padded
-to multiples of 8, so a compiled model sees few distinct shapes as adapters come and go. Each row's
-gathered blocks (``A_stack[j_i]``, ``B_stack[j_i]``) are kept with the stack too: every decoding step
-of a block reuses them instead of gathering again.
+a block also re-validates each layer's stack against the layer's *current* adapter parameters,
+looked up through the layer (so a parameter replaced by ``load_state_dict(..., assign=True)`` on a
+factor module is seen), by identity, storage, version counter and content: a checksum
+``Σ_i t_i·p_i`` against a fixed pseudo-random probe ``p`` catches writes through ``param.data``,
+which have a version counter of their own. So changes made between blocks are always seen.
+Slot and rank counts are padded to multiples of 8, so a compiled model sees few distinct shapes as
+adapters come and go. Each row's gathered blocks (``A_stack[j_i]``, ``B_stack[j_i]``) are kept with
+the stack too: every decoding step of a block reuses them instead of gathering again.
 
 Each layer type calls the kernel that fits it (``Linear.mixed_forward`` and so on); this module
 knows nothing about the layer classes. Two strategies exist for Linear layers:
@@ -80,33 +82,65 @@ def bucket(n: int) -> int:
     return -(-n // 8) * 8
 
 
+_PROBES: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def _probe(n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A fixed pseudo-random vector of at least ``n`` entries in [1, 2) (per device and dtype, grown on demand)."""
+    probe = _PROBES.get((device, dtype))
+    if probe is None or probe.numel() < n:
+        g = torch.Generator().manual_seed(0x10AA)
+        probe = (1 + torch.rand(max(n, 1 << 16), generator=g, dtype=torch.float64)).to(device=device, dtype=dtype)
+        _PROBES[(device, dtype)] = probe
+    return probe[:n]
+
+
 def fingerprint(tensors: Sequence[torch.Tensor]) -> tuple:
-    """What a stack was built from: each factor's storage and in-place version."""
-    key = []
-    for t in tensors:
-        try:
-            version = t._version
-        except RuntimeError:  # an inference tensor has no version counter: never equal
-            version = object()
-        key.append((t.data_ptr(), version))
-    return tuple(key)
+    """What a stack was built from: each factor's identity, storage and in-place version, and a
+    content checksum of all of them (``Σ t·p`` per tensor, one comparison for the lot). The
+    checksum is what sees a write through ``param.data``, whose version counter is not the
+    parameter's; the rest sees a replaced or re-pointed parameter without reading it."""
+    key, sums = [], []
+    with torch.no_grad():
+        for t in tensors:
+            try:
+                version = t._version
+            except RuntimeError:  # an inference tensor has no version counter: never equal
+                version = object()
+            key.append((id(t), t.data_ptr(), version))
+            flat = t.detach().reshape(-1)
+            sums.append(torch.dot(flat, _probe(flat.numel(), flat.device, flat.dtype)).float()
+                        if flat.numel() and flat.is_floating_point() else flat.new_zeros((), dtype=torch.float32))
+    return tuple(key), (torch.stack(sums) if sums else None)
 
 
-def check(owner: nn.Module) -> None:
-    """At the start of a block: drop ``owner``'s stack if a factor it was built from changed since
-    (in place, or moved to other storage) — a scan of the kept tensor references, no module lookups."""
+def _same(a: tuple, b: tuple) -> bool:
+    if a[0] != b[0]:
+        return False
+    if a[1] is None or b[1] is None:
+        return a[1] is b[1]
+    return a[1].device == b[1].device and bool(torch.equal(a[1], b[1]))
+
+
+def check(owner: nn.Module, sources: Sequence[torch.Tensor]) -> None:
+    """At the start of a block: drop ``owner``'s stack unless ``sources`` — the layer's adapter
+    parameters as they are now, looked up through the layer — are those it was built from, with
+    the same storage, version and content (see :func:`fingerprint`)."""
     cached = owner.__dict__.get("_mixed_stack")
-    if cached is not None and fingerprint(cached[3]) != cached[4]:
+    if cached is not None and not _same(fingerprint(sources), cached[4]):
         del owner.__dict__["_mixed_stack"]
 
 
 def stacked(owner: nn.Module, route: Route, pairs: Callable[[], list[Factors | None]],
-            scalings: Callable[[], list[float]], dtype: torch.dtype) -> Stack:
+            scalings: Callable[[], list[float]], dtype: torch.dtype,
+            sources: Callable[[], list[torch.Tensor]]) -> Stack:
     """``owner``'s factors for ``route.order`` (``pairs()[j]`` for slot ``j + 1``, flattened to
     A (r, K), B (M, r); None where the layer lacks that adapter) stacked as in the module
     docstring, in ``dtype`` (the activations': fp32 masters are cast once per build, activations
     never). Cached on ``owner`` (see the module docstring); built in the autograd graph,
     uncached, when grad is on and a factor requires it, so a mixed batch can be differentiated.
+    ``sources()`` are the parameters the factors are computed from (a grouped convolution's dense
+    B is derived from its ``lora_B``): what :func:`check` re-validates.
     """
     key = (route.order, dtype, _EPOCH[0])
     cached = owner.__dict__.get("_mixed_stack")
@@ -139,8 +173,7 @@ def stacked(owner: nn.Module, route: Route, pairs: Callable[[], list[Factors | N
                     B[j, : p[1].shape[1]].copy_((p[1] * s).T)  # scaled in the masters' precision, then cast
     stack = Stack(A, B)
     if not grad:
-        sources = [t for p in pairs() if p is not None for t in p]  # the parameters themselves, for check()
-        owner.__dict__["_mixed_stack"] = (key, stack, {}, sources, fingerprint(sources))
+        owner.__dict__["_mixed_stack"] = (key, stack, {}, None, fingerprint(sources()))  # for check()
     return stack
 
 
