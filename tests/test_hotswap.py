@@ -231,3 +231,35 @@ def test_multihead_attention_file_written_by_peft(tmp_path):
     for k, v in peft_sd.items():
         ours_k = k.removeprefix("base_model.model.").replace(".weight", ".default.weight")
         assert torch.equal(ours_sd[ours_k], v), k
+
+
+def test_trainable_token_rows_for_other_token_ids_are_refused(tmp_path):
+    """Trained rows are stored without their ids (the ids are in the config): rows trained for tokens
+    5, 6, 7 must never land on the slot's tokens 1, 2, 3."""
+    from models import assert_unchanged, ids, llama, snapshot
+
+    model = llama()
+    lk.inject(model, lk.LoraConfig(r=2, target_modules=["q_proj"], trainable_token_indices=[1, 2, 3]))
+    other = llama()
+    lk.inject(other, lk.LoraConfig(r=2, target_modules=["q_proj"], trainable_token_indices=[5, 6, 7]))
+    lk.save_adapter(other, tmp_path / "other")
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=r"tokens .*\[5, 6, 7\].*tokens .*\[1, 2, 3\]"):
+        lk.hotswap_adapter(model, tmp_path / "other", "default")
+    assert_unchanged(model, snap)
+    sd = lk.io.peft_format.adapter_state_dict(other, "default")
+    with pytest.raises(ValueError, match="token ids cannot be checked"):
+        lk.hotswap_adapter(model, sd, "default")  # a bare state dict: no ids to check
+    assert_unchanged(model, snap)
+    # the same ids swap in, and the model then equals the source
+    same = llama()
+    lk.inject(same, lk.LoraConfig(r=2, target_modules=["q_proj"], trainable_token_indices=[1, 2, 3]))
+    with torch.no_grad():
+        same.model.embed_tokens.token_adapter.trainable_tokens_delta["default"].add_(1.0)
+        same.load_state_dict({k: v for k, v in model.state_dict().items() if "lora_" not in k and "trainable" not in k},
+                             strict=False)
+    lk.save_adapter(same, tmp_path / "same")
+    lk.hotswap_adapter(model, tmp_path / "same", "default")
+    x = ids()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, same(x).logits)

@@ -35,7 +35,7 @@ from lorakit.adapters import _check_names
 from lorakit.config import LoraConfig
 from lorakit.io.keymap import PREFIX, parse_in_memory_key
 from lorakit.io.peft_format import CONFIG_NAME, load_plan, read_config_dict, read_tensors, weights_path
-from lorakit.layers import LoraLayer, wrappers
+from lorakit.layers import LoraLayer, TrainableTokens, wrappers
 from lorakit.layers.mixed import adapters_updated
 from lorakit.state import require_state
 from lorakit.transaction import transaction
@@ -109,6 +109,32 @@ def _plan(model: nn.Module, sd: Mapping[str, torch.Tensor], name: str) -> list[t
     return pairs
 
 
+def _check_token_ids(model: nn.Module, name: str, config: LoraConfig | None) -> None:
+    """Trained token rows are stored without their token ids (the ids are in the config): the new
+    rows may be written into the slot only if they are for the same tokens.
+
+    Raises:
+        ValueError: the new config trains other token ids than the slot, or no config was given
+            for a slot that trains token rows (the ids could not be checked).
+    """
+    from lorakit.inject_tokens import token_targets
+
+    slot = {p.removesuffix(".token_adapter"): w.token_indices[name] for p, w in wrappers(model)
+            if isinstance(w, TrainableTokens) and w.source is None and name in w.token_indices}
+    if not slot:
+        return
+    if config is None or config.trainable_token_indices is None:
+        what = "no config was given" if config is None else "the new config has no trainable_token_indices"
+        raise ValueError(f"adapter {name!r} trains the rows of tokens {slot} (trainable_token_indices), but {what}, "
+                         "so the new rows' token ids cannot be checked; pass the adapter's config (config=...) or "
+                         "its directory")
+    new, _ = token_targets(model, config)
+    if new != slot:
+        raise ValueError(f"the new adapter trains the rows of tokens {new}, but slot {name!r} holds rows for tokens "
+                         f"{slot}; hot swap writes rows in place, so the token ids must be the same (load it as a "
+                         "new adapter with lorakit.load_adapter instead)")
+
+
 def hotswap_adapter(model: nn.Module, source: Source, adapter_name: str = "default",
                     config: LoraConfig | None = None) -> None:
     """Load new weights into the existing adapter ``adapter_name`` in place.
@@ -146,6 +172,7 @@ def hotswap_adapter(model: nn.Module, source: Source, adapter_name: str = "defau
     if merged:
         raise ValueError(f"adapter {adapter_name!r} is merged into {merged[:3]}; call lorakit.unmerge(model) first")
     pairs = _plan(model, sd, adapter_name)
+    _check_token_ids(model, adapter_name, config)
     targets = [(t, model.get_submodule(t)) for t in state.targets[adapter_name]]  # the modules inject adapted
     if config is not None:
         bad = [(t, w.r[adapter_name], config.rank_for(w.config_key(t))) for t, w in targets
