@@ -65,8 +65,9 @@ class Linear(LoraLayer):
         A, B = self.lora_A[name].weight, self.lora_B[name].weight
         init = cfg.init_lora_weights
         if init in ("pissa", "olora"):
-            with torch.no_grad():
-                self._init_from_weight(name, init)
+            if not self.base_weight().is_meta:  # on meta there is nothing to decompose: a later load fills both
+                with torch.no_grad():
+                    self._init_from_weight(name, init)
         else:  # init False keeps nn.Linear's own (non-zero) init: the adapter is not a no-op
             init_lora_pair(A, B, init, self.r[name], self.lora_B[name].bias)
         if cfg.use_dora:
