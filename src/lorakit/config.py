@@ -26,6 +26,11 @@ INIT_MODES = (True, False, "gaussian", "pissa", "olora")
 ALL_LINEAR = "all-linear"
 
 TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
+# PEFT's target_modules for an adapter with no module targets (token rows only), which it writes and reads
+DUMMY_TARGET_MODULES = "dummy-target-modules"
+# task types whose PEFT model class trains these heads in full (adds them to modules_to_save)
+TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
+              "QUESTION_ANS": ("qa_outputs",)}
 
 
 @dataclass
@@ -143,8 +148,8 @@ class LoraConfig:
         self.target_parameters = _check_parameter_targets(self.target_parameters)
         self.trainable_token_indices = check_token_indices(self.trainable_token_indices)
         beside = self.target_parameters is not None or self.trainable_token_indices is not None
-        if beside and self.target_modules in ([], ()):  # PEFT's way to adapt parameters / tokens only
-            self.target_modules = None
+        if beside and (self.target_modules in ([], ()) or self.target_modules == DUMMY_TARGET_MODULES):
+            self.target_modules = None  # PEFT's ways to say "parameters / token rows only"
         self.target_modules = _check_targets("target_modules", self.target_modules)
         self.exclude_modules = _check_targets("exclude_modules", self.exclude_modules)
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
@@ -213,6 +218,10 @@ class LoraConfig:
         d = dataclasses.asdict(self)
         if isinstance(d["target_modules"], list):
             d["target_modules"] = sorted(set(d["target_modules"]))
+        elif d["target_modules"] is None:  # parameters / token rows only. PEFT reads null as "this architecture's
+            # default modules" (LoRA on q/v); it writes [] beside target_parameters, and its dummy name for token
+            # rows alone, where [] is refused on load ("No target_modules passed") — what PEFT 0.21 does itself
+            d["target_modules"] = [] if self.target_parameters else DUMMY_TARGET_MODULES
         if d["exclude_modules"] is None:
             del d["exclude_modules"]  # a PEFT >= 0.14 key; left out when unset so PEFT 0.10-0.13 read the file
         for key in _NEWER_PEFT_KEYS:  # likewise: only when not PEFT's default (PEFT < 0.13 refuses unknown keys)

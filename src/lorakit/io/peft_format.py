@@ -19,7 +19,7 @@ from typing import Any, Union
 import torch
 from torch import nn
 
-from lorakit.config import ALL_LINEAR, LoraConfig
+from lorakit.config import ALL_LINEAR, TASK_HEADS, LoraConfig
 from lorakit.inject import candidate_modules
 from lorakit.io.keymap import PREFIX, alias_plan, base_plan, file_plan, saved_copy_paths
 from lorakit.layers import LoraLayer, wrappers
@@ -29,9 +29,6 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")  # PEFT's EMBEDDING_LAYER_NAMES
-# task types whose PEFT model class wraps these heads as modules_to_save on load
-TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
-              "QUESTION_ANS": ("qa_outputs",)}
 
 PathLike = Union[str, os.PathLike]
 __all__ = ["PREFIX", "CONFIG_NAME", "WEIGHTS_NAME", "adapter_state_dict", "load_plan", "effective_config",
