@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from torch import nn
 
 from lorakit.adapters import set_adapter_grads
-from lorakit.config import ALL_LINEAR, LoraConfig
+from lorakit.config import ALL_LINEAR, TASK_HEADS, LoraConfig
 from lorakit.inject_params import wrap_parameters
 from lorakit.inject_tokens import add_trainable_tokens, check_weight_tying
 from lorakit.layers import (
@@ -75,6 +75,13 @@ def _excluded(name: str, cfg: LoraConfig) -> bool:
     if ex is None:
         return False
     return re.fullmatch(ex, name) is not None if isinstance(ex, str) else _matches_list(name, ex)
+
+
+def _inside_saved(name: str, saved: list[str]) -> bool:
+    """Is module ``name``, or a module it is inside, one of ``modules_to_save``? Such a module is trained
+    in full, so LoRA never targets it (PEFT excludes it the same way, whatever ``target_modules`` says)."""
+    parts = name.split(".")
+    return any(_matches_list(".".join(parts[:i]), saved) for i in range(1, len(parts) + 1))
 
 
 def candidate_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -137,7 +144,7 @@ def find_targets(model: nn.Module, cfg: LoraConfig, strict: bool = True) -> list
             hit = re.fullmatch(spec, name) is not None
         else:
             hit = _matches_list(name, spec) and _in_layers(name, cfg)
-        if not hit or _excluded(name, cfg):
+        if not hit or _excluded(name, cfg) or _inside_saved(name, saved):
             continue
         check_quantized(name, module)
         if isinstance(module, TokensWrapper):
@@ -246,6 +253,7 @@ def inject_into(txn: Transaction, cfg: LoraConfig, adapter_name: str, *, autocas
         raise ValueError(f"adapter {adapter_name!r} already exists (adapters: {list(state.configs)}); "
                          "choose another name or delete it first")
     _check_bias_modes(state, cfg, adapter_name)
+    cfg = with_task_heads(cfg)
     targets = find_targets(model, cfg, strict=strict_targets)
     saved = _find_modules_to_save(model, cfg)
     check_weight_tying(model, cfg, targets, saved)
@@ -328,10 +336,26 @@ def _unfreeze_biases(model: nn.Module, cfg: LoraConfig, adapter_name: str) -> li
     return names
 
 
+def with_task_heads(cfg: LoraConfig) -> LoraConfig:
+    """``cfg`` with the heads its ``task_type`` trains added to ``modules_to_save``, as PEFT's model
+    classes add them (``SEQ_CLS`` / ``TOKEN_CLS``: ``classifier``, ``score``; ``QUESTION_ANS``:
+    ``qa_outputs``): a classifier trained with LoRA learns its head, and PEFT, which wraps these
+    heads when it loads such a file, finds them in it."""
+    saved = list(cfg.modules_to_save or [])
+    heads = [h for h in TASK_HEADS.get(cfg.task_type or "", ()) if h not in saved]
+    return dataclasses.replace(cfg, modules_to_save=saved + heads) if heads else cfg
+
+
 def _find_modules_to_save(model: nn.Module, cfg: LoraConfig) -> list[str]:
     if not cfg.modules_to_save:
         return []
     names = [n for n, m in candidate_modules(model) if _matches_list(n, cfg.modules_to_save)]
+    heads = TASK_HEADS.get(cfg.task_type or "", ())
+    if not names and heads:
+        raise ValueError(f"task_type={cfg.task_type!r} trains the model's head in full, as PEFT does "
+                         f"(modules_to_save gets {list(heads)}), but this {type(model).__name__} has no module named "
+                         f"so; name its head in modules_to_save, e.g. one of "
+                         f"{[n for n, _ in candidate_modules(model)][-4:]}")
     if not names:
         raise ValueError(f"modules_to_save={cfg.modules_to_save!r} matched no module. "
                          f"Module names include: {[n for n, _ in candidate_modules(model)][-8:]}")
@@ -362,13 +386,28 @@ def _guard(model: nn.Module, txn: Transaction) -> None:
         if isinstance(m, nn.TransformerEncoderLayer) and _no_fused_fast_path not in m._forward_pre_hooks.values():
             handle = m.register_forward_pre_hook(_no_fused_fast_path)
             txn.on_undo(handle.remove)
+        if isinstance(m, nn.TransformerEncoder) and _NESTED not in m.__dict__:
+            # in eval mode with a padding mask the encoder packs its input into a nested tensor, which
+            # the adapted layers' matmuls cannot take: keep it padded (the function is the same)
+            m.__dict__[_NESTED] = m.__dict__.get("use_nested_tensor")
+            m.use_nested_tensor = False
+            txn.on_undo(lambda m=m: _restore_nested(m))
         if hasattr(type(m), "save_pretrained") and "save_pretrained" not in m.__dict__:
             m.__dict__["save_pretrained"] = _refuse_save_pretrained
             txn.on_undo(lambda m=m: m.__dict__.pop("save_pretrained", None))
 
 
+_NESTED = "_lorakit_use_nested_tensor"  # an adapted nn.TransformerEncoder's own use_nested_tensor, kept
+
+
+def _restore_nested(m: nn.Module) -> None:
+    if _NESTED in m.__dict__:
+        m.use_nested_tensor = m.__dict__.pop(_NESTED)
+
+
 def _unguard(model: nn.Module) -> None:
     for m in model.modules():
+        _restore_nested(m)
         for key, hook in list(m._forward_pre_hooks.items()):
             if hook is _no_fused_fast_path:
                 del m._forward_pre_hooks[key]
