@@ -5,6 +5,10 @@
 so ΔE = scaling · (B·A)^T, shape (num_embeddings, embedding_dim). As in PEFT, A starts at zero and
 B ~ N(0, 1) (the transpose of the Linear convention), and no dropout is applied to token ids.
 
+Scaled embeddings (Gemma, Gemma 3, BART with ``scale_embedding``: the module multiplies its lookup
+by ``embed_scale``, so the base output is ``c·E0[x]``) get the LoRA term scaled by ``c`` too, as PEFT
+does: ``y = c·E0[x] + c·scaling·(A^T)[x]·B^T``, which is what the merged weight ``E0 + ΔE`` computes.
+
 DoRA (PEFT's ``DoraEmbeddingLayer``) normalises per embedding dimension d, over the vocabulary:
 
     n_d = ‖E0[:, d] + ΔE[:, d]‖        y = (m/n) ⊙ (E0[x] + s·(A^T)[x]·B^T)
@@ -66,6 +70,23 @@ class Embedding(LoraLayer):
         A, B = self.lora_embedding_A[name], self.lora_embedding_B[name]  # (r, num), (dim, r)
         return (B @ A).T * self.scaling[name]  # (num, dim)
 
+    def embed_scale(self) -> torch.Tensor | float | None:
+        """The factor the base module multiplies its lookup by (``embed_scale``: a number or a
+        one-element tensor, PEFT's rule), or None.
+
+        Raises:
+            ValueError: an ``embed_scale`` of more than one element.
+        """
+        c = getattr(self.base_layer, "embed_scale", None)
+        if isinstance(c, torch.Tensor) and c.numel() != 1:
+            raise ValueError(f"{type(self.base_layer).__name__}.embed_scale has shape {tuple(c.shape)}; a scaled "
+                             "embedding needs a scalar scale")
+        return c
+
+    def term_scale(self, name: str) -> float:
+        c = self.embed_scale()
+        return self.scaling[name] if c is None else self.scaling[name] * float(c)
+
     def _add_term(self, x: torch.Tensor, name: str, result: torch.Tensor) -> torch.Tensor:
         """``result + s·(A^T)[x]·B^T``, looked up with the base layer's own embedding options; DoRA:
         ``(m/n) ⊙ (result + s·(A^T)[x]·B^T)``."""
@@ -75,6 +96,9 @@ class Embedding(LoraLayer):
                               e.scale_grad_by_freq, e.sparse)  # (..., r), the factors' dtype
         dtype = A.dtype if self.peft_numerics else result.dtype  # an r-wide cast, never an activation's
         term = (after_a.to(dtype) @ B.T.to(dtype)) * self.scaling[name]  # (..., dim)
+        c = self.embed_scale()
+        if c is not None:  # a scaled embedding: the base output is c·E0[x]
+            term = term * (c.to(dtype) if isinstance(c, torch.Tensor) else c)
         if name not in self.lora_magnitude_vector:
             return result + term
         with torch.no_grad():
