@@ -51,6 +51,9 @@ class QuantFormat:
         """Replace the layer's stored weight by the quantization of ``w`` (fp32, (out, in))."""
         raise NotImplementedError  # pragma: no cover - every format overrides it
 
+    def check_readable(self, layer: nn.Module) -> None:
+        """Raise ValueError now if :meth:`dequantize` would (a check before a model changes)."""
+
     def compute_dtype(self, layer: nn.Module) -> torch.dtype:
         """The float dtype the layer computes in; a merged (dequantized) copy is stored in it."""
         return torch.bfloat16
@@ -96,6 +99,12 @@ class Bnb4bit(QuantFormat):
             return {}
         layer.support_avx512bf16_for_cpu = False
         return {"support_avx512bf16_for_cpu": flag}
+
+    def check_readable(self, layer: nn.Module) -> None:
+        """A CPU-repacked weight must have a verified way back (:func:`unpack`, on copies)."""
+        w, qs = self._state(layer)
+        if is_packed(qs):
+            unpack(w.data, qs, _named(layer))
 
     def describe(self, layer: nn.Module) -> str:
         w, qs = self._state(layer)
