@@ -54,7 +54,9 @@ def assert_within_absmax_rounding(w: torch.Tensor, ref: torch.Tensor) -> None:
     assert not bad.any(), f"{int(bad.sum())} of {bad.numel()} elements off, max {(w - ref).abs().max():.3g}"
 
 
-SHAPES = [(256, 64), (128, 96), (64, 128)]  # in > out (a down_proj), in > out again, in < out
+# (in, out): in > out (a down_proj); in > out again; in < out but two blocks per row (bitsandbytes'
+# inverse is wrong here too: the condition is in_features > 64, not in > out); one block per row
+SHAPES = [(256, 64), (128, 96), (128, 256), (64, 128)]
 
 
 @pytest.mark.parametrize("nested", [False, True], ids=["plain-absmax", "double-quant"])
@@ -128,6 +130,25 @@ def test_a_repacked_weight_no_inverse_reproduces_is_refused_and_left_as_it_was(m
     assert model[0] is layer and not list(wrappers(model))
     assert torch.equal(layer.weight.data, before[0]) and torch.equal(layer.weight.quant_state.absmax, before[1])
     assert layer.weight.quant_state.packing_format_for_cpu
+
+
+def test_a_layer_bitsandbytes_failed_to_repack_is_wrapped_as_it_was():
+    """in_features not a multiple of 64: bitsandbytes' repacking raises midway (after un-nesting
+    the absmax); the layer still holds its weight, and wrapped it runs eval forwards unpacked."""
+    torch.manual_seed(0)
+    q = bnb.nn.Linear4bit(96, 64, compute_dtype=torch.float32, compress_statistics=True, quant_type="nf4")
+    q.load_state_dict(nn.Linear(96, 64).state_dict())
+    q = q.to("cpu").eval()
+    if not q.support_avx512bf16_for_cpu:
+        pytest.skip("bitsandbytes does not repack on this CPU (no AVX512-BF16)")
+    w0 = bf.dequantize_4bit(q.weight.data, q.weight.quant_state).float()
+    x = torch.randn(2, 96)
+    with pytest.raises(RuntimeError), torch.no_grad():
+        q(x)
+    wrapped = lk.layers.wrap(q)
+    torch.testing.assert_close(wrapped.dequantized(), w0, rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped(x), x @ w0.T + q.bias, rtol=1e-4, atol=1e-4)
 
 
 @pytest.fixture(scope="module")
