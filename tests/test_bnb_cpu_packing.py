@@ -28,13 +28,16 @@ torch.set_num_threads(1)
 REL = 2.0 ** -8
 
 
-def repacked_layer(in_features: int, out_features: int, nested: bool, seed: int = 0):
+def repacked_layer(in_features: int, out_features: int, nested: bool, seed: int = 0, std: float | None = None):
     """``(layer, W0)``: a Linear4bit NF4 layer after one eval forward without grad — repacked by
     bitsandbytes for its CPU kernel — and the fp32 weight it dequantized to before that forward.
     On a CPU without AVX512-BF16 bitsandbytes does not repack, so its packing function is applied
-    directly (the same bytes its forward would write)."""
+    directly (the same bytes its forward would write). ``std``: normal weights instead of
+    nn.Linear's uniform ones."""
     torch.manual_seed(seed)
     lin = nn.Linear(in_features, out_features)
+    if std is not None:
+        nn.init.normal_(lin.weight, std=std)
     q = bnb.nn.Linear4bit(in_features, out_features, compute_dtype=torch.float32, compress_statistics=nested,
                           quant_type="nf4")
     q.load_state_dict(lin.state_dict())
@@ -61,11 +64,10 @@ SHAPES = [(256, 64), (128, 96), (128, 256), (64, 128)]
 
 @pytest.mark.parametrize("nested", [False, True], ids=["plain-absmax", "double-quant"])
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"{i}to{o}" for i, o in SHAPES])
-def test_a_repacked_weight_is_read_back_as_it_was_and_keeps_its_storage(shape, nested):
+def test_a_repacked_weight_is_read_back_as_it_was(shape, nested):
     layer, w0 = repacked_layer(*shape, nested)
     wrapped = lk.layers.wrap(layer)
-    qs = layer.weight.quant_state
-    assert not getattr(qs, "packing_format_for_cpu", False) and qs.nested == nested  # standard layout, as loaded
+    assert not getattr(layer.weight.quant_state, "packing_format_for_cpu", False)  # the standard layout
     assert_within_absmax_rounding(wrapped.dequantized(), w0)
     x = torch.randn(3, shape[0])
     with torch.no_grad():  # the wrapped layer computes with that weight (repacking stays off)
@@ -95,6 +97,15 @@ def test_merges_after_a_repacking_are_the_original_weight_plus_delta(nested):
     got = wrapped.dequantized()
     # a code may flip where W0 + ΔW sits on a boundary (W is read back to 2⁻⁹ of itself): allow 2%
     assert (got - expected).norm() / expected.norm() < 0.02
+
+
+def test_a_double_quantized_absmax_bitsandbytes_cannot_reproduce_is_read_exactly():
+    """Normal weights: re-quantizing the absmax on the way back does not land on the bf16 values the
+    kernel used, so the exact inverse (an fp32 absmax, no longer double-quantized) is taken."""
+    layer, w0 = repacked_layer(256, 64, nested=True, std=0.02)
+    wrapped = lk.layers.wrap(layer)
+    assert not layer.weight.quant_state.nested and layer.weight.quant_state.absmax.dtype == torch.float32
+    assert_within_absmax_rounding(wrapped.dequantized(), w0)
 
 
 def test_a_wrong_bitsandbytes_inverse_is_caught_and_the_exact_one_used(monkeypatch):

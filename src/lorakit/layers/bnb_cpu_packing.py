@@ -20,10 +20,12 @@ absmax (measured on a tiny Llama's (64, 128) down_proj: 21% off in Frobenius nor
 
 :func:`unpack` therefore trusts no inverse unverified: a candidate is accepted only if bitsandbytes'
 own packing maps it back to exactly the bytes the kernel uses (codes and bf16 absmax), so it
-dequantizes to the weight the packed layer computes with (up to re-quantizing a double-quantized
-absmax, whose result is checked the same way). It tries bitsandbytes' inverse first (it keeps a
-double-quantized absmax compressed), then :func:`exact_inverse` (an fp32 absmax holding the bf16
-values exactly), and refuses when neither reproduces the bytes.
+dequantizes to exactly the weight the packed layer computes with. It tries bitsandbytes' inverse
+first (it keeps a double-quantized absmax compressed, but reproduces the bytes only when
+re-quantizing the absmax lands on the same bf16 values: measured, 110,468 of the 704,512 absmaxes
+of a random 4096×11008 weight do not, up to 0.8% off), then :func:`exact_inverse` (an fp32 absmax
+holding the bf16 values exactly: 4 bytes per 64 weights instead of about 1, +9% of such a layer's
+4-bit storage), and refuses when neither reproduces the bytes.
 
 A related bitsandbytes 0.50 limit, not a silent one: the repacking fails (a ``RuntimeError``) when
 ``in_features`` is not a multiple of 64 — after un-nesting a double-quantized absmax, which stays a
