@@ -17,12 +17,14 @@ VOCAB = 96
 KINDS = ("nf4", "int8", "torchao")  # the three supported formats
 
 
-def write_base(directory: str) -> str:
+def write_base(directory: str, bias: bool = False) -> str:
+    """The tiny random Llama, saved in ``directory``; ``bias``: every projection has a bias."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64, tie_word_embeddings=False)
+                      num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64, tie_word_embeddings=False,
+                      attention_bias=bias, mlp_bias=bias)
     LlamaForCausalLM(cfg).save_pretrained(directory)
     return directory
 
@@ -37,9 +39,11 @@ def hold(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def load_bnb(directory: str, kind: str, dtype: torch.dtype | None = None):
-    """The base in ``directory`` quantized by bitsandbytes: ``nf4`` / ``fp4`` (double quant, bf16
-    compute) or ``int8``. ``dtype``: of the non-quantized parameters (default fp32)."""
+def load_bnb(directory: str, kind: str, dtype: torch.dtype | None = None, *, held: bool = True,
+             double_quant: bool = True):
+    """The base in ``directory`` quantized by bitsandbytes: ``nf4`` / ``fp4`` (double quant unless
+    ``double_quant=False``, bf16 compute) or ``int8``. ``dtype``: of the non-quantized parameters
+    (default fp32). ``held=False``: as transformers loads it, bitsandbytes' CPU repacking on."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -50,9 +54,9 @@ def load_bnb(directory: str, kind: str, dtype: torch.dtype | None = None):
     kwargs = {"dtype": dtype} if dtype is not None else {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = AutoModelForCausalLM.from_pretrained(directory, quantization_config=bnb_config(kind),
-                                                     device_map="cpu", **kwargs)
-    return hold(model.eval())
+        config = bnb_config(kind, double_quant=double_quant)
+        model = AutoModelForCausalLM.from_pretrained(directory, quantization_config=config, device_map="cpu", **kwargs)
+    return hold(model.eval()) if held else model.eval()
 
 
 _NF4_BASE = {}

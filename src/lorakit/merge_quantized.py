@@ -1,15 +1,20 @@
 """Model-level merging for quantized bases (used by ``lorakit.merge``; see layers/quantized.py).
 
 ``merge_and_unload`` / ``save_merged`` of a model with quantized adapted layers do not re-quantize:
-each such layer becomes a plain ``nn.Linear`` holding ``deq(W) + ΔW`` (summed in fp32, one layer
-at a time, so no fp32 copy of the whole model exists), stored in the compute dtype (bf16 for the
-usual QLoRA load); the model's other floating parameters (norms and head upcast for k-bit
-training, embeddings) are cast to the same dtype and a Hugging Face model loses its quantization
-config, so ``save_pretrained`` writes an ordinary model of the base architecture.
+each such layer becomes a plain ``nn.Linear`` holding ``deq(W) + ΔW`` and ``b + scaling·b_lora``
+(summed in fp32, one layer at a time, so no fp32 copy of the whole model exists), stored in the
+compute dtype (bf16 for the usual QLoRA load); the model's other floating parameters (norms and
+head upcast for k-bit training, embeddings) are cast to the same dtype and a Hugging Face model
+loses its quantization config, so ``save_pretrained`` writes an ordinary model of the base
+architecture.
+
+The replacement is split for an all-or-nothing ``merge_and_unload``: :func:`plan_dequantize`
+checks every refusal and changes nothing; :func:`apply_dequantize` carries the plan out.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Sequence
 
@@ -17,7 +22,7 @@ import torch
 from torch import nn
 
 from lorakit.layers import LoraLayer, ModulesToSave, unsupported_quantization, wrappers
-from lorakit.layers.quant_formats import quant_format
+from lorakit.layers.quant_formats import QuantFormat, quant_format
 from lorakit.layers.quantized import QuantizedLinear, plain_linear, unmerge_refusal
 from lorakit.transaction import set_submodule
 
@@ -50,43 +55,84 @@ def refuse_inexact_unmerge(model: nn.Module) -> None:
             raise ValueError(unmerge_refusal(layer, path))
 
 
-def dequantizing_merge(model: nn.Module, names: Sequence[str], safe_merge: bool,
-                       dtype: torch.dtype | None) -> torch.dtype | None:
-    """Replace every quantized adapted layer by its dequantized merge (:meth:`QuantizedLinear.merged_linear`),
-    and every quantized layer no adapter touches by its dequantized copy: the result holds no
-    quantized weight, so it can be saved as a plain model.
+@dataclasses.dataclass
+class DequantizePlan:
+    """What :func:`apply_dequantize` will do, all checked: replace ``adapted`` (quantized LoRA
+    layers, by :meth:`QuantizedLinear.merged_linear` of ``names``) and ``bare`` (quantized layers
+    no adapter holds, by their dequantized copy) with plain ``nn.Linear`` layers in ``dtype``."""
+
+    dtype: torch.dtype | None
+    names: list[str]
+    adapted: list[tuple[str, QuantizedLinear]]
+    bare: list[tuple[str, nn.Module, QuantFormat]]
+
+
+def plan_dequantize(model: nn.Module, names: Sequence[str], safe_merge: bool,
+                    dtype: torch.dtype | None) -> DequantizePlan:
+    """Check everything the dequantizing merge and the merge after it would refuse, before any layer
+    is replaced; changes nothing.
+
+    Checked for every adapted layer, quantized or not, and each adapter of ``names`` not merged
+    into it yet: ``merge_refusal`` (a ``lora_bias`` without a base bias, a grouped convolution...)
+    and, with ``safe_merge``, finite merged weights; for every quantized layer: that its weight can
+    be read (a bitsandbytes CPU-repacked weight whose way back does not verify is refused).
 
     Args:
         names: the adapters to merge (already validated).
-        safe_merge: first check every adapted layer (quantized or not) for non-finite merged weights.
         dtype: the dequantized layers' dtype; default: the first quantized layer's compute dtype.
+
+    Raises:
+        ValueError: a refused merge, a non-finite merged weight, or an unreadable quantized weight;
+            the message ends "No weight was changed." (nothing was).
+    """
+    names = list(names)
+    adapted = quantized_layers(model)
+    bare = [(n, m, quant_format(m)) for n, m in bare_quantized(model)]
+    for path, layer in wrappers(model):
+        if not isinstance(layer, LoraLayer):
+            continue
+        for name in names:
+            if name not in layer.r or name in layer.merged_adapters:
+                continue
+            refusal = layer.merge_refusal(name)
+            if refusal is not None:
+                raise ValueError(f"{refusal} ({path!r}). No weight was changed.")
+            if safe_merge and not layer.merged_weight_is_finite(name):
+                raise ValueError(f"merging adapter {name!r} gives non-finite weights in {path!r}; the adapter is "
+                                 "broken. No weight was changed.")
+    for path, module, fmt in bare:
+        try:
+            fmt.check_readable(module)
+        except ValueError as e:
+            raise ValueError(f"{path!r}: {e}. No weight was changed.") from None
+    if (adapted or bare) and dtype is None:
+        base, fmt = (adapted[0][1].base_layer, adapted[0][1].quant) if adapted else (bare[0][1], bare[0][2])
+        dtype = fmt.compute_dtype(base)
+    return DequantizePlan(dtype if adapted or bare else None, names, adapted, bare)
+
+
+def apply_dequantize(model: nn.Module, plan: DequantizePlan) -> torch.dtype | None:
+    """Carry out a checked :class:`DequantizePlan`, one layer at a time (so no fp32 copy of the
+    whole model exists): the result holds no quantized weight, so it can be saved as a plain model.
 
     Returns:
         The dtype used, or ``None`` if the model has no quantized layer lorakit knows (nothing changed).
+    """
+    for path, layer in plan.adapted:
+        set_submodule(model, path, layer.merged_linear(plan.names, plan.dtype))
+    for path, module, fmt in plan.bare:
+        set_submodule(model, path, plain_linear(module, fmt.dequantize(module), plan.dtype))
+    return plan.dtype
+
+
+def dequantizing_merge(model: nn.Module, names: Sequence[str], safe_merge: bool,
+                       dtype: torch.dtype | None) -> torch.dtype | None:
+    """:func:`plan_dequantize` then :func:`apply_dequantize`: every check before any replacement.
 
     Raises:
-        ValueError: (safe_merge) a merged weight would be non-finite; nothing was changed.
+        ValueError: see :func:`plan_dequantize`; nothing was changed.
     """
-    layers = quantized_layers(model)
-    bare = [(n, m, quant_format(m)) for n, m in bare_quantized(model)]
-    if not layers and not bare:
-        return None
-    if dtype is None:
-        base, fmt = (layers[0][1].base_layer, layers[0][1].quant) if layers else (bare[0][1], bare[0][2])
-        dtype = fmt.compute_dtype(base)
-    if safe_merge:
-        for path, layer in wrappers(model):
-            if not isinstance(layer, LoraLayer):
-                continue
-            for name in names:
-                if name in layer.r and name not in layer.merged_adapters and not layer.merged_weight_is_finite(name):
-                    raise ValueError(f"merging adapter {name!r} gives non-finite weights in {path!r}; the adapter is "
-                                     "broken. No weight was changed.")
-    for path, layer in layers:
-        set_submodule(model, path, layer.merged_linear(names, dtype))
-    for path, module, fmt in bare:
-        set_submodule(model, path, plain_linear(module, fmt.dequantize(module), dtype))
-    return dtype
+    return apply_dequantize(model, plan_dequantize(model, names, safe_merge, dtype))
 
 
 def finish_dequantized(model: nn.Module, dtype: torch.dtype) -> nn.Module:

@@ -196,7 +196,7 @@ class LoraLayer(nn.Module):
             refusal = self.merge_refusal(name)
             if refusal is not None:
                 raise ValueError(refusal)
-            weight = self.base_weight()
+            weight = self.merge_source()
             with torch.no_grad():
                 new = self._merged_weight(weight, name)
                 bias = self._merged_bias(name, +1)
@@ -204,10 +204,20 @@ class LoraLayer(nn.Module):
                     self.merge_cache.pop(name)
                     raise ValueError(f"merging adapter {name!r} into {type(self.base_layer).__name__} gives non-finite "
                                      "weights; the adapter is broken. The base weights were left unchanged.")
-                weight.copy_(new)
+                self.store_merged(new)
                 if bias is not None:
                     self.base_layer.bias.copy_(bias)
             self.merged_adapters.append(name)
+
+    def merge_source(self) -> torch.Tensor:
+        """The weight merging reads and adds ΔW to: the base weight itself (a quantized layer: its
+        dequantization, a float copy)."""
+        return self.base_weight()
+
+    def store_merged(self, weight: torch.Tensor) -> None:
+        """Write a merged weight (``_merged_weight`` of ``merge_source``) into the base layer: in
+        place (a quantized layer re-quantizes it)."""
+        self.base_weight().copy_(weight)
 
     def merge_refusal(self, name: str) -> str | None:
         """Why adapter ``name`` cannot be merged into this layer's weights (None: it can). Callers
@@ -223,19 +233,20 @@ class LoraLayer(nn.Module):
         bias = getattr(holder[name], "bias", None) if holder is not None and name in holder else None
         return None if bias is None else bias * self.scaling[name]
 
-    def _merged_bias(self, name: str, sign: int) -> torch.Tensor | None:
-        """The base bias ± ``scaling·b`` (summed in at least fp32, in the bias's dtype), or None."""
+    def _merged_bias(self, name: str, sign: int, bias: torch.Tensor | None = None) -> torch.Tensor | None:
+        """``bias`` (default: the base layer's) ± ``scaling·b`` (summed in at least fp32, in the
+        bias's dtype), or None when adapter ``name`` has no ``lora_bias``."""
         delta = self.bias_delta(name)
         if delta is None:
             return None
-        bias = self.base_layer.bias
+        bias = self.base_layer.bias if bias is None else bias
         acc = torch.promote_types(bias.dtype, torch.float32)
         return (bias.to(acc) + sign * delta.detach().to(acc)).to(bias.dtype)
 
     def merged_weight_is_finite(self, name: str) -> bool:
         """Would merging ``name`` keep the base weight (and bias) finite? Changes nothing."""
         with torch.no_grad():
-            ok = bool(torch.isfinite(self._merged_weight(self.base_weight(), name)).all())
+            ok = bool(torch.isfinite(self._merged_weight(self.merge_source(), name)).all())
             bias = self._merged_bias(name, +1) if self.merge_refusal(name) is None else None
             ok = ok and (bias is None or bool(torch.isfinite(bias).all()))
         self.merge_cache.pop(name)
@@ -255,7 +266,7 @@ class LoraLayer(nn.Module):
     def unmerged_base_weight(self) -> torch.Tensor:
         """W0: the base weight with every merged adapter taken out (a copy, fp32 or wider), the
         weight the unmerged forward computes with."""
-        weight = self.base_weight().detach()
+        weight = self.merge_source().detach()
         w = weight.to(torch.promote_types(weight.dtype, torch.float32))
         for name in reversed(self.merged_adapters):
             w = self._unmerged_weight(w, name, keep_cache=True)

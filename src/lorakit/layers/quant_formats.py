@@ -17,12 +17,13 @@ and refused with a message naming the module, its type and what is supported.
 
 from __future__ import annotations
 
-import copy
 import re
 from typing import Any
 
 import torch
 from torch import nn
+
+from lorakit.layers.bnb_cpu_packing import is_packed, unpack
 
 SUPPORTED = ("bitsandbytes Linear4bit (nf4/fp4, with or without double quantization), bitsandbytes "
              "Linear8bitLt, and nn.Linear with a torchao NF4Tensor weight")
@@ -49,6 +50,9 @@ class QuantFormat:
     def requantize(self, layer: nn.Module, w: torch.Tensor) -> None:
         """Replace the layer's stored weight by the quantization of ``w`` (fp32, (out, in))."""
         raise NotImplementedError  # pragma: no cover - every format overrides it
+
+    def check_readable(self, layer: nn.Module) -> None:
+        """Raise ValueError now if :meth:`dequantize` would (a check before a model changes)."""
 
     def compute_dtype(self, layer: nn.Module) -> torch.dtype:
         """The float dtype the layer computes in; a merged (dequantized) copy is stored in it."""
@@ -78,18 +82,29 @@ class Bnb4bit(QuantFormat):
         on AVX512-BF16 machines (absmax rounded to bf16; undone, with the double-quantized absmax
         re-quantized, at every ``state_dict()``; and failing when in_features is not a multiple of 64). While
         wrapped, that repacking is off: the bytes stay those loaded, deq(W) is what the forward
-        uses, and merges are exact references. A weight repacked before wrapping is unpacked
-        first, as bitsandbytes' own ``state_dict`` does."""
-        import bitsandbytes.functional as bf
+        uses, and merges are exact references. A weight repacked before wrapping is first brought
+        back to the standard layout by :func:`lorakit.layers.bnb_cpu_packing.unpack`, which checks
+        the way back (bitsandbytes' own inverse is wrong for a plain absmax and in_features > 64).
 
+        Raises:
+            ValueError: a repacked weight that no inverse reproduces; the layer is left as it was.
+        """
         w, qs = self._state(layer)
-        if getattr(qs, "packing_format_for_cpu", False):
-            w.data, w.quant_state = bf._convert_weight_packed_for_cpu_inverse(w.data, qs)
+        if is_packed(qs):
+            w.data, w.quant_state = unpack(w.data, qs, _named(layer))
+            if getattr(layer, "quant_state", None) is not None:
+                layer.quant_state = w.quant_state
         flag = getattr(layer, "support_avx512bf16_for_cpu", None)
         if not flag:
             return {}
         layer.support_avx512bf16_for_cpu = False
         return {"support_avx512bf16_for_cpu": flag}
+
+    def check_readable(self, layer: nn.Module) -> None:
+        """A CPU-repacked weight must have a verified way back (:func:`unpack`, on copies)."""
+        w, qs = self._state(layer)
+        if is_packed(qs):
+            unpack(w.data, qs, _named(layer))
 
     def describe(self, layer: nn.Module) -> str:
         w, qs = self._state(layer)
@@ -98,20 +113,24 @@ class Bnb4bit(QuantFormat):
 
     def dequantize(self, layer: nn.Module) -> torch.Tensor:
         """``bitsandbytes.functional.dequantize_4bit`` (a weight in bitsandbytes' CPU-packed
-        layout, see :meth:`hold`, is unpacked first on copies: the layer is left as it is)."""
+        layout, see :meth:`hold`, is unpacked first, verified, on copies: the layer is left as it is).
+
+        Raises:
+            ValueError: a repacked weight that no inverse reproduces (see :meth:`hold`).
+        """
         import bitsandbytes.functional as bf
 
         w, qs = self._state(layer)
         data = w.data
-        if getattr(qs, "packing_format_for_cpu", False):
-            data, qs = bf._convert_weight_packed_for_cpu_inverse(data.clone(), copy.deepcopy(qs))
+        if is_packed(qs):
+            data, qs = unpack(data, qs, _named(layer))
         return bf.dequantize_4bit(data, qs).to(torch.float32)  # (out, in)
 
     def requantize(self, layer: nn.Module, w: torch.Tensor) -> None:
         import bitsandbytes as bnb
 
         old, qs = self._state(layer)
-        dtype = getattr(qs, "original_dtype", None) if getattr(qs, "packing_format_for_cpu", False) else qs.dtype
+        dtype = getattr(qs, "original_dtype", None) if is_packed(qs) else qs.dtype
         new = bnb.nn.Params4bit(w.to(dtype or torch.float32).contiguous(), requires_grad=False,
                                 blocksize=old.blocksize, compress_statistics=old.compress_statistics,
                                 quant_type=old.quant_type, quant_storage=old.quant_storage, module=layer)
@@ -199,6 +218,10 @@ class TorchaoNF4(QuantFormat):
     def storage(self, layer: nn.Module) -> list[torch.Tensor]:
         w = layer.weight
         return [getattr(w, k) for k in w.__tensor_flatten__()[0]]
+
+
+def _named(layer: nn.Module) -> str:
+    return f"{type(layer).__name__}({getattr(layer, 'in_features', '?')}, {getattr(layer, 'out_features', '?')})"
 
 
 def _weight(module: nn.Module):

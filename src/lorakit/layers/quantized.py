@@ -11,14 +11,17 @@ computed in bf16, and with fp32 activations (norms upcast for k-bit training) in
 cases the dtype the activation already has, so no activation copy is made. Dropout, rsLoRA,
 rank/alpha patterns, DoRA, several adapters, mixed batches and hot swap are the Linear wrapper's.
 
-Merging is lossy, and says so:
+Merging is LoraLayer's merge (its refusals, ``W + ΔW`` with DoRA, ``b + scaling·b_lora`` for a
+``lora_bias``, ``safe_merge``); this layer only reads W as a float tensor (``merge_source``: deq(W))
+and writes one back (``store_merged``: re-quantize). It is lossy, and says so:
 
-* in place (``lorakit.merge``): ``W ← Q(deq(W) + ΔW)`` — dequantize, add ΔW in fp32, re-quantize.
-  The rounding error ``Q(W + ΔW) − (W + ΔW)`` is measured and reported (40–64% of ‖ΔW‖ for the
-  adapters of the tiny 4-bit test runs); ``unmerge`` is refused, since ``Q(W + ΔW) − ΔW`` is not W.
+* in place (``lorakit.merge``): ``W ← Q(deq(W) + ΔW)`` — dequantize, add ΔW in fp32, re-quantize;
+  the bias (not quantized) gets ``scaling·b_lora`` exactly. The rounding error
+  ``Q(W + ΔW) − (W + ΔW)`` is measured and reported (40–64% of ‖ΔW‖ for the adapters of the tiny
+  4-bit test runs); ``unmerge`` is refused, since ``Q(W + ΔW) − ΔW`` is not W.
 * ``merged_linear`` (used by ``merge_and_unload`` / ``save_merged``): a plain ``nn.Linear`` in
-  the compute dtype holding ``deq(W) + ΔW`` summed in fp32 — exactly the function the adapted
-  layer computes, up to that dtype's rounding.
+  the compute dtype holding ``deq(W) + ΔW`` and ``b + scaling·b_lora`` summed in fp32 — exactly
+  the function the adapted layer computes, up to that dtype's rounding.
 """
 
 from __future__ import annotations
@@ -80,45 +83,39 @@ class QuantizedLinear(Linear):
     def _weight_out_in(self) -> torch.Tensor:
         return self.dequantized()  # DoRA's row norms need W itself
 
-    def unmerged_base_weight(self) -> torch.Tensor:
-        w = self.dequantized()
-        for name in reversed(self.merged_adapters):  # approximate: merged ones were re-quantized
-            w = self._unmerged_weight(w, name, keep_cache=True)
-        return w
+    def merge_source(self) -> torch.Tensor:
+        """What LoraLayer's merging reads and adds ΔW to: deq(W), fp32 (out, in)."""
+        return self.dequantized()
 
-    def merged_weight_is_finite(self, name: str) -> bool:
-        with torch.no_grad():
-            ok = bool(torch.isfinite(self._merged_weight(self.dequantized(), name)).all())
-        self.merge_cache.pop(name)
-        return ok
+    def store_merged(self, weight: torch.Tensor) -> None:
+        """``W ← Q(weight)``: re-quantize, and measure the rounding error ``Q(weight) − weight``
+        against the change ``weight − deq(W)`` (kept for :meth:`merge` to report)."""
+        before = self.dequantized()  # (out, in) fp32
+        self.quant.requantize(self.base_layer, weight)
+        error = self.dequantized() - weight  # (out, in)
+        delta = weight - before
+        self._last_rounding = {"max_abs_error": float(error.abs().max()),
+                               "error_over_delta": float(error.norm() / delta.norm().clamp_min(1e-30)),
+                               "max_abs_delta": float(delta.abs().max())}
 
     # ------------------------------------------------------------------ merging
     def merge(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
-        """``W ← Q(deq(W) + ΔW)`` per adapter, ΔW added in fp32; the rounding error is measured
-        (``rounding_errors``) and reported (see :func:`requantization_report`).
+        """LoraLayer's merge, one adapter at a time — its refusals, ``W + ΔW`` (DoRA included)
+        and ``b + scaling·b_lora`` summed in fp32, its ``safe_merge`` check — on deq(W), written
+        back re-quantized (:meth:`store_merged`): ``W ← Q(deq(W) + ΔW)``. The rounding error is
+        kept per adapter (``rounding_errors``) and reported (see :func:`requantization_report`).
 
         Raises:
-            ValueError: with ``safe_merge``, if the merged weight would hold NaN or inf.
+            ValueError: a refused merge (``merge_refusal``), or with ``safe_merge`` a merged
+                weight or bias holding NaN or inf; this layer's weights are then unchanged.
         """
         names = self.active_adapters if adapter_names is None else adapter_names
         for name in names:
-            if name not in self.r or name in self.merged_adapters:
-                continue
-            with torch.no_grad():
-                w = self.dequantized()  # (out, in) fp32
-                new = self._merged_weight(w, name)
-                if safe_merge and not torch.isfinite(new).all():
-                    self.merge_cache.pop(name)
-                    raise ValueError(f"merging adapter {name!r} into {type(self.base_layer).__name__} gives "
-                                     "non-finite weights; the adapter is broken. The base weights were left unchanged.")
-                self.quant.requantize(self.base_layer, new)
-                error = self.dequantized() - new  # (out, in)
-                delta = new - w
-            self.rounding_errors[name] = {"max_abs_error": float(error.abs().max()),
-                                          "error_over_delta": float(error.norm() / delta.norm().clamp_min(1e-30)),
-                                          "max_abs_delta": float(delta.abs().max())}
-            self.merged_adapters.append(name)
-            _record(self, name)
+            done = len(self.merged_adapters)
+            super().merge([name], safe_merge)
+            if len(self.merged_adapters) > done:  # merged now (the base skips unknown and merged names)
+                self.rounding_errors[name] = self.__dict__.pop("_last_rounding")
+                _record(self, name)
 
     def unmerge(self) -> None:
         """Refused: a merge re-quantized W, so ``Q(W + ΔW) − ΔW`` is not W.
@@ -130,23 +127,41 @@ class QuantizedLinear(Linear):
             raise ValueError(unmerge_refusal(self))
 
     def merged_linear(self, adapter_names: Sequence[str], dtype: torch.dtype) -> nn.Linear:
-        """A plain ``nn.Linear`` (in ``dtype``, frozen) computing ``deq(W) + Σ ΔW`` over the
-        adapters in ``adapter_names`` not merged yet, summed in fp32: the dequantized merge."""
+        """A plain ``nn.Linear`` (in ``dtype``, frozen) holding the dequantized merge of the
+        adapters in ``adapter_names`` not merged yet: weight ``deq(W) + Σ ΔW`` and bias
+        ``b + Σ scaling·b_lora``, each summed in fp32 by LoraLayer's ``_merged_weight`` /
+        ``_merged_bias`` — the merge of :meth:`merge`, written to a new float layer instead of
+        re-quantized. Changes nothing here.
+
+        Raises:
+            ValueError: a refused merge (``merge_refusal``: a ``lora_bias`` without a base bias).
+        """
+        bias = getattr(self.base_layer, "bias", None)
         with torch.no_grad():
-            w = self.dequantized()  # (out, in) fp32
+            w = self.merge_source()  # (out, in) fp32
+            b = None if bias is None else bias.detach().to(torch.promote_types(bias.dtype, torch.float32))  # (out,)
             for name in adapter_names:
-                if name in self.r and name not in self.merged_adapters:
-                    w = self._merged_weight(w, name)
-                    self.merge_cache.pop(name)
-        return plain_linear(self.base_layer, w, dtype)
+                if name not in self.r or name in self.merged_adapters:
+                    continue
+                refusal = self.merge_refusal(name)
+                if refusal is not None:
+                    raise ValueError(refusal)
+                w = self._merged_weight(w, name)
+                self.merge_cache.pop(name)
+                merged_b = self._merged_bias(name, +1, b)
+                b = b if merged_b is None else merged_b
+        return plain_linear(self.base_layer, w, dtype, bias=b)
 
     def extra_repr(self) -> str:
         return f"{self.quant.describe(self.base_layer)}, {super().extra_repr()}"
 
 
-def plain_linear(base: nn.Module, w: torch.Tensor, dtype: torch.dtype) -> nn.Linear:
-    """A frozen ``nn.Linear`` in ``dtype`` with weight ``w`` (out, in) and ``base``'s bias and mode."""
-    bias = getattr(base, "bias", None)
+def plain_linear(base: nn.Module, w: torch.Tensor, dtype: torch.dtype,
+                 bias: torch.Tensor | None = None) -> nn.Linear:
+    """A frozen ``nn.Linear`` in ``dtype`` with weight ``w`` (out, in), ``base``'s mode and
+    ``bias`` (default: ``base``'s)."""
+    if bias is None:
+        bias = getattr(base, "bias", None)
     with torch.no_grad():
         out = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device=w.device, dtype=dtype)
         out.weight = nn.Parameter(w.to(dtype), requires_grad=False)
