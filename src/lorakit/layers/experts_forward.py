@@ -76,18 +76,24 @@ class Term:
             A, B = self._get(dtype)
             E = self.experts
             At = A.view(E, -1, A.shape[-1]).transpose(1, 2)  # (E, in, r)
-            Bt = B.view(B.shape[0], -1, E).permute(2, 1, 0).contiguous()  # (E, r, out)
-            self._cache[key] = (At, Bt)
+            self._cache[key] = (At, _b_rows(B, E).permute(1, 0, 2))  # (E, r, out)
         return self._cache[key]
 
     def per_expert(self, dtype: torch.dtype) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
-        """``(A_e (r, in) for each e, B_e (out, r) for each e)``, views from one ``unbind`` each."""
+        """``(A_e (r, in) for each e, B_eᵀ (r, out) for each e)``, views from one ``unbind`` each."""
         key = ("loop", dtype)
         if key not in self._cache:
             A, B = self._get(dtype)
             E = self.experts
-            self._cache[key] = (A.view(E, -1, A.shape[-1]).unbind(0), B.view(B.shape[0], -1, E).unbind(2))
+            self._cache[key] = (A.view(E, -1, A.shape[-1]).unbind(0), _b_rows(B, E).unbind(1))
         return self._cache[key]
+
+
+def _b_rows(B: torch.Tensor, experts: int) -> torch.Tensor:
+    """Bᵀ with its rows grouped: (r, E, out), ``[k, e] = B[:, k·E + e]``. One blocked 2-D transpose
+    (a copy of B's size), so each expert's block (r, out) is row-major with rows E·out apart —
+    instead of gathering B's columns k·E + e with a stride of E elements."""
+    return B.t().contiguous().view(-1, experts, B.shape[0])  # (r, E, out)
 
 
 @dataclass
@@ -202,12 +208,12 @@ def eager_forward(module: nn.Module, hidden: torch.Tensor, top_k_index: torch.Te
             dtype = t.input_dtype(h)
             As, Bs = t.per_expert(dtype)
             if t.rows is None:
-                z = F.linear(F.linear(h.to(dtype), As[e]), Bs[e])  # (n, r) -> (n, out)
+                z = F.linear(h.to(dtype), As[e]) @ Bs[e]  # (n, r) -> (n, out)
                 y = y.add_(z.to(y.dtype), alpha=t.scaling)
                 continue
             sel = t.rows[tokens].nonzero().squeeze(1)
             if sel.numel():
-                z = F.linear(F.linear(h[sel].to(dtype), As[e]), Bs[e])
+                z = F.linear(h[sel].to(dtype), As[e]) @ Bs[e]
                 y = y.index_add(0, sel, z.to(y.dtype), alpha=t.scaling)
         return y
 
