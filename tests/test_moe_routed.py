@@ -202,3 +202,18 @@ def test_grouped_mm_and_its_segment_loop_agree():
         torch.testing.assert_close(gx, rx)
         torch.testing.assert_close(gw, rw)
         assert gw[1].abs().max() == 0
+
+
+def test_peft_numerics_computes_the_term_from_an_fp32_input():
+    """``peft_numerics``: the routed activations are cast to the fp32 factors (the Linear layers'
+    PEFT numerics) instead of the factors to bf16: another rounding, the same function."""
+    module = experts("qwen3_moe", "grouped_mm", torch.bfloat16)
+    model = adapt(module, ["gate_up_proj", "down_proj"])
+    x, index, weights = routing(8, torch.bfloat16)
+    with torch.no_grad():
+        ref, _ = reference(model, x.float(), index, weights.float(), torch.float32)
+        bf16 = model(x, index, weights)
+        for w in wrappers(model).values():
+            w.peft_numerics = True
+        cast = model(x, index, weights)
+    assert cast.dtype == torch.bfloat16 and rel(cast, ref) < 2e-2 and not torch.equal(cast, bf16)
