@@ -16,7 +16,8 @@ Measured, per experts implementation (``--impls``: the model's ``grouped_mm`` de
 - peak tensor bytes of one step (AdamW state created in it): the high-water mark of CPU tensor bytes
   allocated during the step (torch.profiler memory events; ``benchmarks/bench_train.peak_tensor_mb``);
   ``extra`` = an adapted step's peak minus the base step's, compared with PEFT's extra and with the fp32
-  bytes of the adapted expert weights; the largest single allocation of the step (vs one expert stack);
+  bytes of the adapted expert weights; the same for forward + backward alone (no optimizer: the
+  LoRA computation's own cost); the largest single allocation of the step (vs one expert stack);
 - step time: ``--steps`` steps per model, the three models interleaved step by step, wall-clock and
   process CPU time, min and median (reported as ratios to the base step taken side by side: the
   machine is shared, so single steps vary by 2-3x; the min is the least disturbed step);
@@ -165,7 +166,10 @@ def measure(base, impl: str, ids, steps: int) -> dict:
     copy_factors(models["peft"][1], models["lorakit"][1])
     for kind, (model, params) in models.items():
         loss, peak = peak_tensor_mb(step_fn(model, params, ids))  # AdamW state created in this step
-        runs[kind] = {"loss": loss, "peak_step_tensor_mb": peak,
+        _, fwd_bwd = peak_tensor_mb(lambda m=model: m(input_ids=ids, labels=ids).loss.backward())
+        for p in params.values():
+            p.grad = None
+        runs[kind] = {"loss": loss, "peak_step_tensor_mb": peak, "peak_forward_backward_tensor_mb": fwd_bwd,
                       "trainable_params": sum(p.numel() for p in params.values()),
                       "largest_allocation_mb": largest_allocation(step_fn(model, params, ids)) / MB}
     routed = [m for m in models["lorakit"][0].modules() if isinstance(m, ExpertsWrapper)]
@@ -188,10 +192,12 @@ def measure(base, impl: str, ids, steps: int) -> dict:
                         "step_wall_s_all": wall[k]})
     b = runs["base"]
     extra = {k: runs[k]["peak_step_tensor_mb"] - b["peak_step_tensor_mb"] for k in ("lorakit", "peft")}
+    extra_fb = {k: runs[k]["peak_forward_backward_tensor_mb"] - b["peak_forward_backward_tensor_mb"]
+                for k in ("lorakit", "peft")}
     return {
         "experts_implementation": impl, "runs": runs,
         "adapted_expert_weights_fp32_mb": experts_bytes / MB, "one_expert_stack_mb": stack_bytes / MB,
-        "extra_mb": extra,
+        "extra_mb": extra, "extra_forward_backward_only_mb": extra_fb,
         "ratios": {
             "lorakit_extra_over_peft_extra": extra["lorakit"] / extra["peft"],
             "lorakit_extra_over_expert_weights_fp32": extra["lorakit"] * MB / experts_bytes,

@@ -30,10 +30,14 @@ class Holder(nn.Module):
 
 
 def experts(kind: str, impl: str, dtype=torch.float32, n: int = 8, hidden: int = 32, inter: int = 16) -> nn.Module:
-    """A Qwen3-MoE ((E, out, in) weights) or gpt-oss (transposed, biases, its own gate) experts module."""
+    """A Qwen3-MoE ((E, out, in) weights), NemotronH (no gate) or gpt-oss (transposed, biases, its own
+    gate) experts module."""
     if kind == "qwen3_moe":
         cfg = tf.Qwen3MoeConfig(hidden_size=hidden, moe_intermediate_size=inter, num_experts=n)
         from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts as cls
+    elif kind == "nemotron_h":  # no gate: up_proj, relu², down_proj
+        cfg = tf.NemotronHConfig(hidden_size=hidden, moe_intermediate_size=inter, n_routed_experts=n)
+        from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHExperts as cls
     else:
         cfg = tf.GptOssConfig(hidden_size=hidden, intermediate_size=inter, num_local_experts=n)
         from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts as cls
@@ -106,7 +110,8 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("impl", ["eager", "grouped_mm"])
 @pytest.mark.parametrize("kind, params", [
     ("qwen3_moe", ["gate_up_proj", "down_proj"]), ("qwen3_moe", ["down_proj"]),
-    ("gpt_oss", ["gate_up_proj", "down_proj"])], ids=["qwen3-both", "qwen3-down", "gptoss-both"])
+    ("gpt_oss", ["gate_up_proj", "down_proj"]), ("nemotron_h", ["up_proj", "down_proj"])],
+    ids=["qwen3-both", "qwen3-down", "gptoss-both", "nemotronh-both"])
 def test_routed_lora_equals_the_delta_weight_formulation(kind, params, impl, dtype):
     """Output and the gradients of every factor, of the input and of the routing weights equal the
     ΔW formulation computed in fp32 (fp32: to rounding; bf16: to bf16 tolerance); an expert that

@@ -41,6 +41,7 @@ from lorakit.layers.routing import blocks_open, route_for
 
 GROUPED = ("grouped_mm", "batched_mm")  # implementations computed by the grouped form
 EAGER = (None, "eager")
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)  # not fp8 / quantized storage
 
 
 def _weight_names(module: nn.Module) -> tuple[str, str]:
@@ -79,9 +80,10 @@ def structure_refusal(module: nn.Module, parameter_name: str) -> str | None:
     E = module.num_experts
     for name in names:
         w = getattr(module, name, None)
-        if not isinstance(w, torch.Tensor) or w.dim() != 3 or w.shape[0] != E or not w.dtype.is_floating_point:
-            shape = None if w is None else tuple(w.shape)
-            return f"{cls}.{name} is not a floating-point (num_experts={E}, ., .) tensor (shape {shape})"
+        if not isinstance(w, torch.Tensor) or w.dim() != 3 or w.shape[0] != E or w.dtype not in _DTYPES:
+            shape, dtype = (None, None) if w is None else (tuple(w.shape), w.dtype)
+            return (f"{cls}.{name} is not a (num_experts={E}, ., .) tensor in fp32/bf16/fp16/fp64 "
+                    f"(shape {shape}, {dtype})")
     return None
 
 
