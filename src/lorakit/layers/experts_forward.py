@@ -160,17 +160,17 @@ class _Pairs:
         for t in terms:
             dtype = t.input_dtype(h)
             At, Bt = t.grouped(dtype)
-            if t.rows is None:
-                z = grouped_mm(grouped_mm(h.to(dtype), At, self.offs), Bt, self.offs)  # (S, r) -> (S, out)
-                acc = z.mul_(t.scaling) if acc is None else acc.add_(z, alpha=t.scaling)  # z: no backward reads it
+            if t.rows is None:  # the scaling on the (S, r) activations, not on the (S, out) term
+                z = grouped_mm(grouped_mm(h.to(dtype), At, self.offs).mul_(t.scaling), Bt, self.offs)  # (S, out)
+                acc = z if acc is None else acc.add_(z)  # z: no backward reads it
                 continue
             sel = t.rows[self.tokens].nonzero().squeeze(1)  # (n,) pairs of this adapter's rows, still sorted
             if acc is None:
                 acc = h.new_zeros(h.shape[0], Bt.shape[-1], dtype=dtype)
             if sel.numel():
                 o = _offsets(self.ids[sel], self.experts)
-                z = grouped_mm(grouped_mm(h[sel].to(dtype), At, o), Bt, o)  # (n, out)
-                acc = acc.index_add(0, sel, z, alpha=t.scaling)
+                z = grouped_mm(grouped_mm(h[sel].to(dtype), At, o).mul_(t.scaling), Bt, o)  # (n, out)
+                acc = acc.index_add(0, sel, z)
         return acc
 
 
