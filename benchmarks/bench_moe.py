@@ -25,8 +25,11 @@ Measured, per experts implementation (``--impls``: the model's ``grouped_mm`` de
   error norms); files: lorakit's adapter loaded by PEFT and PEFT's by lorakit, same logits, same keys.
 
     PYTHONPATH=src python benchmarks/bench_moe.py [--threads 2] [--steps 5] [--impls grouped_mm,eager]
+    # on a GPU, the Qwen3-30B-A3B experts (not run yet: no GPU was available):
+    PYTHONPATH=src python benchmarks/bench_moe.py --device cuda --dtype bfloat16 --shape qwen3-30b-a3b \
+        --layers 4 --impls grouped_mm --out benchmarks/results/bench_moe_cuda_30b.json
 
-Writes benchmarks/results/bench_moe_cpu.json.
+Writes benchmarks/results/bench_moe_<device>.json.
 """
 
 from __future__ import annotations
@@ -46,15 +49,37 @@ TARGETS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 MB = 2**20
 
 
-def build(vocab: int):
+SHAPES = {  # Qwen3-MoE configurations: the issue's CPU shape, and Qwen3-30B-A3B's experts (GPU)
+    "issue": dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64, intermediate_size=512,
+                  moe_intermediate_size=256, num_experts=64, num_experts_per_tok=2),
+    "qwen3-30b-a3b": dict(hidden_size=2048, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                          intermediate_size=6144, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8),
+}
+
+
+def build(shape: str, layers: int, vocab: int, dtype: str, device: str):
     import torch
     import transformers as tf
 
-    cfg = tf.Qwen3MoeConfig(hidden_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                            head_dim=64, intermediate_size=512, moe_intermediate_size=256, num_experts=64,
-                            num_experts_per_tok=2, vocab_size=vocab, max_position_embeddings=256)
+    cfg = tf.Qwen3MoeConfig(**SHAPES[shape], num_hidden_layers=layers, vocab_size=vocab, max_position_embeddings=4096)
     torch.manual_seed(0)
-    return tf.Qwen3MoeForCausalLM(cfg)
+    return tf.Qwen3MoeForCausalLM(cfg).to(device=device, dtype=getattr(torch, dtype))
+
+
+def peak_mb(run, device: str) -> tuple[object, float]:
+    """``run()``'s result and the high-water mark of tensor bytes it allocated, MB (CPU: profiler
+    allocation events; CUDA: ``max_memory_allocated`` minus what was allocated before)."""
+    import torch
+    from bench_train import peak_tensor_mb
+
+    if not device.startswith("cuda"):
+        return peak_tensor_mb(run)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    out = run()
+    torch.cuda.synchronize()
+    return out, (torch.cuda.max_memory_allocated() - before) / MB
 
 
 def adapted(base, kind: str):
@@ -149,9 +174,12 @@ def parity(base, ids) -> dict:
 
 
 def measure(base, impl: str, ids, steps: int) -> dict:
-    from bench_train import peak_tensor_mb
+    import torch
 
     from lorakit.layers.experts import ExpertsWrapper
+
+    device = str(ids.device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
     base = copy.deepcopy(base)
     base.set_experts_implementation(impl)
@@ -165,13 +193,14 @@ def measure(base, impl: str, ids, steps: int) -> dict:
         models[kind] = (model, params)
     copy_factors(models["peft"][1], models["lorakit"][1])
     for kind, (model, params) in models.items():
-        loss, peak = peak_tensor_mb(step_fn(model, params, ids))  # AdamW state created in this step
-        _, fwd_bwd = peak_tensor_mb(lambda m=model: m(input_ids=ids, labels=ids).loss.backward())
+        loss, peak = peak_mb(step_fn(model, params, ids), device)  # AdamW state created in this step
+        _, fwd_bwd = peak_mb(lambda m=model: m(input_ids=ids, labels=ids).loss.backward(), device)
         for p in params.values():
             p.grad = None
         runs[kind] = {"loss": loss, "peak_step_tensor_mb": peak, "peak_forward_backward_tensor_mb": fwd_bwd,
                       "trainable_params": sum(p.numel() for p in params.values()),
-                      "largest_allocation_mb": largest_allocation(step_fn(model, params, ids)) / MB}
+                      "largest_allocation_mb": None if device.startswith("cuda") else
+                      largest_allocation(step_fn(model, params, ids)) / MB}
     routed = [m for m in models["lorakit"][0].modules() if isinstance(m, ExpertsWrapper)]
     runs["lorakit"]["routed"] = bool(routed) and all(m.routed_reason is None and m.fallback_reason is None
                                                      for m in routed)
@@ -182,8 +211,10 @@ def measure(base, impl: str, ids, steps: int) -> dict:
         fn()  # warm-up
     for _ in range(steps):
         for k, fn in fns.items():
+            sync()
             t, c = time.perf_counter(), time.process_time()
             fn()
+            sync()
             wall[k].append(time.perf_counter() - t)
             cpu[k].append(time.process_time() - c)
     for k in fns:
@@ -219,10 +250,17 @@ def measure(base, impl: str, ids, steps: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=5, help="timed steps per model (median reported)")
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per model (min and median reported)")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="issue")
+    ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--vocab", type=int, default=1024)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="the base's dtype (the factors are fp32 masters either way)")
     ap.add_argument("--impls", default="grouped_mm,eager", help="experts implementations to measure")
-    ap.add_argument("--out", default=os.path.join(HERE, "results", "bench_moe_cpu.json"))
+    ap.add_argument("--out", default=None, help="default: benchmarks/results/bench_moe_<device>.json")
     a = ap.parse_args()
     sys.path.insert(0, os.path.join(ROOT, "src"))
     sys.path.insert(0, HERE)
@@ -232,17 +270,21 @@ def main() -> None:
     from bench_qlora import device_name
 
     torch.set_num_threads(a.threads)
-    base = build(a.vocab)
-    ids = torch.randint(0, a.vocab, (4, 128), generator=torch.Generator().manual_seed(0))
+    base = build(a.shape, a.layers, a.vocab, a.dtype, a.device)
+    ids = torch.randint(0, a.vocab, (a.batch, a.seq), generator=torch.Generator().manual_seed(0)).to(a.device)
     t0 = time.perf_counter()
+    shape = SHAPES[a.shape]
     summary = {
-        "device": device_name("cpu"), "threads": a.threads,
-        "note": "shared CPU (other jobs running): memory is exact tensor bytes, time only as ratios taken side by side",
-        "model": "Qwen3-MoE hidden 256, 2 layers, 64 experts (moe_intermediate_size 256), top-2, "
-                 f"vocab {a.vocab}, random init",
+        "device": device_name(a.device), "threads": a.threads if a.device == "cpu" else None,
+        "note": None if a.device != "cpu" else
+        "shared CPU (other jobs running): memory is exact tensor bytes, time only as ratios taken side by side",
+        "model": f"Qwen3-MoE ({a.shape}) hidden {shape['hidden_size']}, {a.layers} layers, {shape['num_experts']} "
+                 f"experts (moe_intermediate_size {shape['moe_intermediate_size']}), "
+                 f"top-{shape['num_experts_per_tok']}, vocab {a.vocab}, {a.dtype}, random init",
         "lora": "r=16 alpha=32 on mlp.experts.gate_up_proj and mlp.experts.down_proj (target_parameters)",
-        "step": {"batch": 4, "seq": 128, "optimizer": "AdamW, state created in the measured step"},
-        "memory_method": "torch.profiler allocation events: high-water mark of tensor bytes allocated during the step",
+        "step": {"batch": a.batch, "seq": a.seq, "optimizer": "AdamW, state created in the measured step"},
+        "memory_method": "torch.cuda.max_memory_allocated" if a.device.startswith("cuda") else
+        "torch.profiler allocation events: high-water mark of tensor bytes allocated during the step",
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
         "parity": parity(base, ids),
     }
@@ -254,10 +296,11 @@ def main() -> None:
         print(json.dumps({impl: {"extra_mb": res["extra_mb"], "ratios": res["ratios"]}}), flush=True)
     summary["loadavg_1m_at_end"] = os.getloadavg()[0]
     summary["wall_s"] = time.perf_counter() - t0
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    with open(a.out, "w", encoding="utf-8") as f:
+    out = a.out or os.path.join(HERE, "results", f"bench_moe_{a.device.split(':')[0]}.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=1)
-    print(f"wrote {a.out}")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

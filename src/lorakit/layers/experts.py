@@ -135,6 +135,14 @@ class ExpertsWrapper(ParamWrapper):
         self.routed_reason = structure_refusal(real, parameter_name) or _probe_refusal(real)
         self.fallback_reason: str | None = None
 
+    def _create(self, name: str, r: int, cfg) -> None:
+        for field, bad in (("lora_dropout", cfg.lora_dropout > 0), ("use_dora", cfg.use_dora)):
+            if bad:
+                raise ValueError(f"target_parameters on expert weights does not work with {field}="
+                                 f"{getattr(cfg, field)!r}: PEFT 0.21 refuses it for target_parameters, so the adapter "
+                                 "could not be used in PEFT; set it to its default")
+        super()._create(name, r, cfg)
+
     def _chain(self) -> list[ParamWrapper]:
         out, module = [], self
         while isinstance(module, ParamWrapper):
