@@ -107,7 +107,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("impl", ["eager", "grouped_mm"])
+@pytest.mark.parametrize("impl", ["eager", "grouped_mm", "batched_mm"])  # batched_mm: computed in the grouped form
 @pytest.mark.parametrize("kind, params", [
     ("qwen3_moe", ["gate_up_proj", "down_proj"]), ("qwen3_moe", ["down_proj"]),
     ("gpt_oss", ["gate_up_proj", "down_proj"]), ("nemotron_h", ["up_proj", "down_proj"])],
