@@ -1,7 +1,7 @@
 """target_parameters (LoRA on nn.Parameter weights) against PEFT 0.21's ParamWrapper: tiny MoE models
 from transformers v5 whose experts are fused 3-D parameters (Qwen3-MoE, Mixtral: (E, out, in);
 gpt-oss: ``is_transposed``), a module with two 2-D parameters (nesting), several adapters, mixed
-batches, bf16, and file round trips both ways with PEFT's keys.
+batches (on experts: tests/test_moe_model.py), bf16, and file round trips both ways with PEFT's keys.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import lorakit as lk
-from lorakit.layers import ParamWrapper
+from lorakit.layers.experts import ExpertsWrapper
 
 import models
 
@@ -51,13 +51,17 @@ def _logits(model, ids):
     return model(ids).logits
 
 
+@pytest.mark.parametrize("impl", ["grouped_mm", "eager"])
 @pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral", "gpt_oss"])
-def test_moe_experts_same_as_peft(kind):
-    """Forward, gradients of every factor, and the merged model equal PEFT's."""
+def test_moe_experts_same_as_peft(kind, impl):
+    """Forward, gradients of every factor, and the merged model equal PEFT's (lorakit computing the
+    LoRA terms on the routed tokens, PEFT with W + ΔW), in both of the model's expert implementations."""
     base = moe(kind)
+    base.set_experts_implementation(impl)
     ours, ref = _pair(base, r=2, lora_alpha=4, target_modules=["q_proj"], target_parameters=EXPERTS)
     experts = ours.model.layers[0].mlp.experts
-    assert isinstance(experts, ParamWrapper) and isinstance(experts.base_layer, ParamWrapper)
+    assert isinstance(experts, ExpertsWrapper) and isinstance(experts.base_layer, ExpertsWrapper)
+    assert experts.routed_reason is None and experts.base_layer.routed_reason is None
     assert experts.num_experts == 4 and experts.lora_A["default"].weight.shape[0] == 2 * 4
     ids = models.ids()
     torch.testing.assert_close(_logits(ours, ids), _logits(ref, ids), atol=1e-5, rtol=1e-5)
@@ -199,13 +203,6 @@ def test_mixed_batch_rows_get_their_adapter():
         expected[2] = model(x)[2]
     with torch.no_grad(), lk.mixed_batch(model, rows):
         torch.testing.assert_close(model(x), expected)
-
-
-def test_mixed_batch_on_experts_is_a_clear_error():
-    model = lk.inject(moe("qwen3_moe"), lk.LoraConfig(r=2, target_parameters=EXPERTS))
-    with pytest.raises(ValueError, match="mixed_batch.*gate_up_proj|mixed_batch.*down_proj"):
-        with lk.mixed_batch(model, ["default", "__base__"]):
-            model(models.ids())
 
 
 @pytest.mark.parametrize("kw, match", [

@@ -17,6 +17,7 @@ from torch import nn
 
 from lorakit.config import LoraConfig
 from lorakit.layers import LoraLayer, ModulesToSave
+from lorakit.layers.experts import param_wrapper
 from lorakit.layers.param import ParamWrapper
 from lorakit.transaction import Transaction
 
@@ -103,7 +104,7 @@ def wrap_parameters(txn: Transaction, cfg: LoraConfig, adapter_name: str, dtype_
                 txn.on_undo(lambda w=wrapper: w.delete_adapter(adapter_name))
             else:
                 previous = model.get_submodule(path)
-                wrapper = ParamWrapper(previous, pname)
+                wrapper = param_wrapper(previous, pname)  # an ExpertsWrapper for a 3-D weight
                 txn.replace(path, wrapper, lambda p=previous: p)
             weight = wrapper.base_weight()
             key = wrapper.config_key(path)

@@ -8,7 +8,7 @@ import os
 import sys
 from typing import Any
 
-from lorakit.train.settings import FLAG_ALIASES, parse_modules
+from lorakit.train.settings import FLAG_ALIASES, parse_modules, parse_parameters
 
 DESCRIPTION = """Fine-tune a model with LoRA and write the adapter, metrics.json, curves.png and checkpoints.
 
@@ -88,6 +88,10 @@ OPTIONS: list[tuple[str, str, Any, str]] = [
                                                 "(self_attn.q_proj), a regex, or all-linear (default: the model "
                                                 "family's attention projections)"),
     ("lora", "--exclude-modules", parse_modules, "modules never adapted (same forms as --target-modules)"),
+    ("lora", "--target-parameters", parse_parameters, "nn.Parameters to adapt directly, comma-separated "
+                                                      "<module>.<parameter> names or suffixes, e.g. MoE experts: "
+                                                      "mlp.experts.gate_up_proj,mlp.experts.down_proj (alone, without "
+                                                      "--target-modules, only these are adapted)"),
     ("lora", "--layers-to-transform", _int_list, "only these layer indices, e.g. 0,1"),
     ("lora", "--layers-pattern", str, "name of the layer list for --layers-to-transform, e.g. layers"),
     ("lora", "--modules-to-save", lambda v: v.split(","), "modules trained in full (default for seq-cls: the head)"),
@@ -195,6 +199,8 @@ def read_config_file(path: str) -> dict[str, Any]:
     for key in ("target_modules", "exclude_modules"):
         if isinstance(data.get(key), str):
             data[key] = parse_modules(data[key])
+    if isinstance(data.get("target_parameters"), str):
+        data["target_parameters"] = parse_parameters(data["target_parameters"])
     return data
 
 

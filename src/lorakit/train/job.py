@@ -47,6 +47,7 @@ from lorakit.train.settings import (
     gpu_precision,
     normalize,
     parse_modules,
+    parse_parameters,
 )
 
 BUILTIN_DATA = "vader"
@@ -146,7 +147,9 @@ def lora_config(s: dict[str, Any], model) -> LoraConfig:
     for key in ("target_modules", "exclude_modules"):
         if isinstance(kw[key], str):
             kw[key] = parse_modules(kw[key])
-    if kw["target_modules"] is None:
+    if isinstance(kw["target_parameters"], str):
+        kw["target_parameters"] = parse_parameters(kw["target_parameters"])
+    if kw["target_modules"] is None and not kw["target_parameters"]:  # parameters alone: only those
         kw["target_modules"] = default_targets(model)
     if kw["modules_to_save"] is None and s["task"] == "seq-cls":
         kw["modules_to_save"] = head_modules(model) or None

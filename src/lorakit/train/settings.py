@@ -22,7 +22,8 @@ TRAIN_KEYS = ["epochs", "max_steps", "lr", "batch_size", "grad_accum", "weight_d
               "eval_batch_size", "checkpoint_every", "keep_checkpoints", "group_by_length", "device", "progress",
               "fsdp", "packing"]
 LORA_KEYS = ["r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "layers_to_transform",
-             "layers_pattern", "modules_to_save", "bias", "use_rslora", "use_dora", "init_lora_weights"]
+             "layers_pattern", "modules_to_save", "bias", "use_rslora", "use_dora", "init_lora_weights",
+             "target_parameters"]
 
 # every setting of a job and its default
 DEFAULTS: dict[str, Any] = {
@@ -32,7 +33,7 @@ DEFAULTS: dict[str, Any] = {
     "prompt_column": None, "completion_column": None, "messages_column": None,
     "r": 8, "lora_alpha": 16.0, "lora_dropout": 0.0, "target_modules": None, "exclude_modules": None,
     "layers_to_transform": None, "layers_pattern": None, "modules_to_save": None, "bias": "none",
-    "use_rslora": False, "use_dora": False, "init_lora_weights": True,
+    "use_rslora": False, "use_dora": False, "init_lora_weights": True, "target_parameters": None,
     **{k: _TRAIN_DEFAULTS[k] for k in TRAIN_KEYS},
     "progress": None,  # None: a bar on a terminal, plain lines in a log
     "threads": None, "report_to": "none", "out": None, "overwrite": False, "quantize": None,
@@ -85,6 +86,13 @@ def parse_modules(value: str | list[str]) -> list[str] | str:
     if isinstance(value, list):
         return value
     if value == "all-linear" or (_REGEX_CHARS.search(value) and "," not in value):
+        return value
+    return [x.strip() for x in value.split(",") if x.strip()]
+
+
+def parse_parameters(value: str | list[str]) -> list[str]:
+    """``--target-parameters``: ``"mlp.experts.gate_up_proj,mlp.experts.down_proj"`` -> a list of names."""
+    if isinstance(value, list):
         return value
     return [x.strip() for x in value.split(",") if x.strip()]
 
