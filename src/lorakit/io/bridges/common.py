@@ -118,7 +118,10 @@ class PeftAdapter:
 
         with tempfile.TemporaryDirectory() as tmp:
             self.save(tmp)
-            return load_adapter(model, tmp, adapter_name=adapter_name, is_trainable=is_trainable)
+            try:
+                return load_adapter(model, tmp, adapter_name=adapter_name, is_trainable=is_trainable)
+            except (ValueError, TypeError) as e:  # name the file the user gave, not the temporary copy
+                raise type(e)(str(e).replace(f"'{tmp}", f"'{self.source}").replace(tmp, self.source)) from e
 
     # ------------------------------------------------------------------ reading it
     @property
