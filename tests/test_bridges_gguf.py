@@ -155,3 +155,51 @@ def test_gguf_equals_llama_cpps_converter_and_folds_the_scales_it_misses(tmp_pat
             torch.testing.assert_close(a["blk.0.attn_output.weight.lora_b"],
                                        b["blk.0.attn_output.weight.lora_b"] * fold)
             assert abs(fold - 1) > 0.2
+
+
+@pytest.mark.slow
+def test_llama_cpp_runs_base_plus_lorakits_gguf_to_lorakits_logits(tmp_path):
+    """llama.cpp itself (llama-cpp-python, LORAKIT_LLAMA_CPP_PYTHON; default /work/venvs/llama/bin/python) on a base
+    converted by llama.cpp's convert_hf_to_gguf.py, with the adapter applied by its --lora code; the converter's own
+    adapter file for the same rsLoRA / alpha_pattern adapter is off, lorakit's is not."""
+    import json
+    import subprocess
+    import sys
+
+    python = os.environ.get("LORAKIT_LLAMA_CPP_PYTHON", "/work/venvs/llama/bin/python")
+    src = _llama_cpp_dir()
+    spm = pytest.importorskip("sentencepiece")
+    if src is None or not os.path.isfile(python):
+        pytest.skip("needs llama-cpp-python (LORAKIT_LLAMA_CPP_PYTHON) and a llama.cpp source tree (LORAKIT_LLAMA_CPP)")
+    (tmp_path / "corpus.txt").write_text("the quick brown fox jumps over the lazy dog\n" * 20)
+    spm.SentencePieceTrainer.train(input=str(tmp_path / "corpus.txt"), model_prefix=str(tmp_path / "sp"),
+                                   vocab_size=40, model_type="char", hard_vocab_limit=False, bos_id=1, eos_id=2,
+                                   unk_id=0, pad_id=-1, minloglevel=2)
+    base = _decoder("llama")
+    base.config.bos_token_id, base.config.eos_token_id = 1, 2
+    base.save_pretrained(tmp_path / "base")
+    (tmp_path / "base" / "tokenizer.model").write_bytes((tmp_path / "sp.model").read_bytes())
+    run = subprocess.run([sys.executable, os.path.join(src, "convert_hf_to_gguf.py"), str(tmp_path / "base"),
+                          "--outfile", str(tmp_path / "base.gguf"), "--outtype", "f32"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    model = _adapted("llama")
+    adapter_dir = lk.save_adapter(model, tmp_path / "adapter")
+    write_gguf(model, tmp_path / "lorakit.gguf", tmp_path / "base")
+    run = subprocess.run([sys.executable, os.path.join(src, "convert_lora_to_gguf.py"), str(adapter_dir), "--base",
+                          str(tmp_path / "base"), "--outfile", str(tmp_path / "converter.gguf"), "--outtype", "f32"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    tokens = [1, 5, 9, 17, 23, 42]
+    with torch.no_grad():
+        want = model(torch.tensor([tokens])).logits[0]
+
+    def llama_cpp(adapter: str) -> torch.Tensor:
+        out = subprocess.run([python, os.path.join(os.path.dirname(__file__), "llama_cpp_logits.py"),
+                              str(tmp_path / "base.gguf"), adapter, *map(str, tokens)],
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return torch.tensor(json.loads(out.stdout))
+
+    torch.testing.assert_close(llama_cpp(str(tmp_path / "lorakit.gguf")), want, atol=1e-3, rtol=1e-3)
+    assert (llama_cpp(str(tmp_path / "converter.gguf")) - want).abs().max() > 0.05
