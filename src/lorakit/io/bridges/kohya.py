@@ -132,18 +132,21 @@ def detect_pipeline(keys: list[str]) -> str:
     return "sd"
 
 
-def read_lora_file(path: PathLike, pipeline: str | None = None) -> dict[str, PeftAdapter]:
+def read_lora_file(path: PathLike, pipeline: str | None = None,
+                   modules: list[str] | None = None) -> dict[str, PeftAdapter]:
     """Read a kohya / diffusers LoRA file with diffusers' converters: ``{component: PEFT adapter}``.
 
     Args:
         pipeline: ``"sd"``, ``"sdxl"``, ``"sd3"`` or ``"flux"`` (whose converter to use); None: guessed from the keys.
+        modules: the target model's module names, when known: a kohya file whose every ``lora_<component>_<name>``
+            is one of them with ``_`` for ``.`` is read by that exact match (no converter guesses where ``_`` was
+            ``.``, e.g. in ``down_proj``); otherwise diffusers' converter reads it.
 
     Raises:
         FileNotFoundError: no such file. ValueError: keys no converter maps to LoRA factors, or a bad pipeline.
     """
     from safetensors import safe_open
 
-    diffusers = _diffusers()
     path = Path(path)
     if path.is_dir():
         path = path / "pytorch_lora_weights.safetensors"
@@ -151,6 +154,9 @@ def read_lora_file(path: PathLike, pipeline: str | None = None) -> dict[str, Pef
         raise FileNotFoundError(f"no LoRA file at {str(path)!r}")
     with safe_open(str(path), "pt") as f:
         keys = list(f.keys())
+    if modules is not None and (exact := _read_by_names(path, keys, modules)) is not None:
+        return exact
+    diffusers = _diffusers()
     pipeline = pipeline or detect_pipeline(keys)
     if pipeline not in PIPELINES:
         raise ValueError(f"pipeline must be one of {sorted(PIPELINES)}, got {pipeline!r}")
@@ -164,6 +170,28 @@ def read_lora_file(path: PathLike, pipeline: str | None = None) -> dict[str, Pef
         raise ValueError(f"{str(path)!r}: {len(bad) or len(keys)} key(s) diffusers' {pipeline} converter maps to no "
                          f"model component, e.g. {(bad or keys)[:3]}; not a kohya / diffusers LoRA file for {pipeline}")
     return {c: _component(c, state, alphas, meta, source=f"{path}[{c}]") for c in components}
+
+
+def _read_by_names(path: Path, keys: list[str], modules: list[str]) -> dict[str, PeftAdapter] | None:
+    """A kohya file matched against known module names (``lora_unet_a_b_c`` <- module ``a.b_c``); None unless every
+    key matches."""
+    from safetensors.torch import load_file
+
+    by_kohya = {KOHYA_PREFIX[c] + m.replace(".", "_"): (c, m) for c in KOHYA_PREFIX for m in modules}
+    stems = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in keys}
+    if not stems or not all(s in by_kohya for s in stems):
+        return None
+    tensors = load_file(str(path))
+    out: dict[str, list[Factors]] = {}
+    for stem in stems:
+        c, m = by_kohya[stem]
+        down, up = tensors.get(f"{stem}.lora_down.weight"), tensors.get(f"{stem}.lora_up.weight")
+        if down is None or up is None:
+            raise ValueError(f"{str(path)!r}: {stem} lacks its lora_down or lora_up")
+        alpha = tensors.get(f"{stem}.alpha")
+        scale = float(alpha) / down.shape[0] if alpha is not None else 1.0
+        out.setdefault(c, []).append(Factors(m, "conv" if down.dim() > 2 else "linear", down, up, scale))
+    return {c: from_factors(f, source=f"{path}[{c}]") for c, f in out.items()}
 
 
 def _component(c: str, state: dict, alphas: dict, meta: dict, source: str) -> PeftAdapter:
@@ -220,13 +248,17 @@ def _alpha(component: str, key: str, alphas: dict) -> float | None:
     return None
 
 
-def read_kohya(path: PathLike, component: str | None = None, pipeline: str | None = None) -> PeftAdapter:
+def read_kohya(path: PathLike, component: str | None = None, pipeline: str | None = None,
+               model: nn.Module | None = None) -> PeftAdapter:
     """One component's adapter from a kohya / diffusers LoRA file (``component`` None: the UNet / transformer).
+
+    ``model`` (optional): the model it is for; its module names resolve kohya's ``_``-joined names exactly.
 
     Raises:
         ValueError: the file has no such component (naming the ones it has), or see :func:`read_lora_file`.
     """
-    parts = read_lora_file(path, pipeline)
+    modules = [n.removesuffix(".base_layer") for n, _ in model.named_modules()] if model is not None else None
+    parts = read_lora_file(path, pipeline, modules)
     if component is None:
         component = next((c for c in ("unet", "transformer") if c in parts), None) or next(iter(parts))
     if component not in parts:
