@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import textwrap
 from pathlib import Path
 
 FORMATS = ("peft", "gguf", "mlx", "diffusers", "kohya")
@@ -20,14 +21,15 @@ FORMATS = ("peft", "gguf", "mlx", "diffusers", "kohya")
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "convert", help="convert a LoRA adapter between PEFT, llama.cpp GGUF, MLX, diffusers and kohya files",
-        description="Convert a LoRA adapter from one format to another, exactly: per-module scales (rsLoRA, "
+        description=textwrap.fill(
+                    "Convert a LoRA adapter from one format to another, exactly: per-module scales (rsLoRA, "
                     "alpha_pattern, rank_pattern) are folded into the factors or written as per-module alphas where "
                     "the target has one scale. Reads PEFT directories (or a lorakit train run), llama.cpp LoRA GGUFs, "
                     "mlx-lm adapter directories and kohya / diffusers .safetensors files (through diffusers' own "
                     "converters: SD 1.x/2.x, SDXL, SD3, Flux). What the target cannot hold (DoRA for GGUF / MLX / "
                     "kohya, modules_to_save, trainable tokens, trained biases, PiSSA/OLoRA files...) is refused "
                     "with the reason, and nothing is written; `lorakit inspect DIR` lists which targets can take "
-                    "an adapter.",
+                    "an adapter.", width=100),
         epilog="examples:\n"
                "  lorakit convert runs/x/adapter --to gguf --base ./llama --out adapter.gguf\n"
                "  lorakit convert runs/x/adapter --to mlx --out mlx-adapter/\n"
