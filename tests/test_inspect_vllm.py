@@ -180,4 +180,5 @@ def test_vllms_engine_serves_what_inspect_calls_servable_with_lorakits_logprobs(
         assert got["served"], got["error"]
         for t, lp in got["logprobs"].items():
             assert abs(lp - want[case][int(t)].item()) < 1e-4, case
-    assert not served[dirs["dora"]]["served"] and "DoRA" in served[dirs["dora"]]["error"]
+    # the engine's worker refuses it ("vLLM does not yet support DoRA."; the engine then reports EngineDeadError)
+    assert not served[dirs["dora"]]["served"] and "does not yet support DoRA" in out.stderr + out.stdout
