@@ -47,8 +47,9 @@ def add_parser(subparsers) -> None:
                    help="the source's format (default: detected from the files)")
     p.add_argument("--base", metavar="DIR", default=None,
                    help="the base model's directory (its config.json is read, no weights): needed for gguf both ways "
-                        "(architecture, head counts, tensor names); otherwise, if given, every adapted module is "
-                        "checked to exist in it")
+                        "(architecture, head counts, tensor names; writing defaults to the adapter's recorded "
+                        "base_model_name_or_path when that is a local directory); otherwise, if given, every adapted "
+                        "module is checked to exist in it")
     p.add_argument("--component", default=None,
                    help="diffusers / kohya: which pipeline component (unet, transformer, text_encoder, ...); reading "
                         "defaults to the UNet / transformer, writing to unet")
@@ -156,6 +157,12 @@ def _base_modules(base: str, component: str | None, with_class: bool = False):
     return (names, type(model).__name__) if with_class else names
 
 
+def _recorded_base(adapter) -> str | None:
+    """The adapter's ``base_model_name_or_path`` when it is a local directory holding a config.json."""
+    name = adapter.config.get("base_model_name_or_path")
+    return name if name and (Path(name) / "config.json").is_file() else None
+
+
 def run(args: argparse.Namespace) -> int:
     from lorakit.io.consumers import verdict
 
@@ -174,10 +181,11 @@ def run(args: argparse.Namespace) -> int:
     elif args.to == "gguf":
         from lorakit.io.bridges.gguf import write_gguf
 
-        if args.base is None:
+        base = args.base or _recorded_base(adapter)
+        if base is None:
             raise ValueError("--to gguf needs --base (the base model's directory: its config.json names the "
                              "architecture, head counts and layers)")
-        written = write_gguf(adapter, out, args.base)
+        written = write_gguf(adapter, out, base)
     elif args.to == "mlx":
         from lorakit.io.bridges.mlx import write_mlx
 
