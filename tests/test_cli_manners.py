@@ -153,7 +153,7 @@ def test_version(capsys):
 def test_help_shows_each_default_once():
     parser = build_parser()
     subs = next(a for a in parser._actions if hasattr(a, "choices") and isinstance(a.choices, dict)).choices
-    assert set(subs) >= {"train", "predict", "generate", "compare", "inspect", "merge", "bench", "export"}
+    assert set(subs) >= {"train", "predict", "generate", "compare", "inspect", "merge", "bench", "export", "convert"}
     for name, sub in subs.items():
         formatter = sub._get_formatter()
         for action in sub._actions:

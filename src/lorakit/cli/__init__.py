@@ -28,6 +28,7 @@ COMMANDS: dict[str, str] = {
     "inspect": "lorakit.cli.inspect",
     "merge": "lorakit.cli.merge",
     "export": "lorakit.cli.export",
+    "convert": "lorakit.cli.convert",
     "bench": "lorakit.cli.bench",
 }
 

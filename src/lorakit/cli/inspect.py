@@ -4,7 +4,9 @@ Reads ``adapter_config.json`` and the tensor headers of ``adapter_model.safetens
 data is read; a legacy ``.bin`` is read with ``torch.load(weights_only=True)``), and reports the
 config, the targeted modules with their ranks, the parameter count, the size on disk and the
 PEFT version that wrote the files when recorded. Non-default adapters that PEFT / lorakit keep
-in sub-directories are listed too.
+in sub-directories are listed too, and which consumers (PEFT, vLLM, llama.cpp, diffusers, kohya, MLX)
+can take the adapter and why not — from the rule tables of :mod:`lorakit.io.consumers`, the same ones
+``lorakit convert`` checks before it writes.
 """
 
 from __future__ import annotations
@@ -27,9 +29,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("directory", metavar="DIR",
                    help="adapter directory (the one holding adapter_config.json), or a lorakit train run directory")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a text report")
-    p.add_argument("--check", choices=["vllm"], help="also say whether a serving engine can load the adapter as it "
-                                                      "is, and why not (vllm: vLLM's and LoRAX's rules); exit 3 if "
-                                                      "it cannot")
+    p.add_argument("--check", choices=["vllm", "peft", "llama.cpp", "diffusers", "kohya", "mlx"],
+                   help="say in detail whether that consumer can load the adapter as it is, and why not (vllm: "
+                        "vLLM 0.32's and LoRAX's rules; llama.cpp / kohya / mlx: what lorakit convert can write for "
+                        "them); exit 3 if it cannot")
 
 
 def describe(directory: str | Path) -> dict[str, Any]:
@@ -39,6 +42,7 @@ def describe(directory: str | Path) -> dict[str, Any]:
         FileNotFoundError / NotADirectoryError / ValueError: as ``lorakit.load_adapter`` for the same files.
     """
     from lorakit.config import LoraConfig
+    from lorakit.io.consumers import consumer_report
     from lorakit.io.keymap import PREFIX, parse_file_key
     from lorakit.io.peft_format import CONFIG_NAME, read_config_dict, resolve_adapter_dir, weights_path
     from lorakit.io.serving import vllm_report
@@ -94,6 +98,7 @@ def describe(directory: str | Path) -> dict[str, Any]:
         "files": {p.name: p.stat().st_size for p in files},
         "sub_adapters": {p.name: describe(p) for p in subdirs},
         "vllm": vllm_report(raw, shapes),
+        "consumers": consumer_report(raw, shapes),
     }
 
 
@@ -149,23 +154,31 @@ def format_report(info: dict[str, Any], indent: str = "") -> str:
     if info["other_tensors"]:
         lines.append(f"{indent}  other tensors ({len(info['other_tensors'])}): saved modules, biases, embeddings")
         lines += [f"{indent}    {k}" for k in info["other_tensors"]]
+    lines.append(f"{indent}  consumers:")
+    for name, c in info["consumers"].items():
+        lines.append(f"{indent}    {name}: " + ("yes" if c["ok"] else "no — " + "; ".join(c["problems"])))
     for sub in info["sub_adapters"].values():
         lines.append(format_report(sub, indent + "  "))
     return "\n".join(lines)
 
 
-def format_check(info: dict[str, Any], indent: str = "") -> str:
-    """The vLLM/LoRAX verdict of ``info`` (and of its sub-adapters)."""
-    v = info["vllm"]
-    lines = [f"{indent}vLLM / LoRAX ({info['directory']}): " + ("can serve it" if v["servable"] else "cannot serve it")]
+def format_check(info: dict[str, Any], consumer: str = "vllm", indent: str = "") -> str:
+    """One consumer's verdict on ``info`` (and on its sub-adapters), with every reason and note."""
+    from lorakit.io.consumers import CONSUMERS
+
+    c, v = CONSUMERS[consumer], info["consumers"][consumer]
+    verb = ("can serve it", "cannot serve it") if consumer == "vllm" else ("can take it", "cannot take it")
+    lines = [f"{indent}{c.title} ({info['directory']}): " + (verb[0] if v["ok"] else verb[1])]
     lines += [f"{indent}  - {p}" for p in v["problems"]] + [f"{indent}  note: {n}" for n in v["notes"]]
+    if v["ok"] and c.how:
+        lines.append(f"{indent}  how: {c.how}")
     for sub in info["sub_adapters"].values():
-        lines.append(format_check(sub, indent + "  "))
+        lines.append(format_check(sub, consumer, indent + "  "))
     return "\n".join(lines)
 
 
-def _servable(info: dict[str, Any]) -> bool:
-    return info["vllm"]["servable"] and all(_servable(s) for s in info["sub_adapters"].values())
+def _servable(info: dict[str, Any], consumer: str) -> bool:
+    return info["consumers"][consumer]["ok"] and all(_servable(s, consumer) for s in info["sub_adapters"].values())
 
 
 def run(args: argparse.Namespace) -> int:
@@ -182,5 +195,5 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(format_report(info))
         if args.check:
-            print(format_check(info))
-    return 3 if args.check and not _servable(info) else 0
+            print(format_check(info, args.check))
+    return 3 if args.check and not _servable(info, args.check) else 0

@@ -1,10 +1,8 @@
-"""Can a serving engine load this adapter as it is? vLLM's rules, checked on the files alone.
+"""Can vLLM serve this adapter as it is? Its rules, checked on the files alone.
 
-vLLM (``vllm/lora/peft_helper.py``, ``PEFTHelper.validate_legal``) refuses an adapter with
-``modules_to_save``, with DoRA, with a trained bias unless the server enables LoRA biases, or
-with a rank above the server's ``--max-lora-rank``, which must be one of
-``1, 8, 16, 32, 64, 128, 256, 320, 512`` (vLLM's default is 16). LoRAX follows the same PEFT
-format and rejects the same features.
+The rules themselves live in :mod:`lorakit.io.consumers` (the ``VLLM`` table, with the vLLM 0.32 file
+and line of each), shared with ``lorakit inspect``'s consumer listing; this module keeps the
+``vllm_report`` shape that ``lorakit inspect --check vllm`` and its JSON have always had.
 """
 
 from __future__ import annotations
@@ -12,10 +10,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from lorakit.io.keymap import parse_file_key
+from lorakit.io.consumers import (
+    VLLM,
+    VLLM_DEFAULT_MAX_LORA_RANK,
+    VLLM_MAX_LORA_RANKS,
+    AdapterView,
+    verdict,
+    vllm_max_rank,
+)
 
-VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-VLLM_DEFAULT_MAX_LORA_RANK = 16
+__all__ = ["VLLM_MAX_LORA_RANKS", "VLLM_DEFAULT_MAX_LORA_RANK", "vllm_report"]
 
 
 def vllm_report(config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
@@ -23,29 +27,11 @@ def vllm_report(config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]
 
     Returns:
         ``{"servable": bool, "problems": [...], "notes": [...], "max_lora_rank": int | None}``:
-        problems make vLLM refuse the adapter; notes are server flags it needs.
+        problems make vLLM refuse the adapter; notes are server flags it needs. ``max_lora_rank`` is
+        the smallest allowed ``--max-lora-rank`` for ``max(r, *rank_pattern.values())``.
     """
-    problems, notes = [], []
-    if str(config.get("peft_type", "LORA")).upper() != "LORA":
-        problems.append(f"peft_type is {config.get('peft_type')!r}; vLLM serves LoRA adapters only")
-    if config.get("modules_to_save"):
-        problems.append(f"modules_to_save={config['modules_to_save']} (fully trained modules): vLLM only supports "
-                        "modules_to_save being None. Merge the adapter (lorakit merge) or train without them")
-    if config.get("use_dora"):
-        problems.append("use_dora=true: vLLM does not support DoRA. Merge the adapter (lorakit merge) instead")
-    ranks = sorted({shape[0] for key, shape in shapes.items()
-                    if (parsed := parse_file_key(key)) and parsed[1] in ("lora_A", "lora_embedding_A")})
-    rank = max(ranks, default=config.get("r"))
+    view = AdapterView(config, shapes)
+    v = verdict(VLLM, view)
+    rank = vllm_max_rank(view)
     allowed = next((m for m in VLLM_MAX_LORA_RANKS if rank is not None and m >= rank), None)
-    if rank is not None and allowed is None:
-        problems.append(f"rank {rank} is above vLLM's largest --max-lora-rank ({VLLM_MAX_LORA_RANKS[-1]})")
-    elif allowed is not None and allowed > VLLM_DEFAULT_MAX_LORA_RANK:
-        notes.append(f"rank {rank}: start vLLM with --max-lora-rank {allowed} (its default is "
-                     f"{VLLM_DEFAULT_MAX_LORA_RANK}; allowed values {list(VLLM_MAX_LORA_RANKS)})")
-    if config.get("bias", "none") != "none":
-        notes.append(f"bias={config['bias']!r}: vLLM needs LoRA biases enabled (--enable-lora-bias); versions "
-                     "without that flag refuse the adapter")
-    embeds = sorted({p[0] for key in shapes if (p := parse_file_key(key)) and p[1].startswith("lora_embedding")})
-    if embeds:
-        notes.append(f"LoRA on embeddings ({embeds}): only some vLLM versions and models serve it")
-    return {"servable": not problems, "problems": problems, "notes": notes, "max_lora_rank": allowed}
+    return {"servable": v.ok, "problems": v.problems, "notes": v.notes, "max_lora_rank": allowed}
