@@ -32,16 +32,14 @@ from typing import Any
 import torch
 
 from lorakit.config import LoraConfig
-from lorakit.data import Columns, TokenDataset, classification_dataset, detect_layout, load_dataset, vader_split
-from lorakit.data.builtin import LABELS
-from lorakit.data.files import read_records
-from lorakit.data.formats import infer_task
+from lorakit.data import TokenDataset
 from lorakit.extras import available, install_hint, require
 from lorakit.inject import find_targets, inject
 from lorakit.io.distributed import full_tensors, is_distributed, is_main_process, on_main_process, world_size
 from lorakit.models import BUILTIN, ORIGIN, builtin_shadow_note, default_targets, head_modules, load_tokenizer
 from lorakit.train.checkpoint import default_modes, list_checkpoints
 from lorakit.train.config import TrainConfig
+from lorakit.train.job_data import BUILTIN_DATA, LOSS_SWITCHES, build_data
 from lorakit.train.logging import (
     EvalPrinter,
     StepPrinter,
@@ -63,14 +61,14 @@ from lorakit.train.settings import (
     parse_modules,
 )
 
-BUILTIN_DATA = "vader"
 RUN_CONFIG = "run_config.json"
 # what a run writes into its directory: removed by --overwrite, so that nothing of an older run survives
 OUTPUTS = ("adapter", "checkpoints", "tensorboard", "wandb", "metrics.json", "history.json", "curves.png",
            "trainable.safetensors", RUN_CONFIG)
 RESUME_OVERRIDES = ("device", "threads", "progress", "report_to")
 
-__all__ = ["DEFAULTS", "TRAIN_KEYS", "LORA_KEYS", "JobSettings", "RunInterrupted", "run_job", "check_keys"]
+__all__ = ["DEFAULTS", "TRAIN_KEYS", "LORA_KEYS", "LOSS_SWITCHES", "JobSettings", "RunInterrupted", "run_job",
+           "check_keys", "build_data"]
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -122,69 +120,6 @@ def new_run_dir(out: str | None, overwrite: bool) -> str:
                 os.remove(path)
     os.makedirs(out, exist_ok=True)
     return out
-
-
-def build_data(job: JobSettings, tok) -> tuple[JobSettings, TokenDataset, TokenDataset | None]:
-    """``(job with task and layout resolved, train, eval)`` datasets. Every data check happens here,
-    before the model is built; ``eval`` is ``None`` when nothing is evaluated (``eval_strategy = "no"``,
-    or no eval data and ``eval_split = 0``).
-
-    Raises:
-        ValueError: bad data, or ``eval_strategy = "no"`` together with ``eval_data``.
-    """
-    max_len = job.max_length
-    if job.eval_strategy == "no" and job.eval_data:
-        raise ValueError(f"eval_strategy 'no' and eval_data {job.eval_data!r} contradict each other; drop one")
-    if job.data == BUILTIN_DATA:
-        if (job.task or "seq-cls") != "seq-cls":
-            raise ValueError("the built-in VADER data is for --task seq-cls")
-        job = dataclasses.replace(job, task="seq-cls", layout="classification")
-        tr, te = vader_split()
-        src = "vaderSentiment/vader_lexicon.txt"
-        train = _loss_mask(job, classification_dataset(tr, tok, src, label_names=LABELS, max_length=max_len or 16))
-        ev = None if job.eval_strategy == "no" else \
-            classification_dataset(te, tok, src, label_names=LABELS, max_length=max_len or 16)
-        return job, train, ev
-    columns = Columns.from_settings(job.to_dict())
-    records = read_records(job.data)
-    task = job.task or infer_task(records, columns, job.data)
-    job = dataclasses.replace(job, task=task, layout=detect_layout(records[0], columns, task))
-    kw = {"max_length": max_len or 512, "columns": columns}
-    train = _loss_mask(job, load_dataset(job.data, tok, job.task, label_names=job.labels, **kw))
-    if job.eval_data:
-        ev = load_dataset(job.eval_data, tok, job.task, label_names=train.label_names or None, **kw)
-        return job, train, _loss_mask(job, ev)
-    if not job.eval_split or job.eval_strategy == "no":
-        return job, train, None
-    n_eval = max(1, int(round(job.eval_split * len(train))))
-    if n_eval >= len(train):
-        raise ValueError(f"{job.data}: {len(train)} example(s) are too few to hold out eval_split={job.eval_split}; "
-                         "give --eval-data or --eval-split 0")
-    perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(job.seed)).tolist()
-    return job, train.subset(perm[n_eval:]), train.subset(perm[:n_eval])
-
-
-# TRL's loss switches and the layouts they apply to (lorakit's default, like TRL's for completions: True)
-LOSS_SWITCHES = {"completion_only_loss": ("prompt-completion", "alpaca"), "assistant_only_loss": ("chat",)}
-
-
-def _loss_mask(job: JobSettings, ds: TokenDataset) -> TokenDataset:
-    """``ds``, with the loss on every token where a switch of :data:`LOSS_SWITCHES` is ``False``
-    (TRL's ``completion_only_loss=False`` / ``assistant_only_loss=False``: ``labels = input_ids``).
-
-    Raises:
-        ValueError: a switch set for data it does not apply to (it would be ignored).
-    """
-    for name, layouts in LOSS_SWITCHES.items():
-        value = getattr(job, name)
-        if value is None:
-            continue
-        if job.layout not in layouts:
-            raise ValueError(f"{name} applies to {' and '.join(layouts)} data; {job.data} is {job.layout!r} data, "
-                             f"so it would be ignored: leave it out")
-        if value is False:
-            ds = dataclasses.replace(ds, examples=[{**e, "labels": list(e["input_ids"])} for e in ds.examples])
-    return ds
 
 
 def lora_config(job: JobSettings, model) -> tuple[LoraConfig, str]:
