@@ -60,7 +60,6 @@ def test_generation_stops_at_the_generation_configs_terminators():
 
 def test_chat_generation_stops_at_the_templates_end_of_turn():
     from lorakit.train.inference import generate
-    from lorakit.train.prompts import end_of_turn_id
 
     model, tok = tiny_llama(hidden_size=32, num_layers=1)
     tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
@@ -68,11 +67,13 @@ def test_chat_generation_stops_at_the_templates_end_of_turn():
     model.resize_token_embeddings(len(tok))
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
     assert model.generation_config.eos_token_id == tok.eos_token_id != im_end  # the config knows only </s>
-    assert end_of_turn_id(tok) == im_end
     always_emits(model, im_end)
     counts = count_new_tokens(model)
     assert generate(model, tok, messages=[{"role": "user", "content": "hi"}], max_new_tokens=16) == ""
     assert counts == [1]  # training put the loss on "...<|im_end|>": the reply ends there
+    from lorakit.train.prompts import end_of_turn_id
+
+    assert end_of_turn_id(tok) == im_end
 
 
 @pytest.fixture(scope="module")
@@ -262,10 +263,10 @@ def test_inference_on_a_quantized_run_uses_the_quantized_base(tmp_path):
                  "--max-steps", "2", "--lr", "1e-2", "--threads", "1", "--no-progress", "--out", str(run)]) == 0
     trained_loss = json.loads((run / "metrics.json").read_text())["eval_loss"]
     model, tok, trained = load_trained(str(run), "causal-lm")
-    assert trained.base.quantize == "nf4"
-    assert any(type(m).__name__ == "Linear4bit" for m in model.modules())
     ds = load_dataset(ev, tok, "causal-lm", max_length=512)
     assert evaluate(model, ds, 64, torch.device("cpu"))["eval_loss"] == pytest.approx(trained_loss, rel=1e-6)
+    assert any(type(m).__name__ == "Linear4bit" for m in model.modules())
+    assert trained.base.quantize == "nf4"
     from lorakit.models import load_model
 
     unquantized, _ = load_model("tiny-llama", "causal-lm")  # what predict/generate loaded before

@@ -13,7 +13,6 @@ import torch
 
 from lorakit.cli import build_parser, main
 from lorakit.cli.train import settings_from_args
-from lorakit.train.settings import JobSettings
 
 
 def settings_of(tmp_path, text: str) -> dict:
@@ -46,6 +45,8 @@ overwrite_output_dir: true
                  "save_strategy": "epoch", "gradient_checkpointing": True,
                  "gradient_checkpointing_kwargs": {"use_reentrant": True}, "neftune_noise_alpha": 5.0,
                  "completion_only_loss": False, "assistant_only_loss": True, "task": "causal-lm", "overwrite": True}
+    from lorakit.train.settings import JobSettings
+
     job = JobSettings.from_settings(s)
     cfg = job.train_config(progress=False)  # every one reaches the loop's config, checked
     assert (cfg.log_every, cfg.optim, cfg.schedule, cfg.neftune_noise_alpha) == (5, "paged_adamw_8bit",
@@ -64,6 +65,8 @@ overwrite_output_dir: true
     ("logging_strategy: epoch", "lorakit logs every log_every"),
 ])
 def test_names_lorakit_does_not_honour_are_refused_with_the_reason(tmp_path, text, reason):
+    from lorakit.train.settings import JobSettings
+
     with pytest.raises(ValueError, match=reason) as e:
         JobSettings.from_settings(settings_of(tmp_path, text)).train_config(False)
     assert "did you mean" not in str(e.value)
@@ -156,6 +159,7 @@ def prompt_completion(tmp_path_factory):
 def test_completion_only_loss_false_puts_the_loss_on_every_token(prompt_completion):
     from lorakit.models import char_tokenizer
     from lorakit.train.job import build_data
+    from lorakit.train.settings import JobSettings
 
     tok = char_tokenizer()
     job = JobSettings.from_settings({"data": prompt_completion, "eval_split": 0})
