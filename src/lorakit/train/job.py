@@ -49,6 +49,7 @@ from lorakit.train.logging import (
     parse_report_to,
 )
 from lorakit.train.loop import fit, plan_steps, resolve_device
+from lorakit.train.optim import BNB as BNB_OPTIMIZERS
 from lorakit.train.run_base import BaseSpec, load_base
 from lorakit.train.settings import (
     DEFAULTS,
@@ -287,6 +288,8 @@ def run_job(settings: dict[str, Any] | JobSettings, resume: str | None = None, c
             raise ValueError(f"--quantize {job.quantize} trains LoRA factors on a frozen quantized base; "
                              f"--method {job.method} would train the base weights themselves. Use --method lora")
         job.train_config(bool(progress))  # every loop setting checked before anything is loaded
+        if job.optim in BNB_OPTIMIZERS:
+            require("bitsandbytes", f"optim {job.optim}")
         if resume is None:
             check_run_dir(job.out, job.overwrite)
         if job.threads:

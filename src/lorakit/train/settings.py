@@ -202,7 +202,8 @@ UNSUPPORTED: dict[str, str] = {
     "label_names": "Trainer's names of the label tensors; lorakit's label set is 'labels'",
     **dict.fromkeys(("do_train", "do_eval", "do_predict"),
                     "lorakit train always trains, and evaluates as eval_strategy / --eval-split say"),
-    "resume_from_checkpoint": "give --resume OUT on the command line",
+    **dict.fromkeys(("resume_from_checkpoint", "resume"), "give --resume OUT on the command line"),
+    "config": "a settings file cannot name another one; give --config FILE on the command line",
     "data_seed": "lorakit's data order follows 'seed'",
     "torch_compile": "lorakit train's loop does not compile the model",
     **dict.fromkeys(("use_cpu", "no_cuda"), "use device = \"cpu\""),
@@ -244,7 +245,7 @@ def normalize(settings: dict[str, Any], source: str) -> dict[str, Any]:
         name = ALIASES.get(k, k)
         if name in UNSUPPORTED:
             raise ValueError(f"{source}: setting {key!r} is not supported by lorakit train: {UNSUPPORTED[name]}")
-        if name not in DEFAULTS and name not in ("resume", "config"):
+        if name not in DEFAULTS:
             valid = [*DEFAULTS, *ALIASES]
             close = difflib.get_close_matches(k, valid, n=3, cutoff=0.75)
             hint = f"; did you mean {' or '.join(repr(ALIASES.get(c, c)) for c in close)}?" if close else ";"
