@@ -37,6 +37,7 @@ def test_the_readme_has_its_examples_and_the_torchrun_one_is_run_elsewhere():
         assert TORCHRUN_MARK in f.read()
 
 
+@pytest.mark.slow  # a fresh interpreter per block: 4-7 s each
 @pytest.mark.parametrize("line, code", readme_blocks(), ids=lambda v: f"line{v}" if isinstance(v, int) else "")
 def test_readme_python_block_runs_and_prints_what_it_says(line, code, tmp_path):
     for module, package in NEEDS.items():
