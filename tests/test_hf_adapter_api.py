@@ -152,3 +152,20 @@ def test_trl_sft_trainer_checkpoints_resumes_and_saves_an_adapter_peft_loads(tmp
     assert not all(torch.equal(a[n], trainer().model.state_dict()[n]) for n in trained)  # it did train
     reference = peft.PeftModel.from_pretrained(base(), tmp_path / "final").eval()
     assert torch.allclose(logits(reference), logits(first.model.eval()), atol=1e-6)
+
+
+def test_trainer_accepts_a_quantized_base_with_lorakit_adapters():
+    """transformers refuses to train a quantized model without adapters; lorakit's adapters count as such."""
+    pytest.importorskip("bitsandbytes")
+    from transformers.trainer_utils import validate_quantization_for_training
+
+    from lorakit.quantize import load_quantized, prepare_for_kbit_training
+
+    model, _ = load_quantized("tiny-llama", "causal-lm", "nf4")
+    prepare_for_kbit_training(model)
+    with pytest.raises(ValueError):
+        validate_quantization_for_training(model)  # a bare 4-bit model: refused, as it should be
+    lk.inject(model, lk.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    validate_quantization_for_training(model)
+    merged = lk.merge_and_unload(model)
+    assert not getattr(merged, "_hf_peft_config_loaded", False)  # plain transformers again
