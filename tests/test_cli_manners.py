@@ -100,7 +100,7 @@ def test_ctrl_c_during_start_up_claims_no_checkpoint(llama_dir, sft_file, tmp_pa
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(job, "load_model", interrupted)
+    monkeypatch.setattr(job, "load_base", interrupted)
     out = tmp_path / "run"
     assert main(train_args(llama_dir, sft_file, out, "--max-steps", "1")) == 130
     err = capsys.readouterr().err
@@ -172,7 +172,7 @@ def test_train_config_defaults_are_the_clis():
 def test_every_training_setting_reaches_train_config():
     """A job setting that names a TrainConfig field must be passed to it (``--fsdp`` once was not, and
     trained with DDP without a word), and every train flag must land in a setting."""
-    settings_only = {"log_every", "loss_chunk_size"}  # TrainConfig fields the CLI does not expose
+    settings_only = {"loss_chunk_size"}  # TrainConfig fields the CLI does not expose
     assert {f.name for f in fields(TrainConfig)} - settings_only == set(TRAIN_KEYS)
     parser = build_parser()
     train = next(a for a in parser._actions if hasattr(a, "choices") and isinstance(a.choices, dict)).choices["train"]

@@ -110,7 +110,9 @@ def test_verdict_claims_nothing_a_budget_that_did_not_learn_did_not_show():
     learned = aggregate([_row("L", "lora", 0, 89.5, 5), _row("F", "full", 0, 90.0, 1000),
                          _row("H", "head", 0, 52.0, 2)], ["L", "F", "H"])
     lines = verdict(learned, majority=52.0)
-    assert lines[0].endswith("→ met.") and lines[2].endswith("→ met.")
+    assert lines[0].endswith("→ met.")
+    # the head-only floor sat at the majority class: a gap to it shows nothing (it claimed "+37.50 → met")
+    assert "not shown" in lines[2] and "H did not learn" in lines[2] and "met" not in lines[2].replace("not shown", "")
 
 
 def test_markdown_has_a_row_per_method_and_the_command():
@@ -123,3 +125,43 @@ def test_markdown_has_a_row_per_method_and_the_command():
     md = markdown(result)
     assert "`lorakit compare --budget small`" in md
     assert sum(line.startswith(("| L |", "| F |", "| H |")) for line in md.splitlines()) == 3
+
+
+def _result(methods, sweep, majority=52.0):
+    return {"command": "c", "budget": {"name": "small", "notes": "n", "epochs": 1, "batch_size": 32}, "seeds": [0],
+            "train_examples": 10, "test_examples": 5, "task": "t", "majority_class_pct": majority,
+            "environment": {"device": "cpu", "torch": "x", "threads": 2}, "elapsed_seconds": 60.0,
+            "methods": methods, "sweep": sweep}
+
+
+def _sweep_row(r, target, acc):
+    return {**_row(f"LoRA r={r} {target}", "lora", 0, acc), "kwargs": {"r": r}}
+
+
+def test_rows_that_did_not_learn_are_flagged_in_the_tables_and_the_plot(tmp_path):
+    from lorakit.compare.report import plot_sweep
+
+    methods = aggregate([_row("L", "lora", 0, 89.5), _row("F", "full", 0, 90.0), _row("H", "head", 0, 52.0)],
+                        ["L", "F", "H"])
+    sweep = aggregate([_sweep_row(1, "query", 88.0), _sweep_row(64, "all-linear", 52.0)],
+                      ["LoRA r=1 query", "LoRA r=64 all-linear"])
+    md = markdown(_result(methods, sweep))
+    lines = md.splitlines()
+    assert next(x for x in lines if x.startswith("| H |")).count("52.0 †") == 1
+    assert "89.5 †" not in md and "88.0 †" not in md
+    assert next(x for x in lines if x.startswith("| 64 |")).count("52.0 †") == 1
+    assert "† did not learn: within 5 points of the majority class (52.0%)" in md
+    flagged = plot_sweep(sweep, str(tmp_path / "sweep.png"), majority=52.0)
+    assert flagged == ["LoRA r=64 all-linear"] and (tmp_path / "sweep.png").stat().st_size > 0
+
+
+def test_timings_under_contention_are_flagged_and_quiet_ones_are_not():
+    busy = [{**_row("L", "lora", 0, 89.5), "cpu_utilization": 0.3}, {**_row("F", "full", 0, 90.0),
+                                                                       "cpu_utilization": 0.95}]
+    methods = aggregate(busy, ["L", "F"])
+    md = markdown(_result(methods, []))
+    assert next(x for x in md.splitlines() if x.startswith("| L |")).count(" ‡ |") == 1
+    assert " ‡ |" not in next(x for x in md.splitlines() if x.startswith("| F |"))
+    assert "‡ timed under contention: the training process got as little as 30% of its cpu cores" in md
+    quiet = markdown(_result(aggregate([{**_row("F", "full", 0, 90.0), "cpu_utilization": 0.95}], ["F"]), []))
+    assert "‡" not in quiet

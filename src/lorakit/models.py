@@ -88,6 +88,19 @@ def tiny_llama(hidden_size: int = 64, num_layers: int = 2, vocab_size: int | Non
     return model, tok
 
 
+def builtin_shadow_note(name: str) -> str | None:
+    """The note to print when ``name`` is a built-in model name and also a path that exists here.
+
+    The rule, the same for ``train``, ``predict``, ``generate``, ``merge`` and ``export``: a bare
+    built-in name always means the built-in model; a directory of that name is used when written as
+    a path (``./tiny-llama``). ``None`` when there is no ambiguity.
+    """
+    if name not in BUILTIN or not os.path.exists(name):
+        return None
+    return (f"{name!r} is lorakit's built-in model and is used as such; the directory {os.path.join('.', name)!r} "
+            f"here is not (write ./{name} to use the directory)")
+
+
 def hub_cache_dir() -> str:
     """The Hugging Face hub cache, read from the environment now (``HF_HUB_CACHE``, ``HF_HOME``)."""
     if os.environ.get("HF_HUB_CACHE"):

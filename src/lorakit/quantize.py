@@ -192,22 +192,3 @@ def weight_bytes(model: nn.Module) -> dict[str, int]:
         if id(t) not in held:
             other += new(t)
     return {"quantized": quantized, "other": other, "total": quantized + other}
-
-
-def load_for_job(s: dict[str, Any]):
-    """``lorakit train --quantize``: the quantized base of a job's settings (on its ``device``),
-    prepared for training.
-
-    Raises:
-        ValueError: a method other than LoRA (a quantized weight cannot be trained itself).
-    """
-    if s.get("method", "lora") != "lora":
-        raise ValueError(f"--quantize {s['quantize']} trains LoRA factors on a frozen quantized base; "
-                         f"--method {s['method']} would train the base weights themselves. Use --method lora")
-    from lorakit.train.loop import resolve_device
-
-    model, tok = load_quantized(s["model"], s["task"], s["quantize"], label_names=s.get("labels"),
-                                seed=s.get("seed", 0), device=str(resolve_device(s.get("device", "auto"))),
-                                attn_implementation=s.get("attn_implementation"))
-    prepare_for_kbit_training(model)
-    return model, tok

@@ -100,26 +100,26 @@ def trained_quantization(adapter_dir: Path) -> str | None:
 
 def _load_base(args: argparse.Namespace, adapter_dir: Path, task_type: str | None, quantize: str):
     """``(model, tokenizer or None, description)`` of the base to merge into; quantized as the
-    adapter was trained when ``quantize`` is not ``"none"`` (merged from the same 4/8-bit codes)."""
-    from lorakit.models import BUILTIN, is_hub_id, load_model, quiet_transformers
-    from lorakit.train.inference import RUN_CONFIG, find_run
+    adapter was trained when ``quantize`` is not ``"none"`` (merged from the same 4/8-bit codes).
+    A run's base is loaded as training loaded it (:func:`lorakit.train.run_base.load_base`)."""
+    from lorakit.models import BUILTIN, builtin_shadow_note, is_hub_id, quiet_transformers
+    from lorakit.train.inference import find_run, is_run
+    from lorakit.train.run_base import BaseSpec, load_base
 
     quiet_transformers()  # no "Loading weights" bars from transformers
     base = args.base
     run_dir = Path(args.adapter)
     task = "seq-cls" if task_type == "SEQ_CLS" else "causal-lm"
     if base is None or base in BUILTIN or is_hub_id(base):
-        settings = find_run(str(run_dir))[0] if (run_dir / RUN_CONFIG).is_file() or base is None else {}
-        name = base or settings["model"]
-        task = settings.get("task") or task
-        seed = args.seed if args.seed is not None else settings.get("seed", 0)
-        if quantize != "none":
-            from lorakit.quantize import load_quantized
-
-            model, tok = load_quantized(name, task, quantize, label_names=settings.get("labels"), seed=seed)
-        else:
-            model, tok = load_model(name, task, label_names=settings.get("labels"), seed=seed)
-        return model, tok, name
+        spec = BaseSpec.of_job(find_run(str(run_dir))[0]) if is_run(str(run_dir)) or base is None else \
+            BaseSpec(model=base, task=task)
+        spec = spec.replace(model=base or spec.model, seed=args.seed if args.seed is not None else spec.seed,
+                            quantize=None if quantize == "none" else quantize)
+        note = builtin_shadow_note(spec.model)
+        if note:
+            print(f"note: {note}")
+        model, tok = load_base(spec)
+        return model, tok, spec.model
     base_dir = Path(base)
     if not base_dir.is_dir():
         raise FileNotFoundError(f"--base {base!r} is not a directory, a built-in name {list(BUILTIN)} or a Hub id")

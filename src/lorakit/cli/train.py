@@ -4,11 +4,14 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from typing import Any
 
-from lorakit.train.settings import FLAG_ALIASES, parse_modules, parse_parameters
+from lorakit.train.optim import OPTIMIZERS
+from lorakit.train.schedule import SCHEDULES
+from lorakit.train.settings import FLAG_ALIASES, STRATEGIES, parse_modules, parse_parameters
 
 DESCRIPTION = """Fine-tune a model with LoRA and write the adapter, metrics.json, curves.png and checkpoints.
 
@@ -31,8 +34,11 @@ The task is inferred from the columns if not given. Examples longer than --max-l
 
 Settings can come from --config FILE (TOML or YAML; keys are the flag names, with - or _, or the
 names of transformers' TrainingArguments / TRL / PEFT: learning_rate, num_train_epochs,
-per_device_train_batch_size, gradient_accumulation_steps, lora_r, ...); flags given on the command
-line override it. Ctrl-C saves a checkpoint; --resume OUT continues it."""
+per_device_train_batch_size, gradient_accumulation_steps, logging_steps, optim, lr_scheduler_type,
+lr_scheduler_kwargs, eval_strategy, save_strategy, gradient_checkpointing_kwargs, neftune_noise_alpha,
+completion_only_loss, assistant_only_loss, task_type, lora_r, ...; a name lorakit does not honour is
+refused with the reason); flags given on the command line override it. Ctrl-C saves a checkpoint;
+--resume OUT continues it."""
 
 EPILOG = """examples:
   lorakit train                                   # the default job
@@ -48,6 +54,16 @@ EPILOG = """examples:
 def _bool_or_str(v: str) -> bool | str:
     low = v.lower()
     return {"true": True, "false": False}.get(low, low)
+
+
+def _json_object(v: str) -> dict[str, Any]:
+    try:
+        value = json.loads(v)
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object like '{{\"num_cycles\": 3}}'; got {v!r}")
+    return value
 
 
 def _int_list(v: str) -> list[int]:
@@ -80,6 +96,10 @@ OPTIONS: list[tuple[str, str, Any, str]] = [
     ("data", "--prompt-column", str, "column holding the prompt (default: prompt)"),
     ("data", "--completion-column", str, "column holding the completion (default: completion)"),
     ("data", "--messages-column", str, "column holding a chat, a list of {role, content} (default: messages)"),
+    ("data", "--completion-only-loss", "bool", "TRL's switch: loss on the completion only (prompt/completion "
+                                               "and Alpaca data; default: on)"),
+    ("data", "--assistant-only-loss", "bool", "TRL's switch: loss on the assistant turns only (chat data; default: "
+                                              "on; TRL's default is off)"),
     ("lora", "--r", int, "LoRA rank r of ΔW = (alpha/r)·B·A (also --lora-r: under torchrun, whose own options make "
                          "--r ambiguous)"),
     ("lora", "--lora-alpha", float, "LoRA alpha (scaling = alpha/r, or alpha/√r with --use-rslora)"),
@@ -107,16 +127,28 @@ OPTIONS: list[tuple[str, str, Any, str]] = [
     ("train", "--weight-decay", float, "AdamW weight decay"),
     ("train", "--warmup-ratio", float, "fraction of steps with linear warm-up"),
     ("train", "--warmup-steps", int, "warm-up steps (overrides --warmup-ratio when > 0)"),
-    ("train", "--schedule", ["cosine", "linear", "constant"], "learning-rate decay after warm-up"),
+    ("train", "--optim", list(OPTIMIZERS), "optimizer, by transformers' names: AdamW (torch, fused), bitsandbytes' "
+                                          "8-bit / paged AdamW (lorakit[quant]), SGD or Adafactor"),
+    ("train", "--schedule", list(SCHEDULES), "learning-rate decay after warm-up (transformers' lr_scheduler_type "
+                                             "names; options with --schedule-kwargs)"),
+    ("train", "--schedule-kwargs", _json_object, "the schedule's options as JSON, e.g. '{\"num_cycles\": 3}' "
+                                                 "(default: none)"),
     ("train", "--loraplus-lr-ratio", float, "LoRA+: lora_B learns at lr × this ratio"),
     ("train", "--max-grad-norm", float, "clip the gradient norm (0: off)"),
     ("train", "--gradient-checkpointing", "bool", "recompute activations in backward (less memory)"),
     ("train", "--bf16", "bool", "bfloat16 autocast for forward/backward (weights stay fp32)"),
     ("train", "--seed", int, "seed for head init, data order and dropout"),
     ("train", "--eval-every", int, "evaluate every N steps (0: every epoch)"),
+    ("train", "--eval-strategy", list(STRATEGIES), "TrainingArguments' switch: no (no evaluation), steps "
+                                                   "(--eval-every) or epoch (default: epoch, or --eval-every)"),
+    ("train", "--log-every", int, "record the loss (history.json, trackers, log lines) every N steps"),
     ("train", "--eval-batch-size", int, "batch size for evaluation"),
     ("train", "--checkpoint-every", int, "checkpoint every N steps (0: only on Ctrl-C and at the end)"),
+    ("train", "--save-strategy", list(STRATEGIES), "TrainingArguments' switch: no periodic checkpoints, steps "
+                                                   "(--checkpoint-every) or epoch (default: --checkpoint-every)"),
     ("train", "--keep-checkpoints", int, "how many checkpoints to keep"),
+    ("train", "--neftune-noise-alpha", float, "NEFTune: uniform noise of this alpha on the input embeddings in "
+                                              "training (default: off)"),
     ("train", "--group-by-length", "bool", "batch similar lengths together (less padding)"),
     ("train", "--packing", "bool", "causal LM: each batch's examples end to end in one row, no padding, if the "
                                   "model's attention keeps them apart (checked; fastest with --attn-implementation "

@@ -9,10 +9,15 @@ import statistics
 from typing import Any
 
 # per-run numbers that get a mean and a standard deviation over seeds
-NUMERIC = ("accuracy", "served_accuracy", "train_seconds", "memory_total_mb", "memory_weights_mb", "memory_grads_mb",
-           "memory_optimizer_mb", "memory_activations_mb", "latency_base_ms", "latency_ms", "latency_overhead_pct",
-           "latency_spread_pct", "train_loss")
+NUMERIC = ("accuracy", "served_accuracy", "train_seconds", "cpu_utilization", "memory_total_mb", "memory_weights_mb",
+           "memory_grads_mb", "memory_optimizer_mb", "memory_activations_mb", "latency_base_ms", "latency_ms",
+           "latency_overhead_pct", "latency_spread_pct", "train_loss")
 LEARNED_MARGIN = 5.0  # points above the majority class a method must reach before a claim about it is made
+# CPU time / (wall time × threads) below this during training: the process did not get its cores (other load),
+# so its absolute times say more about the machine than about the method
+CONTENDED = 0.7
+DID_NOT_LEARN = "†"
+CONTENTION = "‡"
 # per-run facts that are the same for every seed
 FIXED = ("label", "method", "kwargs", "lr", "trainable_params", "base_params", "trainable_pct", "stored_bytes",
          "stored_tensors", "served_architecture", "inference", "steps")
@@ -70,6 +75,9 @@ def verdict(methods: list[dict[str, Any]], majority: float | None = None) -> lis
     ratio = 100.0 * lora["trainable_params"] / full["trainable_params"]
     lift = lora["accuracy_mean"] - head["accuracy_mean"]
     unlearned = [r for r in (lora, full) if not learned(r)]
+    floor_flat = (f" → **not shown**: {head['label']} did not learn (it stayed within {LEARNED_MARGIN:g} points of the "
+                  f"majority class, {majority:.1f}%), so the gap is to a floor that never trained, not to a linear "
+                  "probe; run a larger budget." if not learned(head) else "")
     lines = [
         f"- LoRA − full fine-tuning: **{gap:+.2f} points** (target: within 1 point)"
         + (f", standard error of the difference {se:.2f} over {n} seeds" if n > 1 else ", one seed")
@@ -77,7 +85,7 @@ def verdict(methods: list[dict[str, Any]], majority: float | None = None) -> lis
         f"- LoRA trains **{ratio:.2f}%** of full fine-tuning's parameters (target: < 1%) → "
         f"{'met' if ratio < 1.0 else 'not met'}.",
         f"- LoRA − head only: **{lift:+.2f} points** (target: ≥ 10)"
-        + (not_shown([lora]) if not learned(lora) else f" → {'met' if lift >= 10.0 else 'not met'}."),
+        + (not_shown([lora]) if not learned(lora) else floor_flat or f" → {'met' if lift >= 10.0 else 'not met'}."),
     ]
     for name, title in (("adapter", "Houlsby adapters"), ("prefix", "prefix tuning"), ("bitfit", "BitFit")):
         if name in by:
@@ -86,6 +94,40 @@ def verdict(methods: list[dict[str, Any]], majority: float | None = None) -> lis
     if majority is not None:
         lines.append(f"- Majority class of the test set: {majority:.1f}% (a model that learned nothing scores this).")
     return lines
+
+
+def did_not_learn(row: dict[str, Any], majority: float | None) -> bool:
+    """Whether a row's accuracy stayed within :data:`LEARNED_MARGIN` points of the majority class."""
+    return majority is not None and row["accuracy_mean"] < majority + LEARNED_MARGIN
+
+
+def contended(row: dict[str, Any], device: str = "cpu") -> bool:
+    """Whether a CPU row's training ran short of its cores (CPU time / (wall × threads) < :data:`CONTENDED`)."""
+    u = row.get("cpu_utilization_mean")
+    return device.startswith("cpu") and u is not None and u < CONTENDED
+
+
+def _acc(row: dict[str, Any], majority: float | None) -> str:
+    return _pm(row, "accuracy") + (f" {DID_NOT_LEARN}" if did_not_learn(row, majority) else "")
+
+
+def _seconds(row: dict[str, Any], device: str) -> str:
+    return _pm(row, "train_seconds", 0) + (f" {CONTENTION}" if contended(row, device) else "")
+
+
+def flags_note(rows: list[dict[str, Any]], majority: float | None, device: str) -> list[str]:
+    """Footnotes for the flags the rows carry (none when no row is flagged)."""
+    notes = []
+    if any(did_not_learn(r, majority) for r in rows):
+        notes.append(f"{DID_NOT_LEARN} did not learn: within {LEARNED_MARGIN:g} points of the majority class "
+                     f"({majority:.1f}%); no claim is made from it.")
+    busy = [r for r in rows if contended(r, device)]
+    if busy:
+        worst = min(r["cpu_utilization_mean"] for r in busy)
+        notes.append(f"{CONTENTION} timed under contention: the training process got as little as {worst:.0%} of "
+                     f"its {device} cores (CPU time / (wall time × threads) < {CONTENDED:.0%}), so other load "
+                     "stretched its absolute times; compare the ratios (latency `vs base`, paired), not the seconds.")
+    return notes
 
 
 def _vs_base(row: dict[str, Any]) -> str:
@@ -97,6 +139,7 @@ def markdown(result: dict[str, Any]) -> str:
     """results.md: how it was made, the method table, the claims, the rank × target sweep."""
     b, methods, sweep = result["budget"], result["methods"], result["sweep"]
     seeds = result["seeds"]
+    majority, device = result.get("majority_class_pct"), result["environment"]["device"]
     out = [
         "# lorakit compare — the LoRA paper's comparison, measured",
         "",
@@ -117,8 +160,9 @@ def markdown(result: dict[str, Any]) -> str:
     for r in methods:
         out.append(
             f"| {r['label']} | {r['lr']:g} | {r['trainable_params']:,} | {r['trainable_pct']:.3f} | "
-            f"{_pm(r, 'accuracy')} | {_pm(r, 'train_seconds', 0)} | {r['memory_total_mb_mean']:.1f} | "
+            f"{_acc(r, majority)} | {_seconds(r, device)} | {r['memory_total_mb_mean']:.1f} | "
             f"{r['stored_bytes'] / 2**20:.2f} | {r['latency_ms_mean']:.2f} | {_vs_base(r)} | {r['inference']} |")
+    out += ["", *flags_note(methods + sweep, majority, device)]
     out += [
         "",
         "Train memory = weights + gradients + AdamW state + activations saved for backward on one batch, "
@@ -145,7 +189,7 @@ def markdown(result: dict[str, Any]) -> str:
                 "Test accuracy (%) and trainable parameters (head included); lr 1e-3, alpha = 2r.", "",
                 "| r | " + " | ".join(targets) + " |", "|---:|" + "---:|" * len(targets)]
         for rank in ranks:
-            cells = [f"{_pm(cell[(rank, t)], 'accuracy')} ({cell[(rank, t)]['trainable_params']:,})"
+            cells = [f"{_acc(cell[(rank, t)], majority)} ({cell[(rank, t)]['trainable_params']:,})"
                      if (rank, t) in cell else "—" for t in targets]
             out.append(f"| {rank} | " + " | ".join(cells) + " |")
         out += ["", "![sweep](sweep.png)", ""]
@@ -177,8 +221,13 @@ def plot_methods(methods: list[dict[str, Any]], path: str) -> None:
     plt.close(fig)
 
 
-def plot_sweep(sweep: list[dict[str, Any]], path: str) -> None:
-    """Accuracy vs trainable parameters (log x), one line per target set, points labelled by rank."""
+def plot_sweep(sweep: list[dict[str, Any]], path: str, majority: float | None = None) -> list[str]:
+    """Accuracy vs trainable parameters (log x), one line per target set, points labelled by rank; the
+    points that did not learn are circled in red and labelled, over a dashed line at the majority class.
+
+    Returns:
+        The labels of the points flagged as not learned.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -193,8 +242,17 @@ def plot_sweep(sweep: list[dict[str, Any]], path: str) -> None:
         ax.errorbar([r["trainable_params"] for r in rows], [r["accuracy_mean"] for r in rows],
                     yerr=[r["accuracy_std"] for r in rows], marker="o", capsize=3, label=target)
         for r in rows:
-            ax.annotate(f"r={r['kwargs']['r']}", (r["trainable_params"], r["accuracy_mean"]), fontsize=7,
-                        textcoords="offset points", xytext=(3, -10))
+            flat = did_not_learn(r, majority)
+            ax.annotate(f"r={r['kwargs']['r']}" + (" (did not learn)" if flat else ""),
+                        (r["trainable_params"], r["accuracy_mean"]), fontsize=7, textcoords="offset points",
+                        xytext=(3, -10), color="#c44e52" if flat else "black")
+    flagged = [r for r in sweep if did_not_learn(r, majority)]
+    if flagged:
+        ax.scatter([r["trainable_params"] for r in flagged], [r["accuracy_mean"] for r in flagged], s=140,
+                   facecolors="none", edgecolors="#c44e52", linewidths=1.5, zorder=5,
+                   label=f"did not learn (< majority + {LEARNED_MARGIN:g})")
+    if majority is not None:
+        ax.axhline(majority, color="grey", linestyle="--", linewidth=1, label=f"majority class {majority:.1f}%")
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (log scale, head included)")
     ax.set_ylabel("test accuracy (%)")
@@ -203,6 +261,7 @@ def plot_sweep(sweep: list[dict[str, Any]], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+    return [r["label"] for r in flagged]
 
 
 def write(result: dict[str, Any], out_dir: str, plots: bool = True) -> dict[str, str]:
@@ -221,5 +280,5 @@ def write(result: dict[str, Any], out_dir: str, plots: bool = True) -> dict[str,
         plot_methods(result["methods"], paths["methods_png"])
     if result["sweep"]:
         paths["sweep_png"] = os.path.join(out_dir, "sweep.png")
-        plot_sweep(result["sweep"], paths["sweep_png"])
+        plot_sweep(result["sweep"], paths["sweep_png"], result.get("majority_class_pct"))
     return paths

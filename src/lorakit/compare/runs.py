@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from lorakit.compare.measure import paired_latency, size_on_disk, training_memory
 from lorakit.methods import get_method
 
@@ -120,9 +122,9 @@ def run_one(spec: RunSpec, seed: int, task, budget: Budget) -> dict[str, Any]:
     method = get_method(spec.method, **{k: list(v) if isinstance(v, tuple) else v for k, v in spec.kwargs})
     method.apply(model)
     cfg = TrainConfig(epochs=budget.epochs, lr=spec.lr, seed=seed, batch_size=budget.batch_size, progress=False)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     metrics = fit(model, task.train, task.eval, cfg)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     device = next(model.parameters()).device
     first = collate([task.train[i] for i in range(min(budget.batch_size, len(task.train)))],
                     task.train.task, task.train.pad_id)
@@ -141,7 +143,9 @@ def run_one(spec: RunSpec, seed: int, task, budget: Budget) -> dict[str, Any]:
         "trainable_pct": 100.0 * metrics["trainable_params"] / base_params,
         "accuracy": 100.0 * metrics["eval_accuracy"], "served_accuracy": 100.0 * served_acc,
         "train_loss": metrics["train_loss"], "steps": metrics["steps"],
-        "train_seconds": metrics["train_seconds"], "wall_seconds": wall,
+        "train_seconds": metrics["train_seconds"], "wall_seconds": wall, "cpu_seconds": cpu,
+        # < 1 when other processes took this one's cores: its absolute times are then stretched (report.CONTENDED)
+        "cpu_utilization": cpu / max(wall * torch.get_num_threads(), 1e-9),
         **{f"memory_{k}": v for k, v in memory.items()},
         "stored_bytes": size_on_disk(stored), "stored_tensors": len(stored),
         "latency_base_ms": latency["base_ms"], "latency_ms": latency["other_ms"],

@@ -1,15 +1,20 @@
-"""A whole ``lorakit train`` job from a flat settings dict: data, model, adapter, fit, outputs.
+"""A whole ``lorakit train`` job from its settings (a typed :class:`~lorakit.train.settings.JobSettings`):
+data, model, adapter, fit, outputs.
 
 Outputs in the run directory:
 
 * ``adapter/`` — PEFT-compatible adapter (``adapter_config.json`` + ``adapter_model.safetensors``);
 * ``metrics.json`` — method, parameter counts, eval metrics, time, throughput, peak memory;
 * ``curves.png`` — training loss (raw and smoothed) and eval curves; ``history.json`` — the raw numbers;
-* ``run_config.json`` — the resolved settings (what ``--resume``, ``predict`` and ``generate`` read);
+* ``run_config.json`` — the resolved settings (what ``--resume``, ``predict``, ``generate`` and ``merge`` read);
 * ``checkpoints/step-*/`` — resumable training state; ``tensorboard/`` with ``--report-to tensorboard``.
 
 Everything that can be checked (settings, device, data, model, optional packages) is checked
-before the run directory is created, so a refused job leaves nothing behind.
+before the run directory is created, so a refused job leaves nothing behind. The settings are
+resolved in visible steps — task and layout from the data, the label set, a GPU's precision, the
+run directory — each a ``dataclasses.replace`` of the frozen settings, never an edit in place.
+Before the first step the job says what it will do: the adapted modules and why, the trainable
+parameters, the train/eval examples, the effective batch and the number of steps.
 
 Under ``torchrun`` every rank runs the job and only rank 0 writes (see :mod:`lorakit.train.distributed`).
 """
@@ -27,22 +32,30 @@ from typing import Any
 import torch
 
 from lorakit.config import LoraConfig
-from lorakit.data import Columns, TokenDataset, classification_dataset, detect_layout, load_dataset, vader_split
-from lorakit.data.builtin import LABELS
-from lorakit.data.files import read_records
-from lorakit.data.formats import infer_task
+from lorakit.data import TokenDataset
 from lorakit.extras import available, install_hint, require
 from lorakit.inject import find_targets, inject
 from lorakit.io.distributed import full_tensors, is_distributed, is_main_process, on_main_process, world_size
-from lorakit.models import ORIGIN, default_targets, head_modules, load_model, load_tokenizer
+from lorakit.models import BUILTIN, ORIGIN, builtin_shadow_note, default_targets, head_modules, load_tokenizer
 from lorakit.train.checkpoint import default_modes, list_checkpoints
 from lorakit.train.config import TrainConfig
-from lorakit.train.logging import EvalPrinter, StepPrinter, close_all, make_reporters, parse_report_to
-from lorakit.train.loop import fit, plan_steps
+from lorakit.train.job_data import BUILTIN_DATA, LOSS_SWITCHES, build_data
+from lorakit.train.logging import (
+    EvalPrinter,
+    StepPrinter,
+    close_all,
+    make_reporters,
+    notify_eval,
+    parse_report_to,
+)
+from lorakit.train.loop import fit, plan_steps, resolve_device
+from lorakit.train.optim import BNB as BNB_OPTIMIZERS
+from lorakit.train.run_base import BaseSpec, load_base
 from lorakit.train.settings import (
     DEFAULTS,
     LORA_KEYS,
     TRAIN_KEYS,
+    JobSettings,
     check_device,
     gpu_precision,
     normalize,
@@ -50,14 +63,14 @@ from lorakit.train.settings import (
     parse_parameters,
 )
 
-BUILTIN_DATA = "vader"
 RUN_CONFIG = "run_config.json"
 # what a run writes into its directory: removed by --overwrite, so that nothing of an older run survives
 OUTPUTS = ("adapter", "checkpoints", "tensorboard", "wandb", "metrics.json", "history.json", "curves.png",
            "trainable.safetensors", RUN_CONFIG)
 RESUME_OVERRIDES = ("device", "threads", "progress", "report_to")
 
-__all__ = ["DEFAULTS", "TRAIN_KEYS", "LORA_KEYS", "RunInterrupted", "run_job", "check_keys"]
+__all__ = ["DEFAULTS", "TRAIN_KEYS", "LORA_KEYS", "LOSS_SWITCHES", "JobSettings", "RunInterrupted", "run_job",
+           "check_keys", "build_data"]
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -111,49 +124,25 @@ def new_run_dir(out: str | None, overwrite: bool) -> str:
     return out
 
 
-def build_data(s: dict[str, Any], tok) -> tuple[TokenDataset, TokenDataset | None]:
-    """Train and eval datasets; sets ``s["task"]`` (when not given) and ``s["layout"]``. Every data
-    check happens here, before the model is built."""
-    max_len = s["max_length"]
-    if s["data"] == BUILTIN_DATA:
-        s["task"] = s["task"] or "seq-cls"
-        if s["task"] != "seq-cls":
-            raise ValueError("the built-in VADER data is for --task seq-cls")
-        s["layout"] = "classification"
-        tr, te = vader_split()
-        src = "vaderSentiment/vader_lexicon.txt"
-        return (classification_dataset(tr, tok, src, label_names=LABELS, max_length=max_len or 16),
-                classification_dataset(te, tok, src, label_names=LABELS, max_length=max_len or 16))
-    columns = Columns.from_settings(s)
-    records = read_records(s["data"])
-    s["task"] = s["task"] or infer_task(records, columns, s["data"])
-    s["layout"] = detect_layout(records[0], columns, s["task"])
-    kw = {"max_length": max_len or 512, "columns": columns}
-    train = load_dataset(s["data"], tok, s["task"], label_names=s["labels"], **kw)
-    if s["eval_data"]:
-        return train, load_dataset(s["eval_data"], tok, s["task"], label_names=train.label_names or None, **kw)
-    if not s["eval_split"]:
-        return train, None
-    n_eval = max(1, int(round(s["eval_split"] * len(train))))
-    if n_eval >= len(train):
-        raise ValueError(f"{s['data']}: {len(train)} example(s) are too few to hold out eval_split={s['eval_split']}; "
-                         "give --eval-data or --eval-split 0")
-    perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(s["seed"])).tolist()
-    return train.subset(perm[n_eval:]), train.subset(perm[:n_eval])
-
-
-def lora_config(s: dict[str, Any], model) -> LoraConfig:
-    kw = {k: s[k] for k in LORA_KEYS}
+def lora_config(job: JobSettings, model) -> tuple[LoraConfig, str]:
+    """The adapter's config, and why its targets are what they are (for the start-of-run summary)."""
+    kw = {k: getattr(job, k) for k in LORA_KEYS}
     for key in ("target_modules", "exclude_modules"):
         if isinstance(kw[key], str):
             kw[key] = parse_modules(kw[key])
     if isinstance(kw["target_parameters"], str):
         kw["target_parameters"] = parse_parameters(kw["target_parameters"])
-    if kw["target_modules"] is None and not kw["target_parameters"]:  # parameters alone: only those
+    why = "as given (--target-modules)"
+    if kw["target_modules"] is None and kw["target_parameters"]:
+        why = "none: --target-parameters given alone adapts only those parameters"
+    elif kw["target_modules"] is None:
         kw["target_modules"] = default_targets(model)
-    if kw["modules_to_save"] is None and s["task"] == "seq-cls":
+        family = getattr(getattr(model, "config", None), "model_type", None)
+        why = (f"the {family} family's default" if kw["target_modules"] != "all-linear" else
+               f"all-linear: lorakit has no default for model type {family!r}") + "; --target-modules to choose"
+    if kw["modules_to_save"] is None and job.task == "seq-cls":
         kw["modules_to_save"] = head_modules(model) or None
-    return LoraConfig(**kw)
+    return LoraConfig(**kw), why
 
 
 def check_rank(model, cfg: LoraConfig) -> None:
@@ -179,26 +168,99 @@ def check_rank(model, cfg: LoraConfig) -> None:
                              f"use --r {cap} or less")
 
 
-def _resolve_settings(settings: dict[str, Any], resume: str | None) -> dict[str, Any]:
+def _resolve_settings(settings: dict[str, Any] | JobSettings, resume: str | None) -> JobSettings:
+    """The job's settings: given ones over the defaults (paths made absolute, so that ``--resume``
+    and ``predict`` work from anywhere), or with ``resume`` the run's own, with only
+    :data:`RESUME_OVERRIDES` given anew."""
     if resume is None:
-        s = {**DEFAULTS, **settings}
-        for key in ("model", "data", "eval_data"):  # absolute, so --resume / predict work from anywhere
-            if s[key] and os.path.exists(s[key]):
-                s[key] = os.path.abspath(s[key])
-        return s
+        job = settings if isinstance(settings, JobSettings) else JobSettings.from_settings(settings)
+        changes = {}
+        for key in ("model", "data", "eval_data"):
+            value = getattr(job, key)
+            if (key == "model" and value in BUILTIN) or (key == "data" and value == BUILTIN_DATA):
+                note = builtin_shadow_note(value) if key == "model" else (
+                    f"{value!r} is lorakit's built-in data and is used as such; the path ./{value} here is not "
+                    f"(write ./{value} to use it)" if os.path.exists(value) else None)
+                if note:
+                    _say(note)
+            elif value and os.path.exists(value):
+                changes[key] = os.path.abspath(value)
+        return dataclasses.replace(job, **changes)
     path = os.path.join(resume, RUN_CONFIG)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--resume {resume!r}: no {RUN_CONFIG} there; give the --out directory of a run")
     with open(path, encoding="utf-8") as f:
-        saved = json.load(f)
+        saved = JobSettings.from_run_config(json.load(f))
+    given = settings.to_dict() if isinstance(settings, JobSettings) else normalize(settings, "settings")
     # the device, threads, progress display and trackers may change on resume; nothing that shapes the weights
-    return {**DEFAULTS, **saved, **{k: settings[k] for k in RESUME_OVERRIDES if settings.get(k) is not None},
-            "out": resume}
+    return dataclasses.replace(saved, out=resume,
+                               **{k: given[k] for k in RESUME_OVERRIDES if given.get(k) is not None})
 
 
-def run_job(settings: dict[str, Any], resume: str | None = None, callbacks=()) -> dict[str, Any]:
+def _apply_strategies(job: JobSettings, per_epoch: int) -> JobSettings:
+    """TrainingArguments' ``eval_strategy`` / ``save_strategy`` as lorakit's ``eval_every`` /
+    ``checkpoint_every`` (``"no"`` evaluation was already applied to the data).
+
+    Raises:
+        ValueError: a strategy that contradicts the step setting given with it.
+    """
+    changes: dict[str, Any] = {}
+    for strategy, every, steps_name in (("eval_strategy", "eval_every", "eval_steps"),
+                                        ("save_strategy", "checkpoint_every", "save_steps")):
+        kind, n = getattr(job, strategy), getattr(job, every)
+        if kind == "steps" and not n:
+            raise ValueError(f"{strategy} 'steps' needs {steps_name} ({every}) > 0")
+        if kind in ("no", "epoch") and n:
+            raise ValueError(f"{strategy} {kind!r} contradicts {steps_name} ({every}) = {n}; drop one")
+    if job.save_strategy == "epoch":
+        changes["checkpoint_every"] = per_epoch
+    return dataclasses.replace(job, **changes)
+
+
+class _Every:
+    """A callback called only every ``n``-th step (and at the last): ``log_every`` for the trackers."""
+
+    def __init__(self, cb, n: int, total: int) -> None:
+        self.cb, self.n, self.total = cb, n, total
+
+    def __call__(self, step: int, logs: dict[str, float]) -> None:
+        if step % self.n == 0 or step == self.total:
+            self.cb(step, logs)
+
+    def on_eval(self, step: int, metrics: dict[str, float]) -> None:
+        notify_eval([self.cb], step, metrics)
+
+    def close(self) -> None:
+        close_all([self.cb])
+
+
+def _summary(job: JobSettings, model, train: TokenDataset, ev: TokenDataset | None, targets: str,
+             tcfg: TrainConfig, per_epoch: int, total: int) -> list[str]:
+    """What the run will do, said before its first step: targets and why, parameters, data, batch, steps."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in model.parameters())
+    if ev is None:
+        held = "no evaluation" + (" (eval_strategy 'no')" if job.eval_strategy == "no" else " (--eval-split 0)")
+    elif job.eval_data:
+        held = f"{len(ev)} eval examples from {job.eval_data}"
+    elif job.data == BUILTIN_DATA:
+        held = f"{len(ev)} eval examples (the built-in held-out test words)"
+    else:
+        held = f"{len(ev)} eval examples ({job.eval_split:.0%} of --data held out, --eval-split)"
+    ranks = world_size()
+    eff = tcfg.batch_size * ranks * tcfg.grad_accum
+    length = f"{tcfg.max_steps} (--max-steps)" if tcfg.max_steps is not None else \
+        f"{total} = {tcfg.epochs:g} epoch(s) × {per_epoch} per epoch"
+    return [targets,
+            f"trainable parameters: {trainable:,} of {n_all:,} ({100 * trainable / max(1, n_all):.3f}%)",
+            f"data: {len(train)} training examples, {held}",
+            f"effective batch {eff} = {tcfg.batch_size} per step × {tcfg.grad_accum} accumulation"
+            + (f" × {ranks} ranks" if ranks > 1 else "") + f"; optimizer steps: {length}"]
+
+
+def run_job(settings: dict[str, Any] | JobSettings, resume: str | None = None, callbacks=()) -> dict[str, Any]:
     """Run a training job; ``settings`` holds keys of :data:`DEFAULTS` or their aliases (missing ones
-    take the default).
+    take the default), or is a :class:`~lorakit.train.settings.JobSettings`.
 
     With ``resume`` (a run directory), its ``run_config.json`` supplies the settings (only
     ``device``, ``threads``, ``progress`` and ``report_to`` may be given anew) and training continues
@@ -214,62 +276,77 @@ def run_job(settings: dict[str, Any], resume: str | None = None, callbacks=()) -
     """
     out = None
     try:
-        s = _resolve_settings(normalize(settings, "settings"), resume)
-        check_device(s["device"])
-        trackers = parse_report_to(s["report_to"])
+        job = _resolve_settings(settings, resume)
+        check_device(job.device)
+        trackers = parse_report_to(job.report_to)
         require("transformers", "lorakit train")
         for name in trackers:
             require(name, f"--report-to {name}")
         plot = available("matplotlib")
         if not plot:
             _say(f"matplotlib is not installed, so curves.png will not be written ({install_hint('matplotlib')})")
-        progress = s["progress"] if s["progress"] is not None else sys.stderr.isatty()
+        progress = job.progress if job.progress is not None else sys.stderr.isatty()
         if progress and not available("tqdm"):
             progress = False
             _say(f"tqdm is not installed: no progress bar ({install_hint('tqdm')})")
+        if job.quantize and job.method != "lora":
+            raise ValueError(f"--quantize {job.quantize} trains LoRA factors on a frozen quantized base; "
+                             f"--method {job.method} would train the base weights themselves. Use --method lora")
+        job.train_config(bool(progress))  # every loop setting checked before anything is loaded
+        if job.optim in BNB_OPTIMIZERS:
+            require("bitsandbytes", f"optim {job.optim}")
         if resume is None:
-            check_run_dir(s["out"], s["overwrite"])
-        if s["threads"]:
-            torch.set_num_threads(int(s["threads"]))
-        tok = load_tokenizer(s["model"])
-        train, ev = build_data(s, tok)
+            check_run_dir(job.out, job.overwrite)
+        if job.threads:
+            torch.set_num_threads(int(job.threads))
+        tok = load_tokenizer(job.model)
+        job, train, ev = build_data(job, tok)
         for note in train.notes + (ev.notes if ev is not None and ev.source != train.source else []):
             _say(note)
-        s["labels"] = train.label_names or None
-        if s["quantize"]:  # QLoRA: a bitsandbytes base, prepared for k-bit training (lorakit.quantize)
-            from lorakit.quantize import load_for_job
-
-            model, tok = load_for_job(s)
-        else:
-            s["dtype"], s["bf16"] = gpu_precision(s["device"], s["dtype"], s["bf16"])  # a bf16 base on a GPU
-            model, tok = load_model(s["model"], s["task"], label_names=s["labels"], seed=s["seed"], dtype=s["dtype"],
-                                    attn_implementation=s["attn_implementation"])
+        job = dataclasses.replace(job, labels=train.label_names or None)
+        if not job.quantize:  # a bf16 base on a GPU
+            dtype, bf16 = gpu_precision(job.device, job.dtype, job.bf16)
+            job = dataclasses.replace(job, dtype=dtype, bf16=bf16)
+        model, tok = load_base(BaseSpec.of_job(job), device=str(resolve_device(job.device)))
         method = None
-        if s["method"] == "lora":
-            cfg = lora_config(s, model)
+        if job.method == "lora":
+            cfg, why = lora_config(job, model)
             check_rank(model, cfg)
+            names = find_targets(model, cfg)  # the dry run: what inject adapts
             inject(model, cfg)
+            shown = ", ".join(sorted({n.rsplit(".", 1)[-1] for n in names}))
+            targets = (f"LoRA r={cfg.r}, alpha {cfg.lora_alpha:g} on {len(names)} modules ({shown}): {why}"
+                       + (f"; trained in full: {', '.join(cfg.modules_to_save)}" if cfg.modules_to_save else ""))
         else:  # a baseline of lorakit.methods (full, bitfit, adapter, prefix, head): it decides what trains
             from lorakit.methods import get_method
 
-            method = get_method(s["method"], head=head_modules(model) if s["task"] == "seq-cls" else [])
+            method = get_method(job.method, head=head_modules(model) if job.task == "seq-cls" else [])
             method.apply(model)
-        tcfg = TrainConfig(**{**{k: s[k] for k in TRAIN_KEYS}, "progress": bool(progress)})
+            targets = f"method {job.method} (not LoRA): it chooses what trains"
         # under torchrun an optimizer step takes batch_size examples on every rank
+        per_epoch = plan_steps(len(train), dataclasses.replace(job.train_config(False),
+                                                               batch_size=job.batch_size * world_size()))[1]
+        job = _apply_strategies(job, per_epoch)
+        tcfg = job.train_config(bool(progress))
         total = plan_steps(len(train), dataclasses.replace(tcfg, batch_size=tcfg.batch_size * world_size()))[2]
         if resume is None:
-            out = s["out"] = on_main_process(lambda: new_run_dir(s["out"], s["overwrite"]), sync=True)  # rank 0's
+            out = on_main_process(lambda: new_run_dir(job.out, job.overwrite), sync=True)  # rank 0's
+            job = dataclasses.replace(job, out=out)
 
             def write_run_config() -> None:
                 with open(os.path.join(out, RUN_CONFIG), "w", encoding="utf-8") as f:
-                    json.dump(s, f, indent=2)
+                    f.write(job.to_json())
 
             on_main_process(write_run_config, sync=False)
         else:
             out = resume
+        for line in _summary(job, model, train, ev, targets, tcfg, per_epoch, total):
+            _say(line)
         _say(f"run directory {out}; {total} optimizer steps")
-        watchers = [EvalPrinter(total)] + ([StepPrinter(total)] if s["progress"] is None and not progress else [])
-        reporters = make_reporters(trackers, out, s) if is_main_process() else []  # files: rank 0 only
+        every = job.log_every if job.log_every > 1 else None
+        watchers = [EvalPrinter(total)] + ([StepPrinter(total, every)] if job.progress is None and not progress else [])
+        reporters = make_reporters(trackers, out, job.to_dict()) if is_main_process() else []  # files: rank 0 only
+        reporters = [_Every(r, job.log_every, total) for r in reporters] if job.log_every > 1 else reporters
         try:
             metrics = fit(model, train, ev, tcfg, out_dir=out, resume=resume,
                           callbacks=[*watchers, *reporters, *callbacks])
@@ -285,7 +362,7 @@ def run_job(settings: dict[str, Any], resume: str | None = None, callbacks=()) -
         model.to("cpu")
     if method is None:
         # record where the base model comes from, portably (not a path inside the installed package)
-        model.config._name_or_path = ORIGIN.get(s["model"], s["model"])
+        model.config._name_or_path = ORIGIN.get(job.model, job.model)
         save_adapter(model, os.path.join(out, "adapter"))  # torchrun: on every rank (FSDP2 gathers); rank 0 writes
     else:  # what the method must store beside the base model
         from safetensors.torch import save_file
@@ -298,8 +375,8 @@ def run_job(settings: dict[str, Any], resume: str | None = None, callbacks=()) -
 
         on_main_process(write_trainable, sync=True)
     if not is_main_process():
-        return {"method": s["method"], **metrics, "out": out}
-    metrics = {"method": s["method"], "model": s["model"], "data": s["data"], "task": s["task"],
+        return {"method": job.method, **metrics, "out": out}
+    metrics = {"method": job.method, "model": job.model, "data": job.data, "task": job.task,
                "threads": torch.get_num_threads(), **metrics}
     with open(os.path.join(out, "metrics.json"), "w", encoding="utf-8") as f:
         json.dump(metrics, f, indent=2)
@@ -308,5 +385,5 @@ def run_job(settings: dict[str, Any], resume: str | None = None, callbacks=()) -
     if plot:
         from lorakit.train.plots import plot_history
 
-        plot_history(history, os.path.join(out, "curves.png"), title=f"lorakit train: {s['model']} on {s['data']}")
+        plot_history(history, os.path.join(out, "curves.png"), title=f"lorakit train: {job.model} on {job.data}")
     return {**metrics, "out": out}

@@ -2,7 +2,7 @@
 
 It trains exactly the parameters with ``requires_grad=True`` — LoRA factors after
 ``lorakit.inject``, biases for BitFit, everything for full fine-tuning — with AdamW, linear
-warm-up then cosine decay, gradient accumulation and clipping. One optimizer step:
+warm-up then cosine decay (or ``cfg.optim`` / ``cfg.schedule``), gradient accumulation and clipping. One optimizer step:
 
     for each of grad_accum micro-batches b:   loss_b = Σ_{targets in b} CE / N_step ;  backward
     clip ‖g‖ to max_grad_norm ; AdamW step ; scheduler step
@@ -39,6 +39,8 @@ from lorakit.train.distributed import Parallel, local_device
 from lorakit.train.logging import notify_eval
 from lorakit.train.losses import count_targets, loss_sum
 from lorakit.train.measure import evaluate, peak_memory_mb, to_device
+from lorakit.train.neftune import neftune
+from lorakit.train.optim import make_optimizer
 from lorakit.train.schedule import make_scheduler
 
 Callback = Callable[[int, dict[str, Any]], None]
@@ -48,14 +50,16 @@ def resolve_device(name: str) -> torch.device:
     return local_device(name)  # "auto": cuda if available (under torchrun: this node's GPU LOCAL_RANK)
 
 
-def enable_activation_checkpointing(model: nn.Module) -> None:
-    """Hugging Face activation (gradient) checkpointing, non-reentrant; transformers ≥ 5.23 names
-    it ``activation_checkpointing_enable`` (the old name still works there, with a FutureWarning).
+def enable_activation_checkpointing(model: nn.Module, use_reentrant: bool = False) -> None:
+    """Hugging Face activation (gradient) checkpointing, non-reentrant by default; transformers ≥ 5.23
+    names it ``activation_checkpointing_enable`` (the old name still works there, with a FutureWarning).
+    Reentrant checkpointing also makes the input embeddings' output require grad, so that the
+    checkpointed blocks pass gradients to the adapters inside them.
 
     Raises:
         ValueError: not a Hugging Face model.
     """
-    kwargs = {"use_reentrant": False}
+    kwargs = {"use_reentrant": use_reentrant}
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     elif hasattr(model, "gradient_checkpointing_enable"):
@@ -63,6 +67,8 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
     else:
         raise ValueError(f"gradient_checkpointing needs a Hugging Face model; {type(model).__name__} has no "
                          "activation_checkpointing_enable() / gradient_checkpointing_enable()")
+    if use_reentrant and hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
 
 
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
@@ -190,17 +196,16 @@ def fit(model: nn.Module, train_ds: TokenDataset, eval_ds: TokenDataset | None =
         torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(cfg.seed)
     if cfg.gradient_checkpointing:
-        enable_activation_checkpointing(model)
+        enable_activation_checkpointing(model, **(cfg.gradient_checkpointing_kwargs or {}))
     fwd = par.wrap(model, cfg.bf16, device)  # DDP / FSDP2 (in place) / the model itself: what the loss runs
     task, lengths = train_ds.task, train_ds.lengths()
     groups = param_groups(model, cfg)
     params = [p for g in groups for p in g["params"]]
-    fused = device.type == "cuda" and all(p.is_floating_point() for p in params)  # one kernel per step
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
+    optimizer = make_optimizer(groups, cfg, device)  # cfg.optim: AdamW (fused on CUDA), 8-bit/paged AdamW...
     gcfg = par.global_config(cfg)  # batch_size × ranks: the global batch
     n_batches, per_epoch, total = plan_steps(len(train_ds), gcfg)
     warmup = cfg.warmup_steps or int(cfg.warmup_ratio * total)
-    scheduler = make_scheduler(optimizer, total, warmup, cfg.schedule)
+    scheduler = make_scheduler(optimizer, total, warmup, cfg.schedule, cfg.schedule_kwargs, cfg.lr)
 
     step, train_seconds, tokens = 0, 0.0, 0
     history: dict[str, list[dict[str, Any]]] = {"train": [], "eval": []}
@@ -239,7 +244,7 @@ def fit(model: nn.Module, train_ds: TokenDataset, eval_ds: TokenDataset | None =
     rng_at_step: dict[str, Any] | None = None  # RNG at the start of the step in progress
     stopped_together = False  # torchrun: every rank left the loop at the same step (a collective save is safe)
     try:
-        with _StopOnSignal(speak=par.is_main) as stop:
+        with _StopOnSignal(speak=par.is_main) as stop, neftune(model, cfg.neftune_noise_alpha):
             while step < total:
                 rng_at_step = rng_state()
                 t0 = time.perf_counter()
