@@ -18,6 +18,7 @@ from lorakit.layers import BASE_ROW, LoraLayer, ModulesToSave, MultiheadAttentio
 from lorakit.layers.routing import Route, routed
 from lorakit.merge_quantized import refuse_inexact_unmerge
 from lorakit.state import get_state, require_state
+from lorakit.transaction import transaction
 
 __all__ = ["adapter_names", "active_adapters", "set_adapter", "delete_adapter", "disable_adapters", "mixed_batch",
            "trainable_parameters", "summary", "print_trainable_parameters", "wrappers", "Wrapper",
@@ -56,10 +57,11 @@ def set_adapter(model: nn.Module, name: Union[str, Sequence[str]], *, inference_
     """Make ``name`` (or several names, whose updates add up) the active adapter(s).
 
     As PEFT: the active adapters' parameters get ``requires_grad=True`` (False with
-    ``inference_mode``), the other adapters' False. No other parameter is touched.
+    ``inference_mode``), the other adapters' False. No other parameter is touched. Every check
+    comes first; the change is a transaction.
 
     Raises:
-        ValueError: an unknown name.
+        ValueError: an unknown name, or two of the names with their own trained copy of a module.
     """
     names = [name] if isinstance(name, str) else list(name)
     if not names:
@@ -71,16 +73,16 @@ def set_adapter(model: nn.Module, name: Union[str, Sequence[str]], *, inference_
         raise ValueError(f"set_adapter: adapters {names} each have their own trained copy of {clash[:3]} "
                          "(modules_to_save); copies do not add up, so at most one active adapter may have one")
     state = require_state(model)
-    state.active = names
-    for _, w in wrappers(model):
-        w.set_active(names)
-    set_adapter_grads(model, list(state.configs), [] if inference_mode else names)
+    with transaction(model):
+        state.activate(model, names)
+        set_adapter_grads(model, list(state.configs), [] if inference_mode else names)
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove adapter ``name`` everywhere. If it was active, the first remaining adapter becomes active.
 
-    Base biases that its ``bias`` mode unfroze are frozen again.
+    Base biases that its ``bias`` mode unfroze are frozen again. Every check comes first; the
+    change is a transaction (on any error the model keeps the adapter, as it was).
 
     Raises:
         ValueError: an unknown name, or the adapter is merged into the base weights.
@@ -90,20 +92,18 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     merged = [n for n, w in wrappers(model) if isinstance(w, LoraLayer) and name in w.merged_adapters]
     if merged:
         raise ValueError(f"adapter {name!r} is merged into {merged[:3]}...; call lorakit.unmerge(model) first")
-    for _, w in wrappers(model):
-        w.delete_adapter(name)
-    params = dict(model.named_parameters())
-    for pname in state.bias_params.pop(name, []):
-        if pname in params:
-            params[pname].requires_grad_(False)
-    del state.configs[name]
-    state.targets.pop(name, None)
-    was_active = name in state.active
-    state.active = [a for a in state.active if a != name] or list(state.configs)[:1]
-    for _, w in wrappers(model):
-        w.set_active(state.active)
-    if was_active:
-        set_adapter_grads(model, list(state.configs), state.active)
+    layers = [w for _, w in wrappers(model)]
+    with transaction(model) as txn:
+        for w in layers:
+            txn.keep_layer(w)
+            w.delete_adapter(name)
+        was_active = name in state.active
+        params = dict(model.named_parameters())
+        for pname in state.remove(model, name):
+            if pname in params:
+                params[pname].requires_grad_(False)
+        if was_active:
+            set_adapter_grads(model, list(state.configs), state.active)
 
 
 @contextlib.contextmanager
@@ -117,19 +117,21 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     state = require_state(model)
     refuse_inexact_unmerge(model)  # merged into a re-quantized weight: cannot be taken out exactly
     layers = [w for _, w in wrappers(model)]
-    before = [(w, w.disabled, list(w.merged_adapters) if isinstance(w, LoraLayer) else []) for w in layers]
+    before = [(w, list(w.merged_adapters) if isinstance(w, LoraLayer) else []) for w in layers]
+    disabled = [w.disabled for w in layers]
     flags = [(p, p.requires_grad) for w in layers for n in state.configs for p in w.adapter_parameters(n)]
-    for w in layers:
-        if isinstance(w, LoraLayer):
-            w.unmerge()
-        w.disabled = True
-    for p, _ in flags:
-        p.requires_grad_(False)
+    with transaction(model):
+        for w in layers:
+            if isinstance(w, LoraLayer):
+                w.unmerge()
+        state.set_disabled(layers, True)
+        for p, _ in flags:
+            p.requires_grad_(False)
     try:
         yield model
     finally:
-        for w, disabled, merged in before:
-            w.disabled = disabled
+        state.set_disabled(layers, disabled)
+        for w, merged in before:
             if merged:
                 w.merge(merged)
         for p, flag in flags:

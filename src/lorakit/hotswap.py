@@ -191,9 +191,9 @@ def hotswap_adapter(model: nn.Module, source: Source, adapter_name: str = "defau
             def restore() -> None:
                 for t, w in targets:
                     w.set_scale(adapter_name, old_alpha[t], old_cfg)
-                state.configs[adapter_name] = old_cfg
+                state.set_config(adapter_name, old_cfg)
 
             txn.on_undo(restore)
             for t, w in targets:
                 w.set_scale(adapter_name, config.alpha_for(w.config_key(t)), config)
-            state.configs[adapter_name] = config
+            state.set_config(adapter_name, config)

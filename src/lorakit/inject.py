@@ -42,7 +42,7 @@ from lorakit.layers import (
     wrappers,
 )
 from lorakit.layers.param import ParamWrapper
-from lorakit.state import LorakitState, get_state
+from lorakit.state import LorakitState, drop_state, get_state, put_state
 from lorakit.transaction import Transaction, set_submodule, transaction
 
 replace_module = set_submodule  # the name other modules know
@@ -300,14 +300,9 @@ def inject_into(txn: Transaction, cfg: LoraConfig, adapter_name: str, *, autocas
         module.train(module.original_module.training)
     if cfg.trainable_token_indices is not None:
         add_trainable_tokens(txn, cfg, adapter_name, dtype_of=None if autocast_adapter_dtype else (lambda w: w.dtype))
-    state.configs[adapter_name] = cfg
-    state.targets[adapter_name] = targets
-    if not state.active:
-        state.active = [adapter_name]
-    for _, w in wrappers(model):
-        w.set_active(state.active)
+    biases = _unfreeze_biases(model, cfg, adapter_name)
+    state.add(model, adapter_name, cfg, targets, biases)
     set_adapter_grads(model, [adapter_name], state.active)
-    state.bias_params[adapter_name] = _unfreeze_biases(model, cfg, adapter_name)
     _guard(model, txn)
     _enable_checkpointing_grads(model)
     return cfg
@@ -371,9 +366,11 @@ def _no_fused_fast_path(module: nn.Module, args: tuple) -> None:
     return None
 
 
-def _guard(model: nn.Module, txn: Transaction) -> None:
+def _guard(model: nn.Module, txn: Transaction | None) -> None:
     """Install what keeps an adapted model honest: the encoder fast-path hook, and transformers' adapter
-    methods (``save_pretrained``, ``load_adapter``, ...) routed to lorakit (:mod:`lorakit.hf_adapter_api`)."""
+    methods (``save_pretrained``, ``load_adapter``, ...) routed to lorakit (:mod:`lorakit.hf_adapter_api`).
+    Journaled in ``txn`` (None: not journaled, e.g. when a rolled-back unload puts them back)."""
+    txn = txn or _NO_JOURNAL
     for m in model.modules():
         holds = any(isinstance(s, (LoraLayer, ModulesToSave)) for s in m.modules())
         if not holds:
@@ -390,6 +387,12 @@ def _guard(model: nn.Module, txn: Transaction) -> None:
         hf_adapter_api.install(model, m, txn)
 
 
+class _NoJournal:
+    def on_undo(self, fn) -> None:
+        pass
+
+
+_NO_JOURNAL = _NoJournal()
 _NESTED = "_lorakit_use_nested_tensor"  # an adapted nn.TransformerEncoder's own use_nested_tensor, kept
 
 
@@ -416,25 +419,46 @@ def _enable_checkpointing_grads(model: nn.Module) -> None:
         model.enable_input_require_grads()
 
 
-def unload(model: nn.Module, keep_trained_copy_of: str | None = None) -> nn.Module:
+def unload(model: nn.Module, keep_trained_copy_of: str | None = None, *, txn: Transaction | None = None) -> nn.Module:
     """Replace every wrapper with the module it wraps, dropping all adapters (merged ones stay in W).
 
     ``modules_to_save`` become the active adapter's trained copy, as PEFT's ``unload`` does (or
-    ``keep_trained_copy_of``'s); a module without such a copy gets its original back.
+    ``keep_trained_copy_of``'s); a module without such a copy gets its original back. All or
+    nothing: every replacement is planned first and applied in a transaction (``txn``: an outer one).
 
     Returns:
         ``model``.
+
+    Raises:
+        ValueError: ``keep_trained_copy_of`` names no adapter of the model.
     """
     state = get_state(model)
+    if keep_trained_copy_of is not None and (state is None or keep_trained_copy_of not in state.configs):
+        raise ValueError(f"keep_trained_copy_of={keep_trained_copy_of!r} is not an adapter of this model "
+                         f"({list(state.configs) if state else []})")
     keep = keep_trained_copy_of or (state.active[0] if state is not None and state.active else None)
-    for name, module in list(candidate_modules(model)):
-        if isinstance(module, LoraLayer):
-            set_submodule(model, name, module.release())
+    plan: list[tuple[str, nn.Module, str | None]] = []  # (path, wrapper, the saved copy that replaces it)
+    for name, module in candidate_modules(model):
+        if isinstance(module, (LoraLayer, TokensWrapper)):
+            plan.append((name, module, None))
         elif isinstance(module, ModulesToSave):
-            copies = module.modules_to_save
-            set_submodule(model, name, copies[keep] if keep in copies else module.release())
-        elif isinstance(module, TokensWrapper):
-            set_submodule(model, name, module.release())
-    _unguard(model)
-    model.__dict__.pop("_lorakit", None)
+            plan.append((name, module, keep if keep in module.modules_to_save else None))
+    with transaction(model, txn) as t:
+        t.on_undo(lambda: _guard(model, None))  # runs last, when the wrappers are back
+        for name, module, copy_name in plan:
+            new = module.modules_to_save[copy_name] if copy_name is not None else module.release()
+            t.replace(name, new, lambda m=module: _reattached(m))
+        _unguard(model)
+        if state is not None:
+            saved = state.copy()
+            t.on_undo(lambda: (put_state(model, state), state.restore(model, saved)))
+        drop_state(model)
     return model
+
+
+def _reattached(module: nn.Module) -> nn.Module:
+    """A released wrapper, made whole again (undo of :meth:`release` inside the wrapped module)."""
+    reattach = getattr(module, "reattach", None)
+    if callable(reattach):
+        reattach()
+    return module

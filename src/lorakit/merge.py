@@ -28,16 +28,16 @@ from lorakit.layers import (
     wrappers,
 )
 from lorakit.layers.quantized import requantization_report
-from lorakit.merge_quantized import dequantizing_merge, finish_dequantized, refuse_inexact_unmerge
+from lorakit.merge_quantized import apply_dequantize, finish_dequantized, plan_dequantize, refuse_inexact_unmerge
 from lorakit.state import require_state
-from lorakit.transaction import transaction
+from lorakit.transaction import Transaction, transaction
 
 
 def _lora_layers(model: nn.Module) -> list[LoraLayer]:
     return [w for _, w in wrappers(model) if isinstance(w, LoraLayer)]
 
 
-def untie_adapted_weights(model: nn.Module, names: Sequence[str]) -> list[str]:
+def untie_adapted_weights(model: nn.Module, names: Sequence[str], txn: Transaction | None = None) -> list[str]:
     """Give each adapted layer whose weight is shared (tied) with another module — lm_head and
     embed_tokens, say — and that an adapter in ``names`` is about to change, a private copy of
     that weight, so that folding ΔW into one leaves the other as it was. HF configs (and their
@@ -66,6 +66,8 @@ def untie_adapted_weights(model: nn.Module, names: Sequence[str]) -> list[str]:
                 attr = "in_proj_weight"
             elif isinstance(layer, ParamWrapper):
                 owner, attr = layer.real_module(), layer.parameter_name
+            if txn is not None:
+                txn.on_undo(lambda owner=owner, attr=attr, weight=weight: setattr(owner, attr, weight))
             setattr(owner, attr, nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad))
             untied.append(path)
     config = getattr(model, "config", None)
@@ -73,6 +75,8 @@ def untie_adapted_weights(model: nn.Module, names: Sequence[str]) -> list[str]:
         text = getattr(config, "get_text_config", None)
         for c in (config, text() if callable(text) else None):
             if getattr(c, "tie_word_embeddings", False):
+                if txn is not None:
+                    txn.on_undo(lambda c=c: setattr(c, "tie_word_embeddings", True))
                 c.tie_word_embeddings = False
     if untied:
         warnings.warn(f"merging into {untied}, whose weights are tied to another module: untied them (the other "
@@ -83,20 +87,40 @@ def untie_adapted_weights(model: nn.Module, names: Sequence[str]) -> list[str]:
 def merge(model: nn.Module, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
     """Fold the given adapters (default: the active ones) into the base weights.
 
-    Adapters already merged are skipped, so merging twice changes nothing.
+    Adapters already merged are skipped, so merging twice changes nothing. Every refusal (and,
+    with ``safe_merge``, every non-finite result) is found before any weight changes; the merge
+    itself is a transaction: if it fails midway, the layers merged so far are unmerged again.
 
     Args:
         safe_merge: first check, for every layer, that the merged weights are finite; if any is
             not, raise before any weight is touched.
 
     Raises:
-        ValueError: an unknown adapter name, or (safe_merge) non-finite merged weights.
+        ValueError: an unknown adapter name, a layer refusing the merge, or (safe_merge) non-finite
+            merged weights; no weight was changed.
     """
+    names = _merge_names(model, adapter_names, "merge")
+    layers = plan_merge(model, names, safe_merge)
+    with transaction(model) as txn:
+        apply_merge(txn, model, layers, names)
+
+
+def _merge_names(model: nn.Module, adapter_names: Sequence[str] | None, what: str) -> list[str]:
     state = require_state(model)
     names = list(state.active if adapter_names is None else adapter_names)
-    _check_names(model, names, "merge")
+    _check_names(model, names, what)
+    return names
+
+
+def plan_merge(model: nn.Module, names: Sequence[str], safe_merge: bool) -> list[LoraLayer]:
+    """The layers a merge of ``names`` writes into, every refusal checked first. Changes nothing.
+
+    Raises:
+        ValueError: a layer refuses one of the adapters, or (``safe_merge``) a merged weight would
+            not be finite.
+    """
     layers = _lora_layers(model)
-    for layer in layers:  # every refusal before any weight changes
+    for layer in layers:
         for name in names:
             if name in layer.r and name not in layer.merged_adapters:
                 refusal = layer.merge_refusal(name)
@@ -109,22 +133,32 @@ def merge(model: nn.Module, adapter_names: Sequence[str] | None = None, safe_mer
                     raise ValueError(f"merging adapter {name!r} gives non-finite weights in "
                                      f"{type(layer.base_layer).__name__}; the adapter is broken. "
                                      "No weight was changed.")
-    untie_adapted_weights(model, names)
+    return layers
+
+
+def apply_merge(txn: Transaction, model: nn.Module, layers: Sequence[LoraLayer], names: Sequence[str]) -> None:
+    """Merge ``names`` into checked ``layers`` (see :func:`plan_merge`), each journaled in ``txn``."""
+    untie_adapted_weights(model, names, txn)
     with requantization_report(model):  # quantized layers re-quantize: one warning with the measured error
         for layer in layers:
+            txn.on_undo(layer.merge_journal())
             layer.merge(names)
 
 
 def unmerge(model: nn.Module) -> None:
     """Take every merged adapter back out of the base weights (a no-op when nothing is merged).
 
+    A transaction: if it fails midway, the layers unmerged so far are merged again.
+
     Raises:
         ValueError: an adapter was merged into a re-quantized (4/8-bit) weight; nothing is changed.
     """
     require_state(model)
     refuse_inexact_unmerge(model)
-    for layer in _lora_layers(model):
-        layer.unmerge()
+    with transaction(model) as txn:
+        for layer in _lora_layers(model):
+            txn.on_undo(layer.merge_journal())
+            layer.unmerge()
 
 
 def merge_and_unload(model: nn.Module, adapter_names: Sequence[str] | None = None,
@@ -138,18 +172,27 @@ def merge_and_unload(model: nn.Module, adapter_names: Sequence[str] | None = Non
     ``dtype`` — by default the quantized layers' compute dtype (bf16 for the usual QLoRA load) —
     without its quantization config (see ``lorakit.merge_quantized``).
 
+    All or nothing: every check (refusals of every layer, quantized or not; ``safe_merge``;
+    readable quantized weights) comes before any change, and the changes run in one transaction.
+
     Args:
         dtype: cast the returned model's floating parameters to this dtype (default: unchanged,
             or the compute dtype for a quantized base).
+
+    Raises:
+        ValueError: an unknown adapter name or a refused merge; the model is unchanged.
     """
     state = require_state(model)
-    names = list(state.active if adapter_names is None else adapter_names)
-    _check_names(model, names, "merge_and_unload")
-    dequantized_dtype = dequantizing_merge(model, names, safe_merge, dtype)
-    merge(model, adapter_names, safe_merge)
-    model = unload(model, keep_trained_copy_of=state.active[0])
-    dtype = dtype or dequantized_dtype
-    return model if dtype is None else finish_dequantized(model, dtype)
+    names = _merge_names(model, adapter_names, "merge_and_unload")
+    plan = plan_dequantize(model, names, safe_merge, dtype)  # checks every adapted layer, quantized or not
+    with transaction(model) as txn:
+        dequantized_dtype = apply_dequantize(model, plan, txn)
+        apply_merge(txn, model, _lora_layers(model), names)  # the layers left: none refuses (checked above)
+        model = unload(model, keep_trained_copy_of=state.active[0], txn=txn)
+        dtype = dtype or dequantized_dtype
+        if dtype is not None:
+            finish_dequantized(model, dtype, txn)
+    return model
 
 
 def _carry_copy(saved: ModulesToSave, source: str, new_name: str) -> None:
@@ -276,10 +319,7 @@ def combine_adapters(model: nn.Module, names: Sequence[str], weights: Sequence[f
                     w.add_tokens(new_name, rows, cfg)
             with torch.no_grad():
                 owner.trainable_tokens_delta[new_name].copy_(torch.cat([owner.trainable_tokens_delta[n] for n in ns]))
-        state.configs[new_name] = cfg
-        state.targets[new_name] = list(ranks)
-        for _, w in wrappers(model):
-            w.set_active(state.active)
+        state.add(model, new_name, cfg, list(ranks))
         set_adapter_grads(model, [new_name], state.active)
 
 

@@ -24,7 +24,7 @@ from torch import nn
 from lorakit.layers import LoraLayer, ModulesToSave, unsupported_quantization, wrappers
 from lorakit.layers.quant_formats import QuantFormat, quant_format
 from lorakit.layers.quantized import QuantizedLinear, plain_linear, unmerge_refusal
-from lorakit.transaction import set_submodule
+from lorakit.transaction import Transaction, transaction
 
 
 def quantized_layers(model: nn.Module) -> list[tuple[str, QuantizedLinear]]:
@@ -111,17 +111,19 @@ def plan_dequantize(model: nn.Module, names: Sequence[str], safe_merge: bool,
     return DequantizePlan(dtype if adapted or bare else None, names, adapted, bare)
 
 
-def apply_dequantize(model: nn.Module, plan: DequantizePlan) -> torch.dtype | None:
+def apply_dequantize(model: nn.Module, plan: DequantizePlan, txn: Transaction | None = None) -> torch.dtype | None:
     """Carry out a checked :class:`DequantizePlan`, one layer at a time (so no fp32 copy of the
     whole model exists): the result holds no quantized weight, so it can be saved as a plain model.
+    Each replacement is journaled in ``txn`` (a failure puts the quantized layers back).
 
     Returns:
         The dtype used, or ``None`` if the model has no quantized layer lorakit knows (nothing changed).
     """
-    for path, layer in plan.adapted:
-        set_submodule(model, path, layer.merged_linear(plan.names, plan.dtype))
-    for path, module, fmt in plan.bare:
-        set_submodule(model, path, plain_linear(module, fmt.dequantize(module), plan.dtype))
+    with transaction(model, txn) as t:
+        for path, layer in plan.adapted:
+            t.replace(path, layer.merged_linear(plan.names, plan.dtype), lambda layer=layer: layer)
+        for path, module, fmt in plan.bare:
+            t.replace(path, plain_linear(module, fmt.dequantize(module), plan.dtype), lambda module=module: module)
     return plan.dtype
 
 
@@ -135,19 +137,38 @@ def dequantizing_merge(model: nn.Module, names: Sequence[str], safe_merge: bool,
     return apply_dequantize(model, plan_dequantize(model, names, safe_merge, dtype))
 
 
-def finish_dequantized(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+def finish_dequantized(model: nn.Module, dtype: torch.dtype, txn: Transaction | None = None) -> nn.Module:
     """Cast the floating parameters to ``dtype`` and drop a Hugging Face model's quantization
     metadata (as transformers' own ``dequantize`` does), so it saves and reloads as a plain model.
     A quantized layer lorakit cannot dequantize (GPTQ, AWQ... that no adapter targets) keeps the
-    metadata, with a warning."""
+    metadata, with a warning. Journaled in ``txn`` (the old tensors and attributes, by reference)."""
+    with transaction(model, txn) as t:
+        _finish(model, dtype, t)
+    return model
+
+
+def _finish(model: nn.Module, dtype: torch.dtype, txn: Transaction) -> None:
     for p in model.parameters():
         if p.is_floating_point() and p.dtype != dtype:
+            txn.on_undo(lambda p=p, old=p.data: setattr(p, "data", old))
             p.data = p.data.to(dtype)
+    config = getattr(model, "config", None)
+    kept = {k: model.__dict__[k] for k in ("hf_quantizer", "is_loaded_in_4bit", "is_loaded_in_8bit", "is_quantized",
+                                           "quantization_method") if k in model.__dict__}
+    config_dict = dict(config.__dict__) if config is not None else None
+
+    def restore() -> None:
+        model.__dict__.update(kept)
+        if config is not None:
+            config.__dict__.clear()
+            config.__dict__.update(config_dict)
+
+    txn.on_undo(restore)
     left = [n for n, m in model.named_modules() if unsupported_quantization(m) is not None]
     if left:
         warnings.warn(f"{left[:3]} stay quantized ({unsupported_quantization(model.get_submodule(left[0]))}): "
-                      "lorakit cannot dequantize them, so the model keeps its quantization config", stacklevel=3)
-        return model
+                      "lorakit cannot dequantize them, so the model keeps its quantization config", stacklevel=4)
+        return
     quantizer = getattr(model, "hf_quantizer", None)
     if quantizer is not None and hasattr(quantizer, "remove_quantization_config"):
         quantizer.remove_quantization_config(model)
@@ -160,4 +181,3 @@ def finish_dequantized(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     for flag in ("is_loaded_in_4bit", "is_loaded_in_8bit", "is_quantized"):
         if getattr(model, flag, False):
             setattr(model, flag, False)
-    return model

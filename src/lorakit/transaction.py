@@ -11,13 +11,13 @@ to undo itself; on an exception the journal is replayed backwards.
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
 
-from lorakit.layers import wrappers
-from lorakit.state import get_state
+from lorakit.state import drop_state, get_state, put_state
 
 
 def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -56,6 +56,22 @@ class Transaction:
 
         self.on_undo(restore)
 
+    def keep_layer(self, layer: nn.Module) -> None:
+        """Call before changing a wrapper's adapters (delete, add): on failure its bookkeeping — the
+        per-adapter dicts and lists, flags, and the entries of its per-adapter containers
+        (``lora_A``, ``lora_dropout``...) — comes back as it was. References only: nothing is copied."""
+        plain = {k: (copy.copy(v) if isinstance(v, (dict, list)) else v) for k, v in layer.__dict__.items()
+                 if not k.startswith("_")}
+        holders = [(m, {a: copy.copy(m.__dict__[a]) for a in _CONTAINERS if a in m.__dict__})
+                   for m in [layer, *layer.children()] if m is layer or _is_container(m)]
+
+        def restore() -> None:
+            layer.__dict__.update(plain)
+            for m, saved in holders:
+                m.__dict__.update({a: copy.copy(v) for a, v in saved.items()})
+
+        self.on_undo(restore)
+
     def rollback(self) -> None:
         for fn in reversed(self._undo):
             fn()
@@ -63,14 +79,23 @@ class Transaction:
             p.requires_grad_(flag)
         current = get_state(self.model)
         if self._state is None:
-            self.model.__dict__.pop("_lorakit", None)
+            if current is not None:
+                current.activate(self.model, [])
+            drop_state(self.model)
         elif current is not None:
-            current.__dict__.update(self._state.__dict__)  # in place: holders of the registry see it
+            current.restore(self.model, self._state)  # in place: holders of the registry see it
         else:
-            self.model.__dict__["_lorakit"] = self._state
-        active = self._state.active if self._state is not None else []
-        for _, w in wrappers(self.model):
-            w.set_active(active)
+            put_state(self.model, self._state)
+            self._state.restore(self.model, self._state.copy())
+
+
+# a module's own containers of children, parameters and buffers (and ParameterDict's key order)
+_CONTAINERS = ("_modules", "_parameters", "_buffers", "_keys")
+
+
+def _is_container(m: nn.Module) -> bool:
+    """A per-adapter container: a ModuleDict / ParameterDict / lorakit's BufferDict."""
+    return isinstance(m, (nn.ModuleDict, nn.ParameterDict)) or type(m).__name__ == "BufferDict"
 
 
 @contextlib.contextmanager

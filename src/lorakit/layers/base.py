@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Union
 
 import torch
@@ -182,6 +182,9 @@ class LoraLayer(nn.Module):
         """The wrapped module, with anything this wrapper changed inside it undone (see MHA)."""
         return self.base_layer
 
+    def reattach(self) -> None:
+        """Undo :meth:`release` when the wrapper goes back in place (a rolled-back unload)."""
+
     # ------------------------------------------------------------------ merging
     def merge(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
         """Fold ``scaling·B·A`` of each adapter into the base weight (skips already-merged ones).
@@ -208,6 +211,20 @@ class LoraLayer(nn.Module):
                 if bias is not None:
                     self.base_layer.bias.copy_(bias)
             self.merged_adapters.append(name)
+
+    def merge_journal(self) -> Callable[[], None]:
+        """Call before merging into / unmerging from this layer: returns what undoes it (a failed
+        model-level operation runs it). By default the inverse operations: every adapter merged
+        since is taken out and those merged before go back in, in order — W as it was, to the
+        rounding of its dtype (what ``unmerge`` guarantees), with no copy of W kept meanwhile."""
+        before = list(self.merged_adapters)
+
+        def undo() -> None:
+            if self.merged_adapters != before:
+                self.unmerge()
+                self.merge(before)
+
+        return undo
 
     def merge_source(self) -> torch.Tensor:
         """The weight merging reads and adds ΔW to: the base weight itself (a quantized layer: its

@@ -48,8 +48,15 @@ class MultiheadAttention(LoraLayer):
         """The attention module with its original out_proj back in place."""
         base = self.base_layer
         if isinstance(base.out_proj, Linear):
+            self.__dict__["_out_proj_wrapper"] = base.out_proj  # for reattach
             base.out_proj = base.out_proj.release()
         return base
+
+    def reattach(self) -> None:
+        """Undo :meth:`release` (a rolled-back unload): the out_proj wrapper goes back in place."""
+        wrapper = self.__dict__.pop("_out_proj_wrapper", None)
+        if wrapper is not None:
+            self.base_layer.out_proj = wrapper
 
     def set_scale(self, name: str, lora_alpha: float, cfg: LoraConfig) -> None:
         """in_proj and out_proj share the attention module's rank and alpha."""

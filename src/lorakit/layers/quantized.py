@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -75,6 +75,10 @@ class QuantizedLinear(Linear):
             setattr(self.base_layer, attr, value)
         return self.base_layer
 
+    def reattach(self) -> None:
+        """Undo :meth:`release` (a rolled-back unload): the stored bytes are held again."""
+        self._restore = self.quant.hold(self.base_layer)
+
     # ------------------------------------------------------------------ the weight
     def dequantized(self) -> torch.Tensor:
         """deq(W): the base weight the layer computes with, fp32 (out, in)."""
@@ -99,6 +103,33 @@ class QuantizedLinear(Linear):
                                "max_abs_delta": float(delta.abs().max())}
 
     # ------------------------------------------------------------------ merging
+    def merge_journal(self) -> Callable[[], None]:
+        """Exact undo of an in-place merge: the stored weight (a re-quantizing merge puts a new
+        Parameter in place, so the old one is kept by reference, no copy), a copy of the bias (which
+        ``b + s·b_lora`` writes in place) and the merge bookkeeping come back."""
+        base = self.base_layer
+        weight, state = base.weight, getattr(base, "state", None)
+        # a format that re-quantizes in place (8-bit with fp16 weights kept) needs the values themselves
+        values = weight.detach().clone() if _in_place(self) and weight.dtype != torch.int8 else None
+        bias = None if getattr(base, "bias", None) is None else base.bias.detach().clone()
+        merged, errors = list(self.merged_adapters), dict(self.rounding_errors)
+
+        def undo() -> None:
+            with torch.no_grad():
+                if base.weight is not weight:
+                    base.weight = weight
+                elif values is not None:
+                    weight.copy_(values)
+                    if state is not None and hasattr(state, "reset_grads"):
+                        state.reset_grads()  # 8-bit: CB / SCB read from the weight again
+                if bias is not None:
+                    base.bias.copy_(bias)
+            self.merged_adapters[:] = merged
+            self.rounding_errors.clear()
+            self.rounding_errors.update(errors)
+
+        return undo
+
     def merge(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
         """LoraLayer's merge, one adapter at a time — its refusals, ``W + ΔW`` (DoRA included)
         and ``b + scaling·b_lora`` summed in fp32, its ``safe_merge`` check — on deq(W), written
@@ -154,6 +185,11 @@ class QuantizedLinear(Linear):
 
     def extra_repr(self) -> str:
         return f"{self.quant.describe(self.base_layer)}, {super().extra_repr()}"
+
+
+def _in_place(layer: QuantizedLinear) -> bool:
+    """Does this layer's format re-quantize into the same tensor (8-bit weights kept in float)?"""
+    return layer.quant.name == "bitsandbytes 8-bit"
 
 
 def plain_linear(base: nn.Module, w: torch.Tensor, dtype: torch.dtype,
