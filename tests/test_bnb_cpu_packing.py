@@ -190,3 +190,21 @@ def test_qlora_on_a_model_evaluated_before_lorakit_saw_it(base_dir):
                                   originals["model.layers.0.mlp.down_proj"])
     assert_within_absmax_rounding(merged.model.layers[1].mlp.down_proj.weight,
                                   originals["model.layers.1.mlp.down_proj"])
+
+
+def test_saving_an_adapter_leaves_repacked_layers_no_adapter_wraps_intact(base_dir, tmp_path):
+    """``save_adapter`` takes ``model.state_dict()``, at which bitsandbytes undoes its CPU repacking of
+    every 4-bit layer with its own inverse — wrong for a plain absmax. inject holds the layers it does
+    not wrap too, so their weights stay what the model computed with."""
+    model = qm.load_bnb(base_dir, "nf4", held=False, double_quant=False)
+    originals = {n: bf.dequantize_4bit(m.weight.data, m.weight.quant_state).float()
+                 for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    with torch.no_grad():
+        model(qm.ids())
+    if not model.model.layers[1].mlp.down_proj.weight.quant_state.packing_format_for_cpu:
+        pytest.skip("bitsandbytes does not repack on this CPU (no AVX512-BF16)")
+    lk.inject(model, lk.LoraConfig(r=4, target_modules=["q_proj"]))
+    lk.save_adapter(model, tmp_path / "adapter")
+    down = model.model.layers[1].mlp.down_proj
+    assert_within_absmax_rounding(bf.dequantize_4bit(down.weight.data, down.weight.quant_state).float(),
+                                  originals["model.layers.1.mlp.down_proj"])

@@ -42,6 +42,7 @@ from lorakit.layers import (
     wrappers,
 )
 from lorakit.layers.param import ParamWrapper
+from lorakit.layers.quant_formats import quant_format
 from lorakit.state import LorakitState, drop_state, get_state, put_state
 from lorakit.transaction import Transaction, set_submodule, transaction
 
@@ -371,6 +372,7 @@ def _guard(model: nn.Module, txn: Transaction | None) -> None:
     methods (``save_pretrained``, ``load_adapter``, ...) routed to lorakit (:mod:`lorakit.hf_adapter_api`).
     Journaled in ``txn`` (None: not journaled, e.g. when a rolled-back unload puts them back)."""
     txn = txn or _NO_JOURNAL
+    _hold_quantized(model, txn)
     for m in model.modules():
         holds = any(isinstance(s, (LoraLayer, ModulesToSave)) for s in m.modules())
         if not holds:
@@ -401,9 +403,39 @@ def _restore_nested(m: nn.Module) -> None:
         m.use_nested_tensor = m.__dict__.pop(_NESTED)
 
 
+_HELD = "_lorakit_held"  # a quantized layer no adapter wraps, held by lorakit: what to set back on unload
+
+
+def _hold_quantized(model: nn.Module, txn) -> None:
+    """Hold every quantized layer of the model that no adapter wraps, as wrapped ones are: bitsandbytes'
+    in-place CPU repacking is undone by its own unverified inverse at every ``state_dict()`` (which
+    ``save_adapter`` takes), which is wrong for some layouts (see :mod:`lorakit.layers.bnb_cpu_packing`).
+
+    Raises:
+        ValueError: a repacked layer whose way back does not verify (left as it was).
+    """
+    inside: list[str] = []
+    for name, m in model.named_modules():
+        if isinstance(m, (LoraLayer, ModulesToSave, TokensWrapper)):
+            inside.append(name + ".")
+            continue
+        if _HELD in m.__dict__ or any(name.startswith(p) for p in inside):
+            continue
+        fmt = quant_format(m)
+        if fmt is not None:
+            m.__dict__[_HELD] = fmt.hold(m)
+            txn.on_undo(lambda m=m: _release_held(m))
+
+
+def _release_held(m: nn.Module) -> None:
+    for attr, value in m.__dict__.pop(_HELD, {}).items():
+        setattr(m, attr, value)
+
+
 def _unguard(model: nn.Module) -> None:
     for m in model.modules():
         _restore_nested(m)
+        _release_held(m)
         for key, hook in list(m._forward_pre_hooks.items()):
             if hook is _no_fused_fast_path:
                 del m._forward_pre_hooks[key]
