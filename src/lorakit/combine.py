@@ -29,7 +29,7 @@ from collections.abc import Sequence
 
 import torch
 
-from lorakit.layers import Conv, Embedding, LoraLayer
+from lorakit.layers import LoraLayer
 
 COMBINATION_TYPES = ("cat", "linear", "svd", "ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd",
                      "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd")
@@ -82,18 +82,12 @@ def merge_tensors(kind: str, tensors: list[torch.Tensor], weights: torch.Tensor,
 
 
 # ---------------------------------------------------------------------- per layer
-def _factors(layer: LoraLayer, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    if isinstance(layer, Embedding):
-        return layer.lora_embedding_A[name].detach(), layer.lora_embedding_B[name].detach()
-    return layer.lora_A[name].weight.detach(), layer.lora_B[name].weight.detach()
-
-
 def _cat(layer: LoraLayer, parts: list[tuple[str, float]]) -> tuple[torch.Tensor, torch.Tensor]:
     """``A = [w_i s_i A_i]``, ``B = [B_i]``; for a grouped conv, A's channels ordered group by group."""
-    groups = layer.base_layer.groups if isinstance(layer, Conv) else 1
+    groups = layer.rank_groups
     As, Bs = [], []
     for n, w in parts:
-        A, B = _factors(layer, n)
+        A, B = layer.factors(n)
         As.append(A * w * layer.scaling[n])
         Bs.append(B)
     if groups > 1:  # group g of the new rank = group g of every adapter, in order
@@ -104,7 +98,7 @@ def _cat(layer: LoraLayer, parts: list[tuple[str, float]]) -> tuple[torch.Tensor
 def _factor_merge(kind: str, layer: LoraLayer, parts: list[tuple[str, float]], density: float | None,
                   method: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge the A's and the B's (PEFT's ``_generalized_task_arithmetic_weighted_adapter``)."""
-    shapes = {n: _factors(layer, n)[0].shape[0] for n, _ in parts}
+    shapes = {n: layer.factors(n)[0].shape[0] for n, _ in parts}
     if len(set(shapes.values())) > 1:
         raise ValueError(f"combination_type={kind!r} merges the factors themselves, so every adapter needs the same "
                          f"rank in each layer; got ranks {shapes}. Use 'cat' or an '_svd' type")
@@ -113,7 +107,7 @@ def _factor_merge(kind: str, layer: LoraLayer, parts: list[tuple[str, float]], d
         ws = w * layer.scaling[n]
         weights_a.append(math.sqrt(abs(ws)) * (1 if ws >= 0 else -1))  # the sign on one side only
         weights_b.append(math.sqrt(abs(ws)))
-        A, B = _factors(layer, n)
+        A, B = layer.factors(n)
         As.append(A)
         Bs.append(B)
     dtype = As[0].dtype
@@ -128,21 +122,16 @@ def _svd_merge(kind: str, layer: LoraLayer, parts: list[tuple[str, float]], rank
     """Merge the updates, then a truncated SVD (PEFT's ``_svd_generalized_task_arithmetic_weighted_adapter``)."""
     deltas = [layer.delta_weight(n).detach() for n, _ in parts]
     delta = merge_tensors(kind, deltas, torch.tensor([w for _, w in parts]).to(deltas[0].device), density, method)
-    A0, B0 = _factors(layer, parts[0][0])
-    if isinstance(layer, Conv):
-        delta = delta.flatten(start_dim=1)  # (out, in·∏k)
-    if getattr(layer, "fan_in_fan_out", False) or isinstance(layer, Embedding):
-        delta = delta.T  # (out, in): B·A's layout
+    A0, B0 = layer.factors(parts[0][0])
+    delta = layer.delta_matrix(delta)  # (out, in): B·A's layout
     U, S, Vh = torch.linalg.svd(delta, full_matrices=full_matrices, driver=driver)
     k = min(rank, S.numel())
     U, Vh = U[:, :k] @ torch.diag(S[:k]), Vh[:k, :]  # (out, k), (k, in)
     if clamp is not None:
         high = torch.quantile(torch.cat([U.flatten(), Vh.flatten()]), clamp)
         U, Vh = U.clamp(-high, high), Vh.clamp(-high, high)
-    if isinstance(layer, Conv):
-        U = U.reshape(B0.shape[0], k, *B0.shape[2:])  # (out, k, 1, ...)
-        Vh = Vh.reshape(k, *A0.shape[1:])  # (k, in, *kernel)
-    return Vh.to(A0.dtype), U.to(B0.dtype)
+    A, B = layer.factors_from_matrices(Vh, U, parts[0][0])  # a conv's (k, in, *kernel), (out, k, 1, ...)
+    return A.to(A0.dtype), B.to(B0.dtype)
 
 
 def combined_factors(layer: LoraLayer, parts: list[tuple[str, float]], kind: str, *, svd_rank: int,
@@ -160,7 +149,7 @@ def combined_factors(layer: LoraLayer, parts: list[tuple[str, float]], kind: str
         elif kind in FACTOR_TYPES:
             A, B = _factor_merge(kind, layer, parts, density, majority_sign_method)
         else:
-            if isinstance(layer, Conv) and layer.base_layer.groups > 1:
+            if layer.rank_groups > 1:
                 raise ValueError(f"combination_type={kind!r} needs each update as one matrix, which a grouped "
                                  "convolution's is not; use 'cat' or a factor merge ('linear', 'ties', ...)")
             A, B = _svd_merge(kind, layer, parts, svd_rank, density, majority_sign_method, svd_clamp,

@@ -19,11 +19,8 @@ from lorakit.adapters import _check_names, set_adapter_grads
 from lorakit.combine import check_combination, combined_factors, peft_rank
 from lorakit.inject import unload
 from lorakit.layers import (
-    Embedding,
     LoraLayer,
     ModulesToSave,
-    MultiheadAttention,
-    ParamWrapper,
     TrainableTokens,
     wrappers,
 )
@@ -57,15 +54,12 @@ def untie_adapted_weights(model: nn.Module, names: Sequence[str], txn: Transacti
             continue
         weight = layer.base_weight()
         sharing = [w for _, w in layers if w.base_weight() is weight]
-        if isinstance(layer, TrainableTokens) and len(sharing) == owners.get(id(weight), 0) and all(
-                isinstance(w, TrainableTokens) and w.owner is layer.owner for w in sharing):
-            continue  # an output layer following the embedding's token rows: both keep the one weight
+        group = layer.tied_group()
+        if group is not None and len(sharing) == owners.get(id(weight), 0) and all(
+                w.tied_group() is group for w in sharing):
+            continue  # e.g. an output layer following the embedding's token rows: both keep the one weight
         if owners.get(id(weight), 0) > 1:
-            owner, attr = layer.base_layer, "weight"
-            if isinstance(layer.base_layer, nn.MultiheadAttention):
-                attr = "in_proj_weight"
-            elif isinstance(layer, ParamWrapper):
-                owner, attr = layer.real_module(), layer.parameter_name
+            owner, attr = layer.weight_owner()
             if txn is not None:
                 txn.on_undo(lambda owner=owner, attr=attr, weight=weight: setattr(owner, attr, weight))
             setattr(owner, attr, nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad))
@@ -287,8 +281,8 @@ def combine_adapters(model: nn.Module, names: Sequence[str], weights: Sequence[f
         for path, layer in layers:
             parts = [(n, w) for n, w in zip(names, weights) if n in layer.r]
             factors[path] = [combined_factors(layer, parts, kind, **options)]
-            if isinstance(layer, MultiheadAttention):  # its out_proj wrapper gets the adapter too
-                factors[path].append(combined_factors(layer.out_proj_lora, parts, kind, **options))
+            for sub in layer.sub_layers()[1:]:  # e.g. an attention's out_proj wrapper gets the adapter too
+                factors[path].append(combined_factors(sub, parts, kind, **options))
         ranks = {p: f[0][0].shape[0] for p, f in factors.items()}
         patterns = {re.escape(p): r for p, r in ranks.items()}
         cfg = dataclasses.replace(
@@ -303,9 +297,8 @@ def combine_adapters(model: nn.Module, names: Sequence[str], weights: Sequence[f
                 with torch.random.fork_rng(devices=[]):  # the final shapes; no more draws
                     layer.delete_adapter(new_name)
                     layer.add_adapter(new_name, ranks[path], ranks[path], cfg)  # scaling = alpha / r = 1
-            subs = [layer] + ([layer.out_proj_lora] if isinstance(layer, MultiheadAttention) else [])
-            for sub, (A, B, bias) in zip(subs, factors[path]):
-                _fill(sub, new_name, A, B, bias)
+            for sub, (A, B, bias) in zip(layer.sub_layers(), factors[path]):
+                sub.set_factors(new_name, A, B, bias)
         for p, (source,) in saved.items():
             module = model.get_submodule(p)
             txn.on_undo(lambda m=module: m.delete_adapter(new_name))
@@ -321,17 +314,3 @@ def combine_adapters(model: nn.Module, names: Sequence[str], weights: Sequence[f
                 owner.trainable_tokens_delta[new_name].copy_(torch.cat([owner.trainable_tokens_delta[n] for n in ns]))
         state.add(model, new_name, cfg, list(ranks))
         set_adapter_grads(model, [new_name], state.active)
-
-
-def _fill(layer: LoraLayer, name: str, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None) -> None:
-    """Copy combined factors (and bias) into adapter ``name`` of one layer."""
-    with torch.no_grad():
-        if isinstance(layer, Embedding):
-            layer.lora_embedding_A[name].copy_(A)
-            layer.lora_embedding_B[name].copy_(B)
-            return
-        layer.lora_A[name].weight.copy_(A)
-        layer.lora_B[name].weight.copy_(B)
-        target = layer.lora_B[name].bias
-        if target is not None:
-            target.copy_(bias if bias is not None else torch.zeros_like(target))

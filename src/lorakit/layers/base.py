@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Union
 
 import torch
@@ -23,7 +23,9 @@ from torch import nn
 
 from lorakit.config import LoraConfig
 from lorakit.layers import mixed
-from lorakit.layers.routing import Route, blocks_open, route_for
+from lorakit.layers.merging import Merging
+from lorakit.layers.routed import Routed
+from lorakit.layers.routing import blocks_open
 
 
 def init_lora_pair(A: torch.Tensor, B: torch.Tensor, init: Union[bool, str], r: int,
@@ -59,7 +61,7 @@ class BufferDict(nn.Module):
         return self._buffers.pop(name, default)
 
 
-class LoraLayer(nn.Module):
+class LoraLayer(Merging, Routed, nn.Module):
     """Base class of the wrappers: adapter names, activity, merging, the forward path.
 
     Subclasses implement ``_create(name, r, cfg)`` (allocate the factors), ``_init(name, cfg)``,
@@ -70,6 +72,10 @@ class LoraLayer(nn.Module):
 
     # attributes holding per-adapter tensors, keyed by adapter name (subclasses extend)
     adapter_attrs: tuple[str, ...] = ("lora_A", "lora_B")
+    # the attributes holding the "B" side of each adapter (LoRA+'s faster learning rate)
+    b_attrs: tuple[str, ...] = ("lora_B",)
+    # the attributes holding A and B (``factors``)
+    factor_attrs: tuple[str, str] = ("lora_A", "lora_B")
     # r / lora_alpha come from the config's rank and alpha patterns (trainable tokens: no)
     ranked: bool = True
 
@@ -171,6 +177,55 @@ class LoraLayer(nn.Module):
                 item = holder[name]
                 yield from (item.parameters() if isinstance(item, nn.Module) else [item])
 
+    def b_parameters(self, name: str) -> Iterator[nn.Parameter]:
+        """Adapter ``name``'s "B" side (``b_attrs``): what LoRA+ trains at a larger learning rate."""
+        for attr in self.b_attrs:
+            holder = getattr(self, attr)
+            if name in holder:
+                item = holder[name]
+                yield from (item.parameters() if isinstance(item, nn.Module) else [item])
+
+    # ------------------------------------------------------------------ factors, for combine / untie
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Adapter ``name``'s (A, B) tensors as stored (detached): for most layers ``lora_A`` /
+        ``lora_B`` weights, A (r, in, ...) and B (out, r, ...); an embedding's (r, num), (dim, r)."""
+        A, B = (getattr(self, attr)[name] for attr in self.factor_attrs)
+        A, B = (t.weight if isinstance(t, nn.Module) else t for t in (A, B))
+        return A.detach(), B.detach()
+
+    def set_factors(self, name: str, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        """Write (A, B) (the shapes :meth:`factors` gives) and a ``lora_bias`` into adapter ``name``."""
+        holders = [getattr(self, attr)[name] for attr in self.factor_attrs]
+        with torch.no_grad():
+            for holder, value in zip(holders, (A, B)):
+                (holder.weight if isinstance(holder, nn.Module) else holder).copy_(value)
+            target = getattr(holders[1], "bias", None) if isinstance(holders[1], nn.Module) else None
+            if target is not None:
+                target.copy_(bias if bias is not None else torch.zeros_like(target))
+
+    rank_groups = 1  # a grouped convolution: the rank splits into this many groups
+
+    def delta_matrix(self, delta: torch.Tensor) -> torch.Tensor:
+        """A ΔW of this layer (``delta_weight``'s layout) as the (out, in) matrix ``B·A`` is."""
+        return delta.T if getattr(self, "fan_in_fan_out", False) else delta
+
+    def factors_from_matrices(self, A: torch.Tensor, B: torch.Tensor, like: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A (k, in), B (out, k)) reshaped to the factor shapes of adapter ``like`` (a conv's kernel axes)."""
+        return A, B
+
+    def sub_layers(self) -> list[LoraLayer]:
+        """This layer and the wrappers inside it that carry the same adapters (an attention's out_proj)."""
+        return [self]
+
+    def weight_owner(self) -> tuple[nn.Module, str]:
+        """The module and attribute holding the weight merges write (to untie a shared weight)."""
+        return self.base_layer, "weight"
+
+    def tied_group(self) -> object | None:
+        """Layers that share one weight *and* the same adapter tensors (a tied output layer following
+        the embedding's token rows) return the same object: merging into them needs no untying."""
+        return None
+
     def base_weight(self) -> torch.Tensor:
         return self.base_layer.weight
 
@@ -184,148 +239,6 @@ class LoraLayer(nn.Module):
 
     def reattach(self) -> None:
         """Undo :meth:`release` when the wrapper goes back in place (a rolled-back unload)."""
-
-    # ------------------------------------------------------------------ merging
-    def merge(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
-        """Fold ``scaling·B·A`` of each adapter into the base weight (skips already-merged ones).
-
-        Raises:
-            ValueError: with ``safe_merge``, if the merged weight would hold NaN or inf.
-        """
-        names = self.active_adapters if adapter_names is None else adapter_names
-        for name in names:
-            if name not in self.r or name in self.merged_adapters:
-                continue
-            refusal = self.merge_refusal(name)
-            if refusal is not None:
-                raise ValueError(refusal)
-            weight = self.merge_source()
-            with torch.no_grad():
-                new = self._merged_weight(weight, name)
-                bias = self._merged_bias(name, +1)
-                if safe_merge and not (torch.isfinite(new).all() and (bias is None or torch.isfinite(bias).all())):
-                    self.merge_cache.pop(name)
-                    raise ValueError(f"merging adapter {name!r} into {type(self.base_layer).__name__} gives non-finite "
-                                     "weights; the adapter is broken. The base weights were left unchanged.")
-                self.store_merged(new)
-                if bias is not None:
-                    self.base_layer.bias.copy_(bias)
-            self.merged_adapters.append(name)
-
-    def merge_journal(self) -> Callable[[], None]:
-        """Call before merging into / unmerging from this layer: returns what undoes it (a failed
-        model-level operation runs it). By default the inverse operations: every adapter merged
-        since is taken out and those merged before go back in, in order — W as it was, to the
-        rounding of its dtype (what ``unmerge`` guarantees), with no copy of W kept meanwhile."""
-        before = list(self.merged_adapters)
-
-        def undo() -> None:
-            if self.merged_adapters != before:
-                self.unmerge()
-                self.merge(before)
-
-        return undo
-
-    def merge_source(self) -> torch.Tensor:
-        """The weight merging reads and adds ΔW to: the base weight itself (a quantized layer: its
-        dequantization, a float copy)."""
-        return self.base_weight()
-
-    def store_merged(self, weight: torch.Tensor) -> None:
-        """Write a merged weight (``_merged_weight`` of ``merge_source``) into the base layer: in
-        place (a quantized layer re-quantizes it)."""
-        self.base_weight().copy_(weight)
-
-    def merge_refusal(self, name: str) -> str | None:
-        """Why adapter ``name`` cannot be merged into this layer's weights (None: it can). Callers
-        check every layer first, so a refused merge changes nothing."""
-        if self.bias_delta(name) is not None and getattr(self.base_layer, "bias", None) is None:
-            return (f"adapter {name!r} has a lora_bias but {type(self.base_layer).__name__} has no bias to merge it "
-                    "into; use it unmerged")
-        return None
-
-    def bias_delta(self, name: str) -> torch.Tensor | None:
-        """``scaling·b`` of adapter ``name``'s ``lora_bias`` (the bias of its ``lora_B``), or None."""
-        holder = getattr(self, "lora_B", None)
-        bias = getattr(holder[name], "bias", None) if holder is not None and name in holder else None
-        return None if bias is None else bias * self.scaling[name]
-
-    def _merged_bias(self, name: str, sign: int, bias: torch.Tensor | None = None) -> torch.Tensor | None:
-        """``bias`` (default: the base layer's) ± ``scaling·b`` (summed in at least fp32, in the
-        bias's dtype), or None when adapter ``name`` has no ``lora_bias``."""
-        delta = self.bias_delta(name)
-        if delta is None:
-            return None
-        bias = self.base_layer.bias if bias is None else bias
-        acc = torch.promote_types(bias.dtype, torch.float32)
-        return (bias.to(acc) + sign * delta.detach().to(acc)).to(bias.dtype)
-
-    def merged_weight_is_finite(self, name: str) -> bool:
-        """Would merging ``name`` keep the base weight (and bias) finite? Changes nothing."""
-        with torch.no_grad():
-            ok = bool(torch.isfinite(self._merged_weight(self.merge_source(), name)).all())
-            bias = self._merged_bias(name, +1) if self.merge_refusal(name) is None else None
-            ok = ok and (bias is None or bool(torch.isfinite(bias).all()))
-        self.merge_cache.pop(name)
-        return ok
-
-    def unmerge(self) -> None:
-        """Take every merged adapter out of the base weight, last merged first."""
-        weight = self.base_weight()
-        with torch.no_grad():
-            while self.merged_adapters:
-                name = self.merged_adapters.pop()
-                weight.copy_(self._unmerged_weight(weight, name))
-                bias = self._merged_bias(name, -1)
-                if bias is not None:
-                    self.base_layer.bias.copy_(bias)
-
-    def unmerged_base_weight(self) -> torch.Tensor:
-        """W0: the base weight with every merged adapter taken out (a copy, fp32 or wider), the
-        weight the unmerged forward computes with."""
-        weight = self.merge_source().detach()
-        w = weight.to(torch.promote_types(weight.dtype, torch.float32))
-        for name in reversed(self.merged_adapters):
-            w = self._unmerged_weight(w, name, keep_cache=True)
-        return w
-
-    def _is_dora(self, name: str) -> bool:
-        return name in self.__dict__["_modules"].get("lora_magnitude_vector", ())
-
-    def _merged_weight(self, weight: torch.Tensor, name: str) -> torch.Tensor:
-        """``W + ΔW``, summed in at least fp32, returned in W's dtype. DoRA:
-
-            W' = (m / ‖W0 + ΔW‖) ⊙ (W + ΔW)
-
-        along the layer type's normalised axis (``_dora_norm``, broadcast by ``_dora_scale``), with W0
-        the weight *without* adapters merged before this one — the norm the unmerged forward uses.
-        The norm is kept (a buffer: it follows ``.to()``) for an exact unmerge.
-        """
-        acc = torch.promote_types(weight.dtype, torch.float32)
-        if not self._is_dora(name):
-            return (weight.to(acc) + self.delta_weight(name).to(acc)).to(weight.dtype)
-        norm = self._dora_norm(name, self.unmerged_base_weight())
-        self.merge_cache[name] = norm
-        factor = self._dora_scale(self.lora_magnitude_vector[name].detach().to(norm.dtype) / norm)
-        return (factor * (weight.to(norm.dtype) + self.delta_weight(name).to(norm.dtype))).to(weight.dtype)
-
-    def _unmerged_weight(self, weight: torch.Tensor, name: str, keep_cache: bool = False) -> torch.Tensor:
-        """``W - ΔW``, the inverse of ``_merged_weight`` (DoRA: divided by the kept factor first)."""
-        acc = torch.promote_types(weight.dtype, torch.float32)
-        if self._is_dora(name):
-            norm = self.merge_cache[name] if keep_cache else self.merge_cache.pop(name)
-            acc = torch.promote_types(acc, norm.dtype)
-            factor = self._dora_scale(self.lora_magnitude_vector[name].detach().to(acc) / norm.to(acc))
-            return (weight.to(acc) / factor - self.delta_weight(name).to(acc)).to(weight.dtype)
-        return (weight.to(acc) - self.delta_weight(name).to(acc)).to(weight.dtype)
-
-    def _dora_norm(self, name: str, w0: torch.Tensor) -> torch.Tensor:  # pragma: no cover - DoRA layers only
-        """‖W0 + ΔW‖ along the axis DoRA normalises, fp32 or wider (``w0`` in the base weight's layout)."""
-        raise NotImplementedError
-
-    def _dora_scale(self, factor: torch.Tensor) -> torch.Tensor:  # pragma: no cover - DoRA layers only
-        """A per-channel factor (the shape ``_dora_norm`` gives) broadcast over the base weight."""
-        raise NotImplementedError
 
     # ------------------------------------------------------------------ forward
     def unmerged_active(self) -> list[str]:
@@ -348,96 +261,6 @@ class LoraLayer(nn.Module):
         for name in self.unmerged_active():
             result = self._add_term(x, name, result)
         return result if result.dtype == out_dtype else result.to(out_dtype)
-
-    def _replacing_forward(self, x: torch.Tensor, args: tuple, kwargs: dict, no_split: str) -> torch.Tensor:
-        """The forward of a layer whose adapters change how the wrapped module computes (``_call``)
-        instead of adding a term (parameter and token layers): the base module with the active,
-        unmerged adapters applied; in a mixed batch, each row's own. ``no_split`` says why rows
-        cannot be split when the module gets more than its one input (or rows off dimension 0)."""
-        if self.disabled:
-            return self.base_layer(x, *args, **kwargs)
-        route = route_for(self) if blocks_open() else None  # no ContextVar read (graph break) outside a block
-        if route is not None:
-            if args or kwargs or route.batch_dim != 0:
-                raise ValueError(f"mixed_batch cannot split the rows of {no_split}; run the adapters in separate "
-                                 "batches")
-            return self._routed(x, self.base_layer(x))
-        names = self.unmerged_active()
-        if not names:
-            return self.base_layer(x, *args, **kwargs)
-        return self._call(names, x, *args, **kwargs)
-
-    @torch.compiler.disable
-    def _routed(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor | None:
-        """Inside a ``mixed_batch`` block of this thread: checks, then ``mixed_forward`` with rows on
-        dimension 0; None when this layer is not routed. Runs outside torch.compile: the routing is
-        Python state, and a compiled graph around it sees only tensors of fixed shapes, so changing
-        the rows' adapters never recompiles."""
-        route = route_for(self)
-        if route is None:
-            return None
-        if self.merged_adapters:
-            raise ValueError("mixed_batch needs unmerged adapters; call lorakit.unmerge(model) first")
-        dim = route.batch_dim
-        if x.dim() <= dim or x.shape[dim] != len(route.rows):
-            rows_found = x.shape[dim] if x.dim() > dim else 0
-            raise ValueError(f"mixed_batch was given {len(route.rows)} adapter names but the batch has {rows_found} "
-                             f"rows ({type(self.base_layer).__name__} input of shape {tuple(x.shape)}, rows on "
-                             f"dimension batch_dim={dim})")
-        if not any(n in self.r for n in route.names):
-            return result
-        if dim == 0:
-            return self.mixed_forward(x, result, route)
-        return self.mixed_forward(x.movedim(dim, 0), result.movedim(dim, 0), route).movedim(0, dim)
-
-    def mixed_forward(self, x: torch.Tensor, result: torch.Tensor, route: Route) -> torch.Tensor:
-        """One adapter per row (x: (N, ...), ``len(route.rows) == N``); the reference implementation:
-        rows sharing an adapter go through ``_add_term`` together. Layer types override it with a
-        batched kernel (``lorakit.layers.mixed``) where one computes the same function."""
-        out = result.clone()
-        for name in route.names:
-            if name not in self.r:
-                continue
-            idx = torch.tensor([i for i, n in enumerate(route.rows) if n == name], device=x.device)
-            part = result.index_select(0, idx)
-            out.index_copy_(0, idx, self._add_term(x.index_select(0, idx), name, part).to(out.dtype))
-        return out
-
-    def stack_pairs(self, route: Route) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
-        """Per adapter of ``route.order``, the factors a batched kernel stacks (A, B), or None where
-        this layer lacks the adapter; [] for layer types without a batched kernel."""
-        return []
-
-    def _stack(self, route: Route, dtype: torch.dtype) -> mixed.Stack:
-        """This layer's stacked factors for ``route`` in ``dtype`` (cached; see ``lorakit.layers.mixed``)."""
-        return mixed.stacked(self, route, lambda: self.stack_pairs(route),
-                             lambda: [self.term_scale(n) if n in self.r else 0.0 for n in route.order], dtype,
-                             lambda: self._stack_sources(route.order))
-
-    def term_scale(self, name: str) -> float:
-        """The factor adapter ``name``'s ``B·A`` term is multiplied by: its scaling (a layer whose base
-        module scales its own output, e.g. a scaled embedding, multiplies it in too)."""
-        return self.scaling[name]
-
-    def _row_blocks(self, route: Route, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each row's (A, B) blocks for ``route``: (N, K, r), (N, r, M) with r padded to a multiple of 8."""
-        return mixed.row_blocks(self, self._stack(route, dtype), route.slots(device))
-
-    def _stack_sources(self, order: Sequence[str]) -> list[torch.Tensor]:
-        """The parameters a stack over ``order`` is built from, looked up now (not kept references)."""
-        return [p for n in order if n in self.r for p in self.adapter_parameters(n)]
-
-    def check_stack(self, order: Sequence[str]) -> None:
-        """Entering a mixed-batch block over adapters ``order``: drop a cached stack whose factors
-        changed since it was built — replaced, re-pointed, written in place or through ``.data``."""
-        mixed.check(self, self._stack_sources(order))
-
-    def _route_flag(self, route: Route, what: str, compute) -> bool:
-        """A per-layer fact about a route (e.g. "needs the loop"), computed once per block."""
-        key = (what, id(self), self.training)
-        if key not in route._cache:
-            route._cache[key] = compute()
-        return route._cache[key]
 
     def _input(self, x: torch.Tensor, factor_dtype: torch.dtype) -> torch.Tensor:
         """The adapter's input: x itself, or (``peft_numerics``) x cast to the factors' dtype."""

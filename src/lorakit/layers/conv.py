@@ -95,6 +95,17 @@ class Conv(LoraLayer):
         w = weight.detach().to(dtype) + self.scaling[name] * lora_weight
         return w.norm(p=2, dim=tuple(range(1, w.dim())), keepdim=True).transpose(1, 0)
 
+    @property
+    def rank_groups(self) -> int:  # type: ignore[override]
+        return self.base_layer.groups
+
+    def delta_matrix(self, delta: torch.Tensor) -> torch.Tensor:
+        return delta.flatten(start_dim=1)  # (out, in·∏k)
+
+    def factors_from_matrices(self, A: torch.Tensor, B: torch.Tensor, like: str) -> tuple[torch.Tensor, torch.Tensor]:
+        A0, B0 = self.factors(like)
+        return A.reshape(A.shape[0], *A0.shape[1:]), B.reshape(B0.shape[0], B.shape[1], *B0.shape[2:])
+
     def _channel(self, v: torch.Tensor) -> torch.Tensor:
         """A per-output-channel vector (1, out, 1, ...) as (out, 1, 1, ...), the weight's layout."""
         return v.reshape(-1, *(1,) * (self.base_layer.weight.dim() - 1))

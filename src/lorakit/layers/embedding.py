@@ -33,6 +33,8 @@ class Embedding(LoraLayer):
     """LoRA wrapper of an ``nn.Embedding``; factors in ``lora_embedding_A/B`` (PEFT's names)."""
 
     adapter_attrs = ("lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+    b_attrs = ("lora_embedding_B",)
+    factor_attrs = ("lora_embedding_A", "lora_embedding_B")
 
     def __init__(self, base_layer: nn.Embedding) -> None:
         super().__init__(base_layer)
@@ -69,6 +71,9 @@ class Embedding(LoraLayer):
     def delta_weight(self, name: str) -> torch.Tensor:
         A, B = self.lora_embedding_A[name], self.lora_embedding_B[name]  # (r, num), (dim, r)
         return (B @ A).T * self.scaling[name]  # (num, dim)
+
+    def delta_matrix(self, delta: torch.Tensor) -> torch.Tensor:
+        return delta.T  # ΔE (num, dim) = (B·A)ᵀ
 
     def embed_scale(self) -> torch.Tensor | float | None:
         """The factor the base module multiplies its lookup by (``embed_scale``: a number or a

@@ -44,6 +44,12 @@ class MultiheadAttention(LoraLayer):
     def base_weight(self) -> torch.Tensor:
         return self.base_layer.in_proj_weight
 
+    def weight_owner(self) -> tuple[nn.Module, str]:
+        return self.base_layer, "in_proj_weight"
+
+    def sub_layers(self) -> list[LoraLayer]:
+        return [self, self.out_proj_lora]
+
     def release(self) -> nn.MultiheadAttention:
         """The attention module with its original out_proj back in place."""
         base = self.base_layer

@@ -30,7 +30,8 @@ import torch
 from torch import nn
 
 from lorakit.config import LoraConfig
-from lorakit.layers.base import LoraLayer, init_lora_pair
+from lorakit.layers.base import init_lora_pair
+from lorakit.layers.replacing import ReplacingLayer
 
 
 class ParamFactor(nn.Linear):
@@ -41,7 +42,7 @@ class ParamFactor(nn.Linear):
         return self.weight.to(dtype)
 
 
-class ParamWrapper(LoraLayer):
+class ParamWrapper(ReplacingLayer):
     """LoRA wrapper of one ``nn.Parameter`` (``parameter_name``) of the module it wraps."""
 
     def __init__(self, base_layer: nn.Module, parameter_name: str) -> None:
@@ -73,6 +74,9 @@ class ParamWrapper(LoraLayer):
 
     def base_weight(self) -> torch.Tensor:
         return getattr(self.real_module(), self.parameter_name)
+
+    def weight_owner(self) -> tuple[nn.Module, str]:
+        return self.real_module(), self.parameter_name
 
     def release(self) -> nn.Module:
         """The module holding the parameter, without this or any nested wrapper."""
@@ -135,13 +139,11 @@ class ParamWrapper(LoraLayer):
         return torch.func.functional_call(self.base_layer, new, (x, *args), kwargs)
 
     # ------------------------------------------------------------------ forward
-    def forward(self, x: torch.Tensor, *args, **kwargs):
-        """The wrapped module's output with its parameter replaced by ``W + Σ ΔW`` (the active,
-        unmerged adapters); inside ``mixed_batch``, each row's own adapter."""
+    @property
+    def no_split(self) -> str:  # type: ignore[override]
         owner = type(self.real_module()).__name__
-        return self._replacing_forward(x, args, kwargs, f"{owner}.{self.parameter_name} (target_parameters): the "
-                                                        "module is called with more than one input or with rows off "
-                                                        "dimension 0")
+        return (f"{owner}.{self.parameter_name} (target_parameters): the module is called with more than one input "
+                "or with rows off dimension 0")
 
     def _add_term(self, x: torch.Tensor, name: str, result: torch.Tensor) -> torch.Tensor:
         """Not additive: the output computed with ``W + ΔW_name`` replaces ``result`` (the mixed-batch

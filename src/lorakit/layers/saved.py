@@ -58,6 +58,10 @@ class ModulesToSave(nn.Module):
         if name in self.modules_to_save:
             yield from self.modules_to_save[name].parameters()
 
+    def b_parameters(self, name: str):
+        """A trained copy has no B side (LoRA+ leaves it at the base learning rate)."""
+        return iter(())
+
     def _current(self) -> nn.Module:
         if self.disabled or not self.active_adapters:
             return self.original_module

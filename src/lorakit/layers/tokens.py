@@ -29,13 +29,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.config import LoraConfig
-from lorakit.layers.base import LoraLayer
+from lorakit.layers.replacing import ReplacingLayer
 
 
-class TrainableTokens(LoraLayer):
+class TrainableTokens(ReplacingLayer):
     """Trained rows of the wrapped embedding (or, as a follower, of a tied output layer)."""
 
     adapter_attrs = ("trainable_tokens_delta",)
+    b_attrs = ()  # rows, not factors: no B side
     ranked = False  # rows, not a rank: no rank/alpha patterns apply
 
     def __init__(self, base_layer: nn.Module, source: TrainableTokens | None = None) -> None:
@@ -52,6 +53,9 @@ class TrainableTokens(LoraLayer):
     def owner(self) -> TrainableTokens:
         """The layer that holds the rows: the source of a follower, else this one."""
         return self.source if self.source is not None else self
+
+    def tied_group(self) -> object | None:
+        return self.owner  # a follower and its source share the weight and the rows
 
     def add_tokens(self, name: str, indices: list[int], cfg: LoraConfig, *, dtype: torch.dtype | None = None) -> None:
         """Adapter ``name`` trains rows ``indices`` (a follower: the source's rows for ``name``).
@@ -170,11 +174,9 @@ class TrainableTokens(LoraLayer):
             return out
         return torch.func.functional_call(self.base_layer, {"weight": self.adapted_weight(names)}, (x, *args), kwargs)
 
-    def forward(self, x: torch.Tensor, *args, **kwargs):
-        """The wrapped layer's output with the active, unmerged adapters' rows; inside
-        ``mixed_batch``, each row's own adapter's."""
-        return self._replacing_forward(x, args, kwargs, f"a {type(self.base_layer).__name__} called with more than "
-                                                        "one input (trainable tokens)")
+    @property
+    def no_split(self) -> str:  # type: ignore[override]
+        return f"a {type(self.base_layer).__name__} called with more than one input (trainable tokens)"
 
     def _add_term(self, x: torch.Tensor, name: str, result: torch.Tensor) -> torch.Tensor:
         """``result`` (these rows' base output) with adapter ``name``'s rows (the mixed-batch reference

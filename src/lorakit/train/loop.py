@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from lorakit.data.dataset import TokenDataset, batch_order
-from lorakit.layers import LoraLayer
+from lorakit.layers import wrappers
 from lorakit.train.checkpoint import rng_state, set_rng_state
 from lorakit.train.config import TrainConfig
 from lorakit.train.distributed import Parallel, local_device
@@ -72,8 +72,8 @@ def enable_activation_checkpointing(model: nn.Module, use_reentrant: bool = Fals
 
 
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
-    """Optimizer groups over the trainable parameters. With LoRA+ the ``lora_B`` /
-    ``lora_embedding_B`` factors (found by module type, not by name) get ``lr · loraplus_lr_ratio``.
+    """Optimizer groups over the trainable parameters. With LoRA+ the "B" factors (each layer's
+    ``b_parameters``: ``lora_B``, ``lora_embedding_B``) get ``lr · loraplus_lr_ratio``.
 
     Raises:
         ValueError: nothing to train.
@@ -84,13 +84,7 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
                          "(inject an adapter or unfreeze some parameters first)")
     if cfg.loraplus_lr_ratio is None:
         return [{"params": trainable, "lr": cfg.lr}]
-    b_ids = set()
-    for m in model.modules():
-        if isinstance(m, LoraLayer):
-            for attr in ("lora_B", "lora_embedding_B"):
-                holder = getattr(m, attr, None)
-                if holder is not None:
-                    b_ids |= {id(p) for p in holder.parameters()}
+    b_ids = {id(p) for _, w in wrappers(model) for name in w.adapter_names for p in w.b_parameters(name)}
     fast = [p for p in trainable if id(p) in b_ids]
     slow = [p for p in trainable if id(p) not in b_ids]
     return [g for g in ({"params": slow, "lr": cfg.lr}, {"params": fast, "lr": cfg.lr * cfg.loraplus_lr_ratio})
