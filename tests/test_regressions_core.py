@@ -357,7 +357,9 @@ def test_import_lorakit_loads_only_the_core():
             "lorakit.benchmark", "lorakit.quantize")
     assert not [m for m in mods if m.startswith(apps)], mods
     assert heavy == ""
-    assert count <= 40, mods  # the core: config, layers (one file per layer type), io, inject, merge...
+    # the core: config, layers (one file per layer type, and per concern: merging, routed, replacing, registry,
+    # protocol), io, inject, merge, state...; 34 before the state/registry split and the MoE / bnb-packing files
+    assert count <= 45, mods
     assert lk.fit is not None and lk.TrainConfig is not None  # applications still reachable, lazily
 
 

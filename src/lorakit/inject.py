@@ -43,6 +43,7 @@ from lorakit.layers import (
 )
 from lorakit.layers.param import ParamWrapper
 from lorakit.layers.quant_formats import quant_format
+from lorakit.layers.registry import supported_names
 from lorakit.state import LorakitState, drop_state, get_state, put_state
 from lorakit.transaction import Transaction, set_submodule, transaction
 
@@ -154,7 +155,7 @@ def find_targets(model: nn.Module, cfg: LoraConfig, strict: bool = True) -> list
                              "(trainable_token_indices); a layer is adapted one way only")
         if not is_supported(module):
             raise TypeError(f"target_modules={spec!r} matched {name!r}, a {type(module).__name__}, which lorakit "
-                            "cannot adapt (supported: Linear, Conv1D, Embedding, Conv1d/2d/3d, MultiheadAttention). "
+                            f"cannot adapt (supported: {supported_names()}). "
                             "Name its sub-layers instead, e.g. "
                             f"{[n.rsplit('.', 1)[-1] for n, m in module.named_modules() if n and is_supported(m)][:6]}")
         if id(module) in out_projs:

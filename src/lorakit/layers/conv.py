@@ -29,6 +29,7 @@ from lorakit.config import LoraConfig
 from lorakit.layers import mixed
 from lorakit.layers.base import LoraLayer, init_lora_pair
 from lorakit.layers.factors import CONV_FACTORS
+from lorakit.layers.registry import LayerKind, register
 from lorakit.layers.routing import Route
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -169,3 +170,6 @@ class Conv(LoraLayer):
 
     def _dora_scale(self, factor: torch.Tensor) -> torch.Tensor:
         return self._channel(factor)  # (out, 1, 1, ...)
+
+
+register(LayerKind("nn.Conv1d/2d/3d", lambda m: isinstance(m, CONV_TYPES), lambda m, **_: Conv(m)))

@@ -26,6 +26,7 @@ from torch import nn
 from lorakit.config import LoraConfig
 from lorakit.layers import mixed
 from lorakit.layers.base import LoraLayer
+from lorakit.layers.registry import LayerKind, register
 from lorakit.layers.routing import Route
 
 
@@ -130,3 +131,6 @@ class Embedding(LoraLayer):
 
     def _dora_scale(self, factor: torch.Tensor) -> torch.Tensor:
         return factor[None, :]  # (1, dim) over E (num, dim)
+
+
+register(LayerKind("nn.Embedding", lambda m: isinstance(m, nn.Embedding), lambda m, **_: Embedding(m)))

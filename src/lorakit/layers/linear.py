@@ -26,6 +26,7 @@ from lorakit.config import LoraConfig
 from lorakit.layers import mixed
 from lorakit.layers.base import LoraLayer, init_lora_pair
 from lorakit.layers.factors import Down, Up
+from lorakit.layers.registry import LayerKind, register
 from lorakit.layers.routing import Route, blocks_open
 
 
@@ -195,3 +196,7 @@ class Linear(LoraLayer):
 
     def _dora_scale(self, factor: torch.Tensor) -> torch.Tensor:
         return factor[None, :] if self.fan_in_fan_out else factor[:, None]  # rows of W (out, in), columns of W^T
+
+
+register(LayerKind("nn.Linear / transformers Conv1D", lambda m: isinstance(m, nn.Linear) or is_conv1d(m),
+                   lambda m, fan_in_fan_out=False: Linear(m, fan_in_fan_out=fan_in_fan_out), linear=True))

@@ -21,6 +21,7 @@ from torch import nn
 from lorakit.config import LoraConfig
 from lorakit.layers.base import LoraLayer, init_lora_pair
 from lorakit.layers.linear import Linear
+from lorakit.layers.registry import LayerKind, register
 from lorakit.layers.routing import blocks_open, route_for
 
 
@@ -142,3 +143,7 @@ class MultiheadAttention(LoraLayer):
         if m.batch_first and batched:
             attn = attn.transpose(1, 0)
         return attn, weights
+
+
+register(LayerKind("nn.MultiheadAttention", lambda m: isinstance(m, nn.MultiheadAttention),
+                   lambda m, **_: MultiheadAttention(m)))

@@ -36,7 +36,8 @@ from torch import nn
 
 from lorakit.config import LoraConfig
 from lorakit.layers.linear import Linear
-from lorakit.layers.quant_formats import QuantFormat
+from lorakit.layers.quant_formats import QuantFormat, quant_format
+from lorakit.layers.registry import LayerKind, register
 
 # inside ``requantization_report``: where layers record their measured rounding errors
 _REPORT: contextvars.ContextVar[list | None] = contextvars.ContextVar("lorakit_requantization_report", default=None)
@@ -250,3 +251,8 @@ def requantization_report(model: nn.Module) -> Iterator[None]:
         f"(adapter {worst_name!r} in {paths.get(id(worst_layer), '?')!r}: max abs error {e['max_abs_error']:.3g} vs "
         f"max |ΔW| {e['max_abs_delta']:.3g}). unmerge is refused for these layers; merge_and_unload / save_merged "
         "dequantize instead (no rounding to 4/8 bits)", stacklevel=3)
+
+
+register(LayerKind("bitsandbytes Linear4bit/Linear8bitLt, nn.Linear with a torchao NF4 weight",
+                   lambda m: quant_format(m) is not None, lambda m, **_: QuantizedLinear(m, quant_format(m)),
+                   linear=True, priority=10))  # before nn.Linear: bitsandbytes' Linear4bit subclasses it
