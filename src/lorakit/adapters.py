@@ -14,7 +14,7 @@ from typing import Union
 
 from torch import nn
 
-from lorakit.layers import BASE_ROW, LoraLayer, ModulesToSave, MultiheadAttention, Wrapper, wrappers
+from lorakit.layers import BASE_ROW, LoraLayer, ModulesToSave, Wrapper, wrappers
 from lorakit.layers.routing import Route, routed
 from lorakit.merge_quantized import refuse_inexact_unmerge
 from lorakit.state import get_state, require_state
@@ -139,7 +139,7 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def _layers_for_routing(model: nn.Module) -> tuple[list, list[str], list[str]]:
-    """One pass over ``model``: its wrappers, the adapted nn.MultiheadAttention layers, and the
+    """One pass over ``model``: its wrappers, the layers that refuse mixed batches (``mixed_refusal``), and the
     blocks whose adapted layers see sequence-first inputs ``(L, N, ...)`` — those holding a module
     that declares ``batch_first=False`` (nn.MultiheadAttention, RNNs, nn.Transformer — and so
     nn.TransformerEncoderLayer, whose linear1/linear2 get its attention's layout)."""
@@ -147,8 +147,8 @@ def _layers_for_routing(model: nn.Module) -> tuple[list, list[str], list[str]]:
     for name, m in model.named_modules():
         if isinstance(m, (LoraLayer, ModulesToSave)):
             layers.append(m)
-            if isinstance(m, MultiheadAttention):
-                attn.append(name)
+            if getattr(m, "mixed_refusal", None):
+                attn.append((name, m.mixed_refusal))
             m = m.base_layer if isinstance(m, LoraLayer) else m
         if m.__dict__.get("batch_first", None) is False:  # an instance attribute where torch declares it
             declared.append(name)
@@ -188,8 +188,7 @@ def mixed_batch(model: nn.Module, names: Sequence[str], *, batch_dim: int = 0) -
     if any(isinstance(w, LoraLayer) and w.merged for w in layers):
         raise ValueError("mixed_batch needs unmerged adapters; call lorakit.unmerge(model) first")
     if attn:
-        raise ValueError(f"mixed_batch does not support adapted nn.MultiheadAttention layers ({attn[:3]}): their "
-                         "update acts on weights the whole batch shares")
+        raise ValueError(f"mixed_batch does not support {[n for n, _ in attn[:3]]}: {attn[0][1]}")
     if batch_dim == 0 and seq_first:
         raise ValueError(f"mixed_batch: {seq_first[:3]} take sequence-first inputs (batch_first=False), so "
                          "batch rows are on dimension 1, not 0; pass batch_dim=1")

@@ -74,6 +74,8 @@ class LoraLayer(Merging, Routed, nn.Module):
     adapter_attrs: tuple[str, ...] = ("lora_A", "lora_B")
     # the attributes holding the "B" side of each adapter (LoRA+'s faster learning rate)
     b_attrs: tuple[str, ...] = ("lora_B",)
+    # why ``mixed_batch`` cannot route this layer's rows (None: it can)
+    mixed_refusal: str | None = None
     # the attributes holding A and B (``factors``)
     factor_attrs: tuple[str, str] = ("lora_A", "lora_B")
     # r / lora_alpha come from the config's rank and alpha patterns (trainable tokens: no)

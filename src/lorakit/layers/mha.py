@@ -28,6 +28,9 @@ from lorakit.layers.routing import blocks_open, route_for
 class MultiheadAttention(LoraLayer):
     """LoRA wrapper of an ``nn.MultiheadAttention``: in_proj via ``lora_A/B``, out_proj via its own wrapper."""
 
+    mixed_refusal = ("an adapted nn.MultiheadAttention's update acts on weights the whole batch shares; run the "
+                     "adapters in separate batches")
+
     def __init__(self, base_layer: nn.MultiheadAttention) -> None:
         if not base_layer._qkv_same_embed_dim:
             raise ValueError("LoRA on nn.MultiheadAttention needs kdim == vdim == embed_dim (one packed in_proj); "
