@@ -17,6 +17,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Union
 
+from lorakit.matching import pattern_key
 from lorakit.peft_fields import METADATA_KEYS, OTHER_VERSIONS_OFF, UNIMPLEMENTED, check_token_indices, refused
 
 TargetSpec = Union[list[str], str, None]
@@ -199,12 +200,12 @@ class LoraConfig:
     # ------------------------------------------------------------------ per-module values
     def rank_for(self, module_name: str) -> int:
         """The rank for ``module_name``: the first matching ``rank_pattern`` key, else ``r``."""
-        key = _pattern_key(self.rank_pattern, module_name)
+        key = pattern_key(self.rank_pattern, module_name)
         return self.rank_pattern[key] if key is not None else self.r
 
     def alpha_for(self, module_name: str) -> float:
         """The alpha for ``module_name``: the first matching ``alpha_pattern`` key, else ``lora_alpha``."""
-        key = _pattern_key(self.alpha_pattern, module_name)
+        key = pattern_key(self.alpha_pattern, module_name)
         return self.alpha_pattern[key] if key is not None else self.lora_alpha
 
     def scaling(self, r: int, alpha: float) -> float:
@@ -359,11 +360,3 @@ def _check_pattern_dict(name: str, d: Any, kind: str) -> None:
                 raise ValueError(f"{name}[{k!r}] must be a positive int rank, got {v!r}")
         elif isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
             raise ValueError(f"{name}[{k!r}] must be a positive number, got {v!r}")
-
-
-def _pattern_key(patterns: dict[str, Any], module_name: str) -> str | None:
-    """PEFT's rule: the first key ``k`` with ``re.match(rf"(.*\\.)?({k})$", module_name)``."""
-    for k in patterns:
-        if re.match(rf"(.*\.)?({k})$", module_name):
-            return k
-    return None

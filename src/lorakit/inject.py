@@ -44,47 +44,15 @@ from lorakit.layers import (
 from lorakit.layers.param import ParamWrapper
 from lorakit.layers.quant_formats import quant_format
 from lorakit.layers.registry import supported_names
+from lorakit.matching import in_layers, inside, matches_any, matches_spec, unmatched
 from lorakit.state import LorakitState, drop_state, get_state, put_state
 from lorakit.transaction import Transaction, set_submodule, transaction
 
 replace_module = set_submodule  # the name other modules know
 
 
-def _matches_list(name: str, patterns: list[str]) -> bool:
-    return any(name == p or name.endswith("." + p) for p in patterns)
-
-
-def _layer_index(name: str, layers_pattern) -> int | None:
-    pats = [layers_pattern] if isinstance(layers_pattern, str) else (layers_pattern or [None])
-    for pat in pats:
-        m = re.match(rf".*\.{pat}\.(\d+)\." if pat else r".*\.[^.]*\.(\d+)\.", name)
-        if m is None and pat:  # a top-level module list, e.g. "layers.0.attn"
-            m = re.match(rf"{pat}\.(\d+)\.", name)
-        if m is not None:
-            return int(m.group(1))
-    return None
-
-
 def _in_layers(name: str, cfg: LoraConfig) -> bool:
-    if cfg.layers_to_transform is None:
-        return True
-    idx = _layer_index(name, cfg.layers_pattern)
-    wanted = [cfg.layers_to_transform] if isinstance(cfg.layers_to_transform, int) else cfg.layers_to_transform
-    return idx is not None and idx in wanted
-
-
-def _excluded(name: str, cfg: LoraConfig) -> bool:
-    ex = cfg.exclude_modules
-    if ex is None:
-        return False
-    return re.fullmatch(ex, name) is not None if isinstance(ex, str) else _matches_list(name, ex)
-
-
-def _inside_saved(name: str, saved: list[str]) -> bool:
-    """Is module ``name``, or a module it is inside, one of ``modules_to_save``? Such a module is trained
-    in full, so LoRA never targets it (PEFT excludes it the same way, whatever ``target_modules`` says)."""
-    parts = name.split(".")
-    return any(_matches_list(".".join(parts[:i]), saved) for i in range(1, len(parts) + 1))
+    return in_layers(name, cfg.layers_to_transform, cfg.layers_pattern)
 
 
 def candidate_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -142,12 +110,12 @@ def find_targets(model: nn.Module, cfg: LoraConfig, strict: bool = True) -> list
             inner = getattr(module, "base_layer", module)
             refused = unsupported_quantization(inner) is not None and not isinstance(inner, (nn.Embedding, nn.Conv2d))
             hit = ((is_linear_like(inner) or refused) and module is not head
-                   and id(module) not in out_projs and not _matches_list(name, saved) and _in_layers(name, cfg))
+                   and id(module) not in out_projs and not matches_any(name, saved) and _in_layers(name, cfg))
         elif isinstance(spec, str):
             hit = re.fullmatch(spec, name) is not None
         else:
-            hit = _matches_list(name, spec) and _in_layers(name, cfg)
-        if not hit or _excluded(name, cfg) or _inside_saved(name, saved):
+            hit = matches_any(name, spec) and _in_layers(name, cfg)
+        if not hit or matches_spec(name, cfg.exclude_modules) or inside(name, saved):
             continue
         check_quantized(name, module)
         if isinstance(module, TokensWrapper):
@@ -172,7 +140,7 @@ def find_targets(model: nn.Module, cfg: LoraConfig, strict: bool = True) -> list
 def _check_entries(model: nn.Module, candidates: list[tuple[str, nn.Module]], spec: list[str], strict: bool) -> None:
     """Every list entry must name some module (before layer indices and exclusions apply)."""
     names = [n for n, _ in candidates]
-    missing = [p for p in spec if not any(n == p or n.endswith("." + p) for n in names)]
+    missing = unmatched(spec, names)
     if not missing:
         return
     pool = list(dict.fromkeys([n.rsplit(".", 1)[-1] for n in names] + names))
@@ -348,7 +316,7 @@ def with_task_heads(cfg: LoraConfig) -> LoraConfig:
 def _find_modules_to_save(model: nn.Module, cfg: LoraConfig) -> list[str]:
     if not cfg.modules_to_save:
         return []
-    names = [n for n, m in candidate_modules(model) if _matches_list(n, cfg.modules_to_save)]
+    names = [n for n, m in candidate_modules(model) if matches_any(n, cfg.modules_to_save)]
     heads = TASK_HEADS.get(cfg.task_type or "", ())
     if not names and heads:
         raise ValueError(f"task_type={cfg.task_type!r} trains the model's head in full, as PEFT does "

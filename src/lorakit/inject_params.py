@@ -19,6 +19,7 @@ from lorakit.config import LoraConfig
 from lorakit.layers import LoraLayer, ModulesToSave
 from lorakit.layers.experts import param_wrapper
 from lorakit.layers.param import ParamWrapper
+from lorakit.matching import matches_any, unmatched
 from lorakit.transaction import Transaction
 
 
@@ -55,12 +56,12 @@ def find_parameter_targets(model: nn.Module, cfg: LoraConfig, strict: bool = Tru
         for pname, _ in holder.named_parameters(recurse=False):
             key = f"{path}.{pname}"
             seen.append(key)
-            if key in wanted or any(key.endswith("." + w) for w in wanted):
+            if matches_any(key, wanted):
                 if is_other_wrapper:
                     raise ValueError(f"target_parameters matched {key!r}, but {path!r} is adapted as a module "
                                      "(target_modules or modules_to_save); a module's weight is adapted one way only")
                 found.append((path, pname))
-    missing = [w for w in wanted if not any(k == w or k.endswith("." + w) for k in seen)]
+    missing = unmatched(wanted, seen)
     if missing:
         msg = (f"target_parameters entries {missing} match no parameter of this {type(model).__name__}; "
                f"parameters include: {[k for k in seen if not k.endswith('.bias')][:8]}")

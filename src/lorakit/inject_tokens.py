@@ -18,6 +18,7 @@ from torch import nn
 from lorakit.config import LoraConfig
 from lorakit.layers import LoraLayer, ModulesToSave
 from lorakit.layers.tokens import TokensWrapper, TrainableTokens
+from lorakit.matching import matches
 from lorakit.transaction import Transaction
 
 
@@ -71,7 +72,7 @@ def token_targets(model: nn.Module, cfg: LoraConfig) -> tuple[dict[str, list[int
     names = [n for n, _ in model.named_modules() if n and ".token_adapter" not in n]
     targets: dict[str, list[int]] = {}
     for key, ids in spec.items():
-        hits = [n for n in names if n == key or n.endswith("." + key)]
+        hits = [n for n in names if matches(n, key)]
         if not hits:
             raise ValueError(f"trainable_token_indices names {key!r}, which matches no module of this "
                              f"{type(model).__name__}; modules include {names[:8]}")

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from lorakit.layers.quant_formats import quant_format
+from lorakit.matching import matches_any
 
 QUANTIZE = ("nf4", "fp4", "int8")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -155,7 +156,7 @@ def quantize_nf4_(model: nn.Module, *, dtype: torch.dtype = torch.bfloat16, bloc
     get_out = getattr(model, "get_output_embeddings", None)
     head = get_out() if callable(get_out) else None
     chosen = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear and m is not head
-              and not any(n == s or n.endswith("." + s) for s in skip)]
+              and not matches_any(n, skip)]
     bad = [f"{n} {tuple(m.weight.shape)}" for n, m in chosen if m.weight.numel() % (block_size * scaler_block_size)]
     if bad:
         raise ValueError(f"torchao NF4 needs weight sizes that are multiples of block_size·scaler_block_size = "

@@ -46,6 +46,7 @@ def describe(directory: str | Path) -> dict[str, Any]:
     from lorakit.io.keymap import PREFIX, parse_file_key
     from lorakit.io.peft_format import CONFIG_NAME, read_config_dict, resolve_adapter_dir, weights_path
     from lorakit.io.serving import vllm_report
+    from lorakit.matching import matches_any
 
     d = resolve_adapter_dir(directory)
     raw = read_config_dict(d)
@@ -74,7 +75,7 @@ def describe(directory: str | Path) -> dict[str, Any]:
     for name, entry in modules.items():
         plain = name.replace(".base_layer", "")
         # a parameter wrapper: lora_A has rank x experts rows (PEFT's layout)
-        entry["param"] = any(plain == o or plain.endswith("." + o) for o in owners)
+        entry["param"] = matches_any(plain, owners)
         if isinstance(cfg, LoraConfig) and not entry["param"]:
             entry["alpha"] = cfg.alpha_for(name)
     files = [p for p in sorted(d.iterdir()) if p.is_file()]

@@ -23,6 +23,7 @@ from lorakit.config import ALL_LINEAR, TASK_HEADS, LoraConfig
 from lorakit.inject import candidate_modules
 from lorakit.io.keymap import PREFIX, alias_plan, base_plan, file_plan, saved_copy_paths
 from lorakit.layers import LoraLayer, wrappers
+from lorakit.matching import matches_any
 from lorakit.state import require_state
 
 CONFIG_NAME = "adapter_config.json"
@@ -147,7 +148,7 @@ def peft_file_config(model: nn.Module, cfg: LoraConfig, file_keys: Iterable[str]
     for n, m in candidate_modules(model):
         if isinstance(m, LoraLayer) or any(n.startswith(c + ".") for c in chosen):
             continue
-        if any(n == w or n.endswith("." + w) for w in explicit):  # lorakit's rule: always
+        if matches_any(n, explicit):  # lorakit's rule: always
             chosen.append(n)
         elif any(n.endswith(w) for w in explicit + extra):  # PEFT's wider rule: when the file says so
             leaves = m.state_dict(keep_vars=True)

@@ -20,6 +20,8 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from lorakit.matching import matches, unmatched
+
 # Module names of Hugging Face task heads, tried in order when a method is given no head.
 DEFAULT_HEADS = ("classifier", "score")
 
@@ -60,14 +62,14 @@ def head_names(model: nn.Module, head: Sequence[str] | None) -> list[str]:
     names = [n for n, _ in model.named_modules() if n]
     wanted = list(head or [])
     if head is None:
-        wanted = [h for h in DEFAULT_HEADS if any(n == h or n.endswith("." + h) for n in names)][:1]
+        wanted = [h for h in DEFAULT_HEADS if not unmatched([h], names)][:1]
         if not wanted:
             raise ValueError(f"no task head found: looked for modules named {list(DEFAULT_HEADS)} in this "
                              f"{type(model).__name__}; pass head=[...] (top-level modules: "
                              f"{[n for n in names if '.' not in n]}) or head=[] for none")
     found = []
     for h in wanted:
-        hits = [n for n in names if n == h or n.endswith("." + h)]
+        hits = [n for n in names if matches(n, h)]
         if not hits:
             raise ValueError(f"head module {h!r} matches no module; top-level modules: "
                              f"{[n for n in names if '.' not in n]}")
