@@ -9,7 +9,6 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import lorakit as lk
-from lorakit.layers import mixed
 
 import models
 
@@ -43,10 +42,8 @@ def per_row(model: nn.Module, rows: list[str], run) -> list[torch.Tensor]:
     return models.rows_alone(model, rows, run, restore="a")
 
 
-@pytest.mark.parametrize("strategy", mixed.STRATEGIES)
 @pytest.mark.parametrize("ranks", [(4, 4, 4), (2, 8, 5)], ids=["same-rank", "mixed-ranks"])
-def test_llama_rows_equal_single_runs(strategy, ranks, monkeypatch):
-    monkeypatch.setattr(mixed, "STRATEGY", strategy)
+def test_llama_rows_equal_single_runs(ranks):
     model = tiny_llama(ranks)
     x = torch.randint(0, 64, (5, 7), generator=torch.Generator().manual_seed(2))
     rows = ["b", "__base__", "a", "c", "b"]

@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 import lorakit as lk
-from lorakit.layers import mixed
 
 import models
 
@@ -55,10 +54,8 @@ def check_decoding(model: nn.Module, rows: list[str]) -> None:
 ROWS = ["a3", "__base__", "a0", "a5", "a3", "a1", "a4", "a2"]
 
 
-@pytest.mark.parametrize("strategy", mixed.STRATEGIES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_prefill_rows_equal_rows_alone(strategy, dtype, monkeypatch):
-    monkeypatch.setattr(mixed, "STRATEGY", strategy)
+def test_prefill_rows_equal_rows_alone(dtype):
     check_prefill(many(dtype), ROWS, dtype)
 
 

@@ -24,8 +24,6 @@ from collections.abc import Callable
 
 import torch
 
-from lorakit.layers import mixed
-
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TRAIN_KINDS = ("peft", "lorakit", "floor")
 MEMORY_METHOD = (
@@ -134,21 +132,15 @@ def bench_infer(rounds: int, iters: int, bs: int = 8, seq: int = 128) -> dict[st
         _randomise_b(m)
     lk.merge(ours_merged)
 
-    def ours_mixed(strategy: str) -> Callable[[], object]:
-        def run() -> object:
-            old, mixed.STRATEGY = mixed.STRATEGY, strategy
-            try:
-                with lk.mixed_batch(ours, names):
-                    return ours(input_ids=x)
-            finally:
-                mixed.STRATEGY = old
-        return run
+    def ours_mixed() -> object:
+        with lk.mixed_batch(ours, names):
+            return ours(input_ids=x)
 
     fns = {
         "base": lambda: base(input_ids=x),
         "lorakit_unmerged": lambda: ours(input_ids=x),
         "lorakit_merged": lambda: ours_merged(input_ids=x),
-        **{f"lorakit_mixed4_{k}": ours_mixed(k) for k in mixed.STRATEGIES},  # auto (the default), gather, segment
+        "lorakit_mixed4": ours_mixed,
         "peft_unmerged": lambda: theirs(input_ids=x),
         "peft_mixed4": lambda: theirs(input_ids=x, adapter_names=names),
     }
@@ -216,9 +208,7 @@ def _ratios(train: dict, infer: dict, mem: dict | None, at: str) -> dict[str, fl
         "peft_train_step_vs_frozen_floor": t["peft"] / t["floor"],
         "unmerged_vs_base": i["lorakit_unmerged"] / b,
         "merged_vs_base": i["lorakit_merged"] / b,
-        "mixed4_vs_base": i["lorakit_mixed4_auto"] / b,  # the default strategy
-        "mixed4_gather_vs_base": i["lorakit_mixed4_gather"] / b,
-        "mixed4_segment_vs_base": i["lorakit_mixed4_segment"] / b,
+        "mixed4_vs_base": i["lorakit_mixed4"] / b,
         "peft_unmerged_vs_base": i["peft_unmerged"] / b,
         "peft_mixed4_vs_base": i["peft_mixed4"] / b,
     }

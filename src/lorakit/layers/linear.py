@@ -175,19 +175,14 @@ class Linear(LoraLayer):
         return [(self.lora_A[n].weight, self.lora_B[n].weight) if n in self.r else None for n in route.order]
 
     def mixed_forward(self, x: torch.Tensor, result: torch.Tensor, route: Route) -> torch.Tensor:
-        """BGMV gather to decode (one token per row), ``mixed.PREFILL`` for longer rows; DoRA, a
-        lora_bias or live dropout take the reference loop."""
+        """BGMV gather (each row's blocks gathered, two batched matmuls) for prefill and decoding;
+        DoRA, a lora_bias or live dropout take the reference loop."""
         if self._route_flag(route, "loop", lambda: any(
                 n in self.lora_magnitude_vector or self.lora_B[n].bias is not None
                 or (self.training and not isinstance(self.lora_dropout[n], nn.Identity))
                 for n in route.names if n in self.r)):
             return super().mixed_forward(x, result, route)
         dtype = self.lora_A[next(n for n in route.names if n in self.r)].weight.dtype if self.peft_numerics else x.dtype
-        strategy = mixed.STRATEGY
-        if strategy == "auto":
-            strategy = "gather" if x.numel() == x.shape[0] * x.shape[-1] else mixed.PREFILL
-        if strategy == "segment" and not torch.is_grad_enabled():
-            return mixed.linear_segment(x, result, self._stack(route, dtype), route)  # out= has no autograd
         return mixed.linear_gather(x, result, self._row_blocks(route, dtype, x.device))
 
     # ------------------------------------------------------------------ merging (DoRA)

@@ -30,13 +30,11 @@ adapters come and go. Each row's gathered blocks (``A_stack[j_i]``, ``B_stack[j_
 the stack too: every decoding step of a block reuses them instead of gathering again.
 
 Each layer type calls the kernel that fits it (``Linear.mixed_forward`` and so on); this module
-knows nothing about the layer classes. Two strategies exist for Linear layers:
-
-* ``"gather"`` (BGMV): gather each row's A and B from the stacks, one ``bmm`` + one ``bmm``;
-* ``"segment"`` (SGMV): rows grouped by adapter, each adapter's contiguous segment one 2-D matmul,
-  scattered back with one ``index_copy_``;
-
-``"auto"`` (the default) takes gather to decode (one token per row) and ``PREFILL`` for longer rows.
+knows nothing about the layer classes. For Linear layers the kernel is the gather (BGMV): each
+row's A and B gathered from the stacks, one ``bmm`` + one ``bmm``. (A segment kernel — rows grouped
+by adapter, one 2-D matmul per adapter — was slower in prefill on this CPU, 1.54× the base against
+the gather's 1.23× (``lorakit bench``, 2 threads), was never chosen by default, and had no public
+switch: it was removed. Whether a GPU SGMV kernel pays is for a GPU measurement to decide.)
 """
 
 from __future__ import annotations
@@ -50,10 +48,6 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from lorakit.layers.routing import Route
-
-STRATEGY = "auto"
-STRATEGIES = ("auto", "gather", "segment")
-PREFILL = "gather"  # measured on CPU (benchmarks/bench_multi.py): see the README
 
 Factors = tuple[torch.Tensor, torch.Tensor]  # A (r, K), B (M, r) as 2-D matrices
 
@@ -220,18 +214,6 @@ def linear_gather(x: torch.Tensor, result: torch.Tensor, blocks: tuple[torch.Ten
     n = x.shape[0]
     x3 = x.reshape(n, -1, x.shape[-1]).to(A.dtype)  # (N, L, in); a no-op unless PEFT's numerics
     return _accumulate(result, torch.bmm(x3, A), B)  # (N, ..., out)
-
-
-def linear_segment(x: torch.Tensor, result: torch.Tensor, stack: Stack, route: Route) -> torch.Tensor:
-    """SGMV: rows grouped by adapter; each adapter's segment is one 2-D matmul (no grad: uses ``out=``)."""
-    perm, segments = route.groups(x.device)
-    n = x.shape[0]
-    xs = x.index_select(0, perm).reshape(n, -1, x.shape[-1]).to(stack.A.dtype)  # (N, L, in), grouped by adapter
-    ys = xs.new_zeros((*xs.shape[:2], stack.B.shape[2]))  # (N, L, out)
-    for j, start, stop in segments:
-        torch.matmul(xs[start:stop] @ stack.A[j], stack.B[j], out=ys[start:stop])  # (c, L, out)
-    delta = torch.empty_like(ys).index_copy_(0, perm, ys)  # (N, L, out), original row order
-    return add_into(result, delta.view(result.shape))
 
 
 def embedding_gather(x: torch.Tensor, result: torch.Tensor, stack: Stack, idx: torch.Tensor,

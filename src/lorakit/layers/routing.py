@@ -7,7 +7,7 @@ block the answer is ``None`` (one dictionary lookup).
 
 A :class:`Route` is prepared once per block and shared by every layer and every forward inside it
 (all decoding steps of a ``generate``): the distinct adapters in slot order, and, per device, each
-row's slot and the row order that groups rows by adapter.
+row's slot.
 """
 
 from __future__ import annotations
@@ -53,23 +53,6 @@ class Route:
         if key not in self._cache:
             index = {n: j for j, n in enumerate(self.order, start=1)}
             self._cache[key] = torch.tensor([index.get(n, 0) for n in self.rows], device=device)
-        return self._cache[key]
-
-    def groups(self, device: torch.device) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
-        """Rows grouped by adapter: ``(perm, segments)`` with ``x[perm]`` sorted by slot and
-        ``segments`` = ``[(slot, start, stop), ...]`` for the adapter slots present."""
-        key = ("groups", device)
-        if key not in self._cache:
-            index = {n: j for j, n in enumerate(self.order, start=1)}
-            slots = [index.get(n, 0) for n in self.rows]
-            order = sorted(range(len(slots)), key=lambda i: slots[i])
-            segments, start = [], 0
-            for j in sorted(set(slots)):
-                count = slots.count(j)
-                if j:
-                    segments.append((j, start, start + count))
-                start += count
-            self._cache[key] = (torch.tensor(order, device=device), segments)
         return self._cache[key]
 
 
