@@ -31,7 +31,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-from lorakit.config import LoraConfig
+from lorakit.config import WEIGHT_INITS, LoraConfig
 from lorakit.layers.linear import Linear
 from lorakit.layers.quant_formats import QuantFormat
 
@@ -43,7 +43,7 @@ class QuantizedLinear(Linear):
     """LoRA wrapper of a quantized ``nn.Linear`` (see the module docstring).
 
     Raises:
-        ValueError: (``add_adapter``) an init that writes into W (PiSSA, OLoRA): W is quantized.
+        ValueError: (``add_adapter``) an init that writes into W (PiSSA, OLoRA, LoftQ, CorDA, LoRA-GA): W is quantized.
     """
 
     def __init__(self, base_layer: nn.Module, fmt: QuantFormat) -> None:
@@ -58,9 +58,12 @@ class QuantizedLinear(Linear):
         """As :meth:`LoraLayer.add_adapter`, with float factors: fp32 by default; a non-float
         ``dtype`` (the storage dtype, asked for by ``autocast_adapter_dtype=False``) becomes the
         compute dtype."""
-        if cfg.init_lora_weights in ("pissa", "olora"):
-            raise ValueError(f"init_lora_weights={cfg.init_lora_weights!r} writes the residual W - s·B·A into the base "
-                             f"weight, which is {self.quant.describe(self.base_layer)} here; use True or 'gaussian'")
+        if cfg.init_lora_weights in WEIGHT_INITS:
+            hint = ("LoftQ needs the full-precision W: inject it into the unquantized model, then quantize the base "
+                    "(lorakit train --init loftq --quantize nf4 does both)" if cfg.init_lora_weights == "loftq"
+                    else "use True or 'gaussian'")
+            raise ValueError(f"init_lora_weights={cfg.init_lora_weights!r} writes the residual W - s·B·A (LoftQ: "
+                             f"Q(W')) into the base weight, which is {self.quant.describe(self.base_layer)} here; {hint}")
         if dtype is None:
             dtype = torch.float32
         elif not dtype.is_floating_point:
