@@ -39,7 +39,8 @@ CORDA_ATTR = "eigens"
 LORA_GA_ATTR = "_peft_loraga_grad"
 DATA_ATTRS = {"corda": CORDA_ATTR, "lora_ga": LORA_GA_ATTR}
 
-__all__ = ["init_linear", "release_init_data", "loading_config", "preprocess_corda", "preprocess_loraga",
+__all__ = ["init_linear", "release_init_data", "loading_config", "inject_for_loading", "preprocess_corda",
+           "preprocess_loraga",
            "initialize_lora_eva_weights", "get_eva_state_dict", "convert_to_lora", "loftq_init"]
 
 
@@ -91,6 +92,33 @@ def loading_config(cfg: LoraConfig) -> LoraConfig:
     if cfg.init_lora_weights in DATA_ATTRS or cfg.init_lora_weights == "eva":
         return dataclasses.replace(cfg, init_lora_weights=True)
     return cfg
+
+
+def inject_for_loading(txn: Transaction, cfg: LoraConfig, adapter_name: str, *, warn: bool = True,
+                       **kwargs: Any) -> LoraConfig:
+    """``inject_into`` for an adapter whose weights are about to be read from a file: allocated with
+    :func:`loading_config`, recorded with the file's own ``init_lora_weights`` (so a re-save writes it).
+
+    With ``warn``, an adapter of an init that moved W from data (CorDA, LoRA-GA) says that its base
+    must be the residual base it was trained on (the data is not in the file to rebuild it from W).
+    """
+    import warnings
+
+    from lorakit.inject import inject_into
+    from lorakit.state import get_state
+
+    alloc = loading_config(cfg)
+    recorded = inject_into(txn, alloc, adapter_name, **kwargs)
+    if alloc is cfg:
+        return recorded
+    recorded = dataclasses.replace(recorded, init_lora_weights=cfg.init_lora_weights)
+    get_state(txn.model).configs[adapter_name] = recorded
+    if warn and cfg.init_lora_weights in DATA_ATTRS:
+        warnings.warn(f"this adapter was trained with init_lora_weights={cfg.init_lora_weights!r}, which moved the "
+                      "base weights (W - s·B0·A0) using data that is not in its files; it is loaded as a plain adapter "
+                      "(as PEFT does), so load it into that residual base model. Adapters written by lorakit train are "
+                      "converted to plain LoRA for the original base (lorakit.inits.convert_to_lora)", stacklevel=4)
+    return recorded
 
 
 def __getattr__(name: str):

@@ -7,8 +7,12 @@
 | field            | init_lora_weights | PEFT class     | keys (defaults)                                              |
 |------------------|-------------------|----------------|--------------------------------------------------------------|
 | ``loftq_config`` | ``"loftq"``       | LoftQConfig    | loftq_bits (4), loftq_iter (1)                               |
-| ``eva_config``   | ``"eva"``         | EvaConfig      | rho (2.0), tau (0.99), use_label_mask (True), label_mask_value (-100), whiten (False), adjust_scaling_factors (True) |
-| ``corda_config`` | ``"corda"``       | CordaConfig    | cache_file, covariance_file (None), corda_method ("ipm"), verbose (False), use_float16_for_covariance (False), prune_temporary_fields (True) |
+| ``eva_config``   | ``"eva"``         | EvaConfig      | rho (2.0), tau (0.99), use_label_mask (True),                |
+|                  |                   |                | label_mask_value (-100), whiten (False),                     |
+|                  |                   |                | adjust_scaling_factors (True)                                |
+| ``corda_config`` | ``"corda"``       | CordaConfig    | cache_file, covariance_file (None), corda_method ("ipm"),    |
+|                  |                   |                | verbose (False), use_float16_for_covariance (False),         |
+|                  |                   |                | prune_temporary_fields (True)                                |
 | ``lora_ga_config`` | ``"lora_ga"``   | LoraGAConfig   | direction ("ArB2r"), scale ("stable"), stable_gamma (16)     |
 
 PEFT's rules: ``init_lora_weights="loftq"`` needs a non-empty ``loftq_config`` (a ``loftq_config``

@@ -235,7 +235,7 @@ def get_eva_state_dict(model: nn.Module, dataloader: Iterable, peft_config=None,
             if unseen:
                 raise ValueError(f"EVA: forward_fn did not run {unseen[:3]} on the first batch; every target layer "
                                  "must see the calibration data")
-            del seen
+            seen.clear()
             hooks = {n: _SVDHook(n, max_components[n], ec["tau"], prepare[n]) for n in targets
                      if n not in equal_inputs_map}
             for n, hook in hooks.items():
@@ -350,7 +350,8 @@ def initialize_lora_eva_weights(model: nn.Module, dataloader: Iterable | None = 
                                 eva_state_dict: dict[str, torch.Tensor] | None = None,
                                 forward_fn: Callable | None = forward_fn_dict,
                                 prepare_model_inputs_fn: Callable | None = prepare_model_inputs_fn_language_modeling,
-                                prepare_layer_inputs_fn: Callable | dict | None = prepare_layer_inputs_fn_language_modeling,
+                                prepare_layer_inputs_fn: Callable | dict | None = (
+                                    prepare_layer_inputs_fn_language_modeling),
                                 adapter_name: str = "default", show_progress_bar: bool = True,
                                 max_steps: int | None = None) -> nn.Module:
     """Give adapter ``adapter_name`` (injected with ``init_lora_weights="eva"``) EVA's ranks and A.
@@ -382,7 +383,8 @@ def initialize_lora_eva_weights(model: nn.Module, dataloader: Iterable | None = 
                          f"on a model whose only adapter it is (this one also has {others})")
     if eva_state_dict is None:
         if dataloader is None:
-            raise ValueError("initialize_lora_eva_weights needs a dataloader (calibration batches) or an eva_state_dict")
+            raise ValueError("initialize_lora_eva_weights needs a dataloader (calibration batches) or an "
+                             "eva_state_dict")
         eva_state_dict = get_eva_state_dict(model, dataloader, forward_fn=forward_fn,
                                             prepare_model_inputs_fn=prepare_model_inputs_fn,
                                             prepare_layer_inputs_fn=prepare_layer_inputs_fn, adapter_name=adapter_name,

@@ -79,7 +79,8 @@ def preprocess_loraga(model: nn.Module, lora_config: LoraConfig, train_step: Cal
 
 def estimate_gradients(model: nn.Module, targets: dict[str, nn.Module],
                        train_step: Callable[[], None]) -> dict[str, torch.Tensor]:
-    """``{name: Σ ∂L/∂W / (backward passes through the layer)}`` for the target Linears (PEFT's ``estimate_gradients``)."""
+    """``{name: Σ ∂L/∂W / (backward passes through the layer)}`` for the target Linears
+    (PEFT's ``estimate_gradients``)."""
     was_training = model.training
     flags = [(p, p.requires_grad, p.grad) for p in model.parameters()]
     counts = dict.fromkeys(targets, 0)

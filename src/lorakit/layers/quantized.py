@@ -62,8 +62,9 @@ class QuantizedLinear(Linear):
             hint = ("LoftQ needs the full-precision W: inject it into the unquantized model, then quantize the base "
                     "(lorakit train --init loftq --quantize nf4 does both)" if cfg.init_lora_weights == "loftq"
                     else "use True or 'gaussian'")
+            what = self.quant.describe(self.base_layer)
             raise ValueError(f"init_lora_weights={cfg.init_lora_weights!r} writes the residual W - s·B·A (LoftQ: "
-                             f"Q(W')) into the base weight, which is {self.quant.describe(self.base_layer)} here; {hint}")
+                             f"Q(W')) into the base weight, which is {what} here; {hint}")
         if dtype is None:
             dtype = torch.float32
         elif not dtype.is_floating_point:
