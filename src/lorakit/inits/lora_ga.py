@@ -24,6 +24,7 @@ for Conv1D is in_features).
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -97,7 +98,9 @@ def estimate_gradients(model: nn.Module, targets: dict[str, nn.Module],
                 counts[name] += 1
 
             hooks.append(linear.register_full_backward_hook(count))
-        with torch.enable_grad():
+        with torch.enable_grad(), warnings.catch_warnings():
+            # the counting hooks need no input gradients; torch says so once per layer
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
             train_step()
         unseen = [n for n, c in counts.items() if c == 0 or targets[n].weight.grad is None]
         if unseen:
