@@ -10,11 +10,12 @@ import torch
 from torch import nn
 
 import lorakit as lk
-import models
 from lorakit.inits.corda import preprocess_corda
 from lorakit.inits.eva import initialize_lora_eva_weights
 from lorakit.inits.loftq import loftq_init, quantize_dequantize
 from lorakit.inits.lora_ga import preprocess_loraga
+
+import models
 
 
 def batches(n: int = 4, bs: int = 4, seq: int = 12) -> list[dict]:

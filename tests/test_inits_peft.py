@@ -13,12 +13,13 @@ import pytest
 import torch
 
 import lorakit as lk
-import models
 from lorakit.inits.convert import convert_to_lora, initial_factors
 from lorakit.inits.corda import preprocess_corda
 from lorakit.inits.eva import initialize_lora_eva_weights
 from lorakit.inits.lora_ga import preprocess_loraga
 from lorakit.state import get_state
+
+import models
 
 peft = pytest.importorskip("peft")
 
