@@ -94,7 +94,15 @@ OPTIONS: list[tuple[str, str, Any, str]] = [
     ("lora", "--bias", ["none", "all", "lora_only"], "which biases train"),
     ("lora", "--use-rslora", "bool", "rank-stabilised scaling alpha/√r"),
     ("lora", "--use-dora", "bool", "weight-decomposed LoRA (DoRA)"),
-    ("lora", "--init-lora-weights", _bool_or_str, "true (B=0), false, gaussian, pissa or olora"),
+    ("lora", "--init-lora-weights", _bool_or_str, "true (B=0), false, gaussian, pissa, olora, loftq, eva, corda or "
+                                                  "lora_ga (PEFT's values; see --init)"),
+    ("lora", "--init", ["loftq", "eva", "corda", "lora-ga", "pissa", "olora"],
+     "initialise the adapter from the weights or the data, as PEFT: loftq (4-bit NF4 base + the quantization "
+     "residual's SVD), eva (A from an SVD of each layer's inputs, ranks redistributed), corda (from input "
+     "covariances), lora-ga (from the gradient), pissa / olora (SVD / QR of W); the data is drawn from the training "
+     "set, with a progress bar (default: none, A random and B = 0)"),
+    ("lora", "--init-samples", int, "training examples for the --init calibration pass (default: 256 for corda and "
+                                    "lora-ga; eva reads batches until its components converge)"),
     ("train", "--epochs", float, "passes over the training data"),
     ("train", "--max-steps", int, "optimizer steps in total (overrides --epochs)"),
     ("train", "--lr", float, "peak learning rate (AdamW)"),

@@ -32,11 +32,12 @@ from lorakit.data.builtin import LABELS
 from lorakit.data.files import read_records
 from lorakit.data.formats import infer_task
 from lorakit.extras import available, install_hint, require
-from lorakit.inject import find_targets, inject
+from lorakit.inject import find_targets
 from lorakit.io.distributed import full_tensors, is_distributed, is_main_process, on_main_process, world_size
 from lorakit.models import ORIGIN, default_targets, head_modules, load_model, load_tokenizer
 from lorakit.train.checkpoint import default_modes, list_checkpoints
 from lorakit.train.config import TrainConfig
+from lorakit.train.inits import inject_with_init, save_run_adapter, with_init
 from lorakit.train.logging import EvalPrinter, StepPrinter, close_all, make_reporters, parse_report_to
 from lorakit.train.loop import fit, plan_steps
 from lorakit.train.settings import (
@@ -242,10 +243,14 @@ def run_job(settings: dict[str, Any], resume: str | None = None, callbacks=()) -
             model, tok = load_model(s["model"], s["task"], label_names=s["labels"], seed=s["seed"], dtype=s["dtype"],
                                     attn_implementation=s["attn_implementation"])
         method = None
+        initial = None  # --init corda / lora-ga: the factors the saved adapter subtracts (lorakit.train.inits)
         if s["method"] == "lora":
-            cfg = lora_config(s, model)
+            cfg = with_init(lora_config(s, model), s["init"], s["quantize"])
             check_rank(model, cfg)
-            inject(model, cfg)
+            if s["init"] in ("corda", "lora-ga") and s["fsdp"]:
+                raise ValueError(f"--init {s['init']} with --fsdp is not supported; use DDP (drop --fsdp)")
+            initial = inject_with_init(model, cfg, train, batch_size=s["batch_size"], seed=s["seed"],
+                                       samples=s["init_samples"], progress=bool(progress) and is_main_process())
         else:  # a baseline of lorakit.methods (full, bitfit, adapter, prefix, head): it decides what trains
             from lorakit.methods import get_method
 
@@ -283,7 +288,10 @@ def run_job(settings: dict[str, Any], resume: str | None = None, callbacks=()) -
     if method is None:
         # record where the base model comes from, portably (not a path inside the installed package)
         model.config._name_or_path = ORIGIN.get(s["model"], s["model"])
-        save_adapter(model, os.path.join(out, "adapter"))  # torchrun: on every rank (FSDP2 gathers); rank 0 writes
+        if initial is None:
+            save_adapter(model, os.path.join(out, "adapter"))  # torchrun: on every rank (FSDP2 gathers); rank 0 writes
+        else:  # CorDA / LoRA-GA moved W: plain LoRA for the original base
+            on_main_process(lambda: save_run_adapter(model, os.path.join(out, "adapter"), initial), sync=True)
     else:  # what the method must store beside the base model
         from safetensors.torch import save_file
 

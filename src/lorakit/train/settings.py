@@ -32,7 +32,7 @@ DEFAULTS: dict[str, Any] = {
     "prompt_column": None, "completion_column": None, "messages_column": None,
     "r": 8, "lora_alpha": 16.0, "lora_dropout": 0.0, "target_modules": None, "exclude_modules": None,
     "layers_to_transform": None, "layers_pattern": None, "modules_to_save": None, "bias": "none",
-    "use_rslora": False, "use_dora": False, "init_lora_weights": True,
+    "use_rslora": False, "use_dora": False, "init_lora_weights": True, "init": None, "init_samples": None,
     **{k: _TRAIN_DEFAULTS[k] for k in TRAIN_KEYS},
     "progress": None,  # None: a bar on a terminal, plain lines in a log
     "threads": None, "report_to": "none", "out": None, "overwrite": False, "quantize": None,
