@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import lorakit as lk
-import models
 from lorakit.cli import main
+
+import models
 
 torch.set_num_threads(1)
 
