@@ -34,6 +34,7 @@ CANDIDATES: dict[str, tuple[dict, dict]] = {
     "all-linear, lr 5e-4": ({"target_modules": "all-linear"}, {"lr": 5e-4}),
     "LoRA+ ratio 16": ({}, {"loraplus_lr_ratio": 16.0}),
     "all-linear, LoRA+ ratio 16": ({"target_modules": "all-linear"}, {"loraplus_lr_ratio": 16.0}),
+    "all-linear, LoRA+ ratio 4": ({"target_modules": "all-linear"}, {"loraplus_lr_ratio": 4.0}),
 }
 VAL_SIZE = 1000
 VAL_SEED = 1234  # the validation words: carved from the training words only

@@ -59,8 +59,8 @@ class QuantizedLinear(Linear):
         ``dtype`` (the storage dtype, asked for by ``autocast_adapter_dtype=False``) becomes the
         compute dtype."""
         if cfg.init_lora_weights in WEIGHT_INITS:
-            hint = ("LoftQ needs the full-precision W: inject it into the unquantized model, then quantize the base "
-                    "(lorakit train --init loftq --quantize nf4 does both)" if cfg.init_lora_weights == "loftq"
+            hint = ("LoftQ needs the full-precision W: inject it into the unquantized model (its base then holds "
+                    "Q(W'), which quantizes to NF4 exactly)" if cfg.init_lora_weights == "loftq"
                     else "use True or 'gaussian'")
             what = self.quant.describe(self.base_layer)
             raise ValueError(f"init_lora_weights={cfg.init_lora_weights!r} writes the residual W - s·B·A (LoftQ: "
