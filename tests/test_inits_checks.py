@@ -168,11 +168,18 @@ def test_eva_rolls_back_ranks_and_removed_layers_on_a_late_failure():
         dict.fromkeys(names, 4)
 
 
-def test_data_aware_inits_are_refused_on_a_quantized_layer(tmp_path):
+@pytest.fixture(scope="module")
+def qbase(tmp_path_factory):
     pytest.importorskip("bitsandbytes")
     import quantized_models as qm
 
-    model = qm.hold(qm.load_bnb(qm.write_base(str(tmp_path)), "nf4"))
+    return qm.write_base(str(tmp_path_factory.mktemp("qbase")))
+
+
+def test_data_aware_inits_are_refused_on_a_quantized_layer(qbase):
+    import quantized_models as qm
+
+    model = qm.hold(qm.load_bnb(qbase, "nf4"))
     for init, extra in (("loftq", {"loftq_config": {"loftq_bits": 4}}), ("corda", {}), ("lora_ga", {})):
         with pytest.raises(ValueError, match=f"init_lora_weights='{init}' writes the residual.*4-bit"):
             lk.inject(model, lk.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=init, **extra))
@@ -191,3 +198,22 @@ def test_loading_a_corda_file_says_which_base_it_needs(tmp_path):
     x = models.ids()
     with torch.no_grad():
         torch.testing.assert_close(back(input_ids=x).logits, model(input_ids=x).logits, atol=1e-6, rtol=0)
+
+
+def test_eva_initialises_a_quantized_base_from_its_inputs(qbase):
+    """EVA only reads the layer inputs, so it works on a 4-bit base (QLoRA + EVA); the output stays the base's."""
+    import quantized_models as qm
+
+    model = qm.hold(qm.load_bnb(qbase, "nf4"))
+    x = models.ids()
+    with torch.no_grad():
+        before = model(input_ids=x).logits
+    lk.inject(model, lk.LoraConfig(r=2, target_modules=["q_proj", "down_proj"], init_lora_weights="eva"))
+    initialize_lora_eva_weights(model, batches(n=6, bs=4, seq=12), show_progress_bar=False)
+    layers = [m for m in model.modules() if isinstance(m, lk.layers.QuantizedLinear)]
+    assert layers and sum(m.r["default"] for m in layers) == 2 * 4  # the rank budget, redistributed
+    for m in layers:
+        A = m.lora_A["default"].weight
+        torch.testing.assert_close(A @ A.T, torch.eye(A.shape[0]), atol=1e-4, rtol=0)  # principal directions
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=x).logits, before, atol=0, rtol=0)
