@@ -208,6 +208,9 @@ def test_loftq_adapter_reloads_onto_the_original_weights_in_peft_and_lorakit(tmp
     torch.testing.assert_close(logits(mine), logits(ours), atol=0, rtol=0)
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
     torch.testing.assert_close(logits(theirs), logits(ours), atol=1e-6, rtol=0)
+    theirs.save_pretrained(tmp_path / "theirs")
+    back = lk.load_adapter(copy.deepcopy(base), tmp_path / "theirs")
+    torch.testing.assert_close(logits(back), logits(ours), atol=1e-6, rtol=0)
 
 
 def test_sub_configs_round_trip_through_peft():
