@@ -152,7 +152,8 @@ def lora_config(s: dict[str, Any], model) -> LoraConfig:
         if isinstance(kw[key], str):
             kw[key] = parse_modules(kw[key])
     if kw["target_modules"] is None:  # "LoRA without regret" (Schulman et al. 2025) + benchmarks/bench_defaults.py
-        kw["target_modules"] = DEFAULT_TARGET_MODULES
+        # recorded in run_config.json, so that --resume keeps this run's targets if the default changes again
+        kw["target_modules"] = s["target_modules"] = DEFAULT_TARGET_MODULES
     if kw["modules_to_save"] is None and s["task"] == "seq-cls":
         kw["modules_to_save"] = head_modules(model) or None
     return LoraConfig(**kw)
