@@ -118,8 +118,9 @@ def _targets(model: nn.Module, cfg, adapter_name: str) -> dict[str, nn.Module]:
 
     state = get_state(model)
     if state is not None and adapter_name in state.configs:
-        return {n: m for n, m in model.named_modules()
-                if isinstance(m, LoraLayer) and isinstance(m, Linear) and adapter_name in m.r}
+        return {n: m for n, m in model.named_modules()  # (an nn.MultiheadAttention reads its out_proj, never calls it)
+                if isinstance(m, LoraLayer) and isinstance(m, Linear) and adapter_name in m.r
+                and not n.endswith(".base_layer.out_proj")}
     from lorakit.inject import find_targets
 
     return {n: model.get_submodule(n) for n in find_targets(model, cfg) if is_linear_like(model.get_submodule(n))}
