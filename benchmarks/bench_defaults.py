@@ -9,7 +9,7 @@ batch 16, lr 1e-3 with warm-up + cosine) and is trained with the same seeds.
 The decision data is a validation split carved from the *training* words (1,000 words, seeded), so the
 test words never choose a recipe; the test accuracy of each run is recorded too, for information.
 
-    PYTHONPATH=src python benchmarks/bench_defaults.py [--seeds 0,1] [--only baseline,all-linear]
+    PYTHONPATH=src python benchmarks/bench_defaults.py [--seeds 0,1] [--only "all-linear|LoRA+ ratio 16"]
 
 Writes benchmarks/results/defaults_embedded.json after every run (an interrupted run keeps its rows).
 """
@@ -43,7 +43,7 @@ VAL_SEED = 1234  # the validation words: carved from the training words only
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", default="0,1")
-    p.add_argument("--only", default=None, help="comma-separated candidate names (prefixes)")
+    p.add_argument("--only", default=None, help="candidate names, separated by '|' (names hold commas)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="benchmarks/results/defaults_embedded.json")
     args = p.parse_args()
@@ -61,7 +61,11 @@ def main() -> None:
     val_recs = [train_recs[i] for i in perm[:VAL_SIZE]]
     fit_recs = [train_recs[i] for i in perm[VAL_SIZE:]]
     seeds = [int(s) for s in args.seeds.split(",")]
-    names = [n for n in CANDIDATES if args.only is None or any(n.startswith(o) for o in args.only.split(","))]
+    wanted = None if args.only is None else [o.strip() for o in args.only.split("|")]
+    unknown = [o for o in wanted or [] if o not in CANDIDATES]
+    if unknown:
+        raise SystemExit(f"unknown candidate(s) {unknown}; valid: {list(CANDIDATES)}")
+    names = [n for n in CANDIDATES if wanted is None or n in wanted]
     rows: list[dict] = []
     src = "vaderSentiment/vader_lexicon.txt"
 
