@@ -164,9 +164,9 @@ def test_generate_chat_is_apply_chat_template_plus_greedy(chat_run, capsys):
                                                                   skip_special_tokens=True)}
     # --no-chat: the plain prompt, with one BOS
     assert main(["generate", "--adapter", str(out), "--no-chat", "--max-new-tokens", "5", "--prompt", "good"]) == 0
-    plain = capsys.readouterr().out.rstrip("\n")
+    plain = capsys.readouterr().out.rstrip("\n")  # the printed line; the completion may end in newlines itself
     assert plain == tok.decode(greedy(model, [tok.bos_token_id] + tok("good", add_special_tokens=False)["input_ids"],
-                                      tok.eos_token_id, 5), skip_special_tokens=True)
+                                      tok.eos_token_id, 5), skip_special_tokens=True).rstrip("\n")
 
 
 def test_generate_sampling_options(chat_run, capsys):

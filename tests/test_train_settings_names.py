@@ -193,9 +193,10 @@ def test_train_says_what_it_will_do_before_the_first_step(prompt_completion, tmp
     err = capsys.readouterr().err
     before = err.split("run directory")[0]
     model, _ = tiny_llama()
-    lk.inject(model, lk.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    lk.inject(model, lk.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
     trainable, total = lk.trainable_parameters(model)
-    assert "on 4 modules (q_proj, v_proj): the llama family's default" in before
+    assert ("on 14 modules (down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj): the default, all-linear "
+            "('LoRA without regret'") in before
     assert f"trainable parameters: {trainable:,} of {total:,}" in before
     assert "data: 9 training examples, 1 eval examples (10% of --data held out" in before
     assert "effective batch 4 = 2 per step × 2 accumulation; optimizer steps: 1 (--max-steps)" in before

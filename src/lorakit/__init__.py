@@ -30,7 +30,11 @@ __version__ = "0.1.0"
 # Applications built on the core, loaded on first use: ``import lorakit`` needs torch and
 # safetensors only, and never imports training, data, models, compare or the CLI.
 _LAZY = {"TrainConfig": "lorakit.train", "fit": "lorakit.train",
-         "Method": "lorakit.methods", "METHODS": "lorakit.methods", "get_method": "lorakit.methods"}
+         "Method": "lorakit.methods", "METHODS": "lorakit.methods", "get_method": "lorakit.methods",
+         # the data-aware inits' steps (PEFT's names; lorakit.inits)
+         "initialize_lora_eva_weights": "lorakit.inits.eva", "get_eva_state_dict": "lorakit.inits.eva",
+         "preprocess_corda": "lorakit.inits.corda", "preprocess_loraga": "lorakit.inits.lora_ga",
+         "convert_to_lora": "lorakit.inits.convert"}
 
 
 def __getattr__(name: str):
@@ -51,4 +55,5 @@ __all__ = [
     "save_adapter", "load_adapter", "save_merged", "save_full", "load_full",
     "TrainConfig", "fit",
     "Method", "METHODS", "get_method",  # baselines for lorakit compare: full, bitfit, adapter, prefix, lora, head
+    "initialize_lora_eva_weights", "get_eva_state_dict", "preprocess_corda", "preprocess_loraga", "convert_to_lora",
 ]

@@ -17,13 +17,16 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Union
 
+from lorakit.inits.configs import SUBCONFIGS, check_init_configs
 from lorakit.matching import pattern_key
 from lorakit.peft_fields import METADATA_KEYS, OTHER_VERSIONS_OFF, UNIMPLEMENTED, check_token_indices, refused
 
 TargetSpec = Union[list[str], str, None]
 
 BIAS_MODES = ("none", "all", "lora_only")
-INIT_MODES = (True, False, "gaussian", "pissa", "olora")
+INIT_MODES = (True, False, "gaussian", "pissa", "olora", "loftq", "eva", "corda", "lora_ga")
+# inits that derive the factors from W and write W - s·B·A (or LoftQ's Q(W')) into it: Linear layers only
+WEIGHT_INITS = ("pissa", "olora", "loftq", "corda", "lora_ga")
 ALL_LINEAR = "all-linear"
 
 TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
@@ -59,7 +62,12 @@ class LoraConfig:
             classifier head; names or dotted suffixes.
         init_lora_weights: ``True`` (A Kaiming-uniform, B = 0), ``False`` (random B: the adapter
             is not a no-op; for tests), ``"gaussian"`` (A ~ N(0, 1/r), B = 0), ``"pissa"``
-            (A, B from the top-r SVD of W; W keeps the residual) or ``"olora"`` (from a QR of W).
+            (A, B from the top-r SVD of W; W keeps the residual), ``"olora"`` (from a QR of W), or the
+            data-aware inits of :mod:`lorakit.inits`: ``"loftq"`` (W ← Q(W'), B·A the quantization
+            residual; ``loftq_config``), ``"eva"`` (A from an SVD of the layer inputs, ranks redistributed
+            by ``initialize_lora_eva_weights``; ``eva_config``), ``"corda"`` (from ``preprocess_corda``'s
+            covariances; ``corda_config``) and ``"lora_ga"`` (from ``preprocess_loraga``'s gradients;
+            ``lora_ga_config``).
         use_rslora: Rank-stabilised scaling ``lora_alpha / √r``.
         use_dora: Weight-decomposed LoRA: ``W' = m · (W + ΔW) / ‖W + ΔW‖`` (norms per output row of a
             Linear, per output channel of a convolution, per embedding dimension of an nn.Embedding).
@@ -81,10 +89,11 @@ class LoraConfig:
         ensure_weight_tying: with tied input/output embeddings, keep the trainable tokens of the
             output layer tied to those of the input embedding (PEFT's flag).
         megatron_core, qalora_group_size, auto_mapping: PEFT's metadata, carried unchanged.
-        layer_replication, loftq_config, megatron_config, use_qalora, eva_config, corda_config,
-            lora_ga_config, velora_config, alora_invocation_tokens, monteclora_config, use_bdlora,
-            arrow_config, kasa_config: PEFT methods lorakit does not implement; accepted at PEFT's
-            default ("off") so configs round-trip, refused otherwise.
+        loftq_config, eva_config, corda_config, lora_ga_config: the data-aware inits' settings, dicts
+            with PEFT's keys, completed with PEFT's defaults (see :mod:`lorakit.inits.configs`).
+        layer_replication, megatron_config, use_qalora, velora_config, alora_invocation_tokens,
+            monteclora_config, use_bdlora, arrow_config, kasa_config: PEFT methods lorakit does not
+            implement; accepted at PEFT's default ("off") so configs round-trip, refused otherwise.
 
     Raises:
         ValueError / TypeError: naming the field, the bad value and what is valid.
@@ -117,14 +126,15 @@ class LoraConfig:
     megatron_core: Union[str, None] = "megatron.core"
     qalora_group_size: int = 16
     auto_mapping: Union[dict, None] = None
-    # PEFT methods lorakit does not implement (accepted only when off; see lorakit.peft_fields)
-    layer_replication: Union[list, None] = None
+    # the data-aware inits' settings (lorakit.inits.configs)
     loftq_config: dict = field(default_factory=dict)
-    megatron_config: Union[dict, None] = None
-    use_qalora: bool = False
     eva_config: Union[dict, None] = None
     corda_config: Union[dict, None] = None
     lora_ga_config: Union[dict, None] = None
+    # PEFT methods lorakit does not implement (accepted only when off; see lorakit.peft_fields)
+    layer_replication: Union[list, None] = None
+    megatron_config: Union[dict, None] = None
+    use_qalora: bool = False
     velora_config: Union[dict, None] = None
     alora_invocation_tokens: Union[list, None] = None
     monteclora_config: Union[dict, None] = None
@@ -179,6 +189,9 @@ class LoraConfig:
             self.modules_to_save = list(self.modules_to_save)
         if not (isinstance(self.init_lora_weights, bool) or self.init_lora_weights in INIT_MODES[2:]):
             raise ValueError(f"init_lora_weights must be one of {INIT_MODES}, got {self.init_lora_weights!r}")
+        for key, value in check_init_configs(self.init_lora_weights,
+                                             {k: getattr(self, k) for k in SUBCONFIGS}).items():
+            setattr(self, key, value)
         if self.lora_bias and self.use_dora:
             raise ValueError("lora_bias=True cannot be combined with use_dora=True (as in PEFT); set one of them")
         if self.lora_bias and not isinstance(self.init_lora_weights, bool):
@@ -283,7 +296,7 @@ class LoraConfig:
 # fields newer PEFT versions added (lorakit's features beyond plain LoRA, PEFT's metadata and the methods
 # lorakit does not implement), and their defaults
 _NEWER_PEFT_KEYS = ("lora_bias", "target_parameters", "trainable_token_indices", "ensure_weight_tying",
-                    "megatron_core", "qalora_group_size", "auto_mapping", *UNIMPLEMENTED)
+                    "megatron_core", "qalora_group_size", "auto_mapping", *SUBCONFIGS, *UNIMPLEMENTED)
 _DEFAULTS = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
              for f in dataclasses.fields(LoraConfig)}
 

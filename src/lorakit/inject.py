@@ -27,7 +27,8 @@ from torch import nn
 
 from lorakit import hf_adapter_api
 from lorakit.adapters import set_adapter_grads
-from lorakit.config import ALL_LINEAR, TASK_HEADS, LoraConfig
+from lorakit.config import ALL_LINEAR, TASK_HEADS, WEIGHT_INITS, LoraConfig
+from lorakit.inits import release_init_data
 from lorakit.inject_params import wrap_parameters
 from lorakit.inject_tokens import add_trainable_tokens, check_weight_tying
 from lorakit.layers import (
@@ -245,11 +246,12 @@ def inject_into(txn: Transaction, cfg: LoraConfig, adapter_name: str, *, autocas
             txn.replace(name, module, module.release)
         else:
             txn.on_undo(lambda m=module: m.delete_adapter(adapter_name))
-        if cfg.init_lora_weights in ("pissa", "olora"):  # these write the residual into W
+        if cfg.init_lora_weights in WEIGHT_INITS:  # these write into W (a residual, LoftQ's Q(W'))
             txn.keep(module.base_weight())
         weight = module.base_weight()
         module.add_adapter(adapter_name, cfg.rank_for(name), cfg.alpha_for(name), cfg,
                            dtype=None if autocast_adapter_dtype else weight.dtype)
+        release_init_data(txn, module, cfg)  # CorDA's / LoRA-GA's preprocessed data, used: dropped
         for layer in module.modules():  # an attention's out_proj wrapper too
             if isinstance(layer, LoraLayer):
                 layer.peft_numerics = peft_numerics

@@ -28,13 +28,6 @@ BUILTIN = ("minilm", "tiny-llama")
 ORIGIN = {"minilm": "sentence-transformers/all-MiniLM-L6-v2", "tiny-llama": "tiny-llama"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
-# default LoRA targets per model family (as PEFT's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING)
-DEFAULT_TARGETS = {
-    "bert": ["query", "value"], "roberta": ["query", "value"], "distilbert": ["q_lin", "v_lin"],
-    "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"],
-    "gemma": ["q_proj", "v_proj"], "phi3": ["qkv_proj"], "gpt2": ["c_attn"], "gpt_neox": ["query_key_value"],
-    "opt": ["q_proj", "v_proj"], "t5": ["q", "v"],
-}
 HEAD_NAMES = ("classifier", "score")  # the new, randomly initialised head of a sequence classifier
 
 
@@ -337,11 +330,6 @@ def export(name: str, out: str, *, task: str | None = None, seed: int = 0) -> st
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
-
-
-def default_targets(model: nn.Module) -> list[str] | str:
-    """LoRA target modules for the model's family, else ``"all-linear"``."""
-    return DEFAULT_TARGETS.get(getattr(getattr(model, "config", None), "model_type", ""), "all-linear")
 
 
 def head_modules(model: nn.Module) -> list[str]:

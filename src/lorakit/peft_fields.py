@@ -15,12 +15,8 @@ from typing import Any
 # field -> (PEFT's "off" value, the method it switches on)
 UNIMPLEMENTED: dict[str, tuple[Any, str]] = {
     "layer_replication": (None, "layer replication"),
-    "loftq_config": ({}, "LoftQ initialisation"),
     "megatron_config": (None, "Megatron-LM parallel layers"),
     "use_qalora": (False, "QA-LoRA"),
-    "eva_config": (None, "EVA initialisation"),
-    "corda_config": (None, "CorDA initialisation"),
-    "lora_ga_config": (None, "LoRA-GA initialisation"),
     "velora_config": (None, "VeLoRA"),
     "alora_invocation_tokens": (None, "activated LoRA (aLoRA)"),
     "monteclora_config": (None, "MonteCLoRA"),
@@ -32,9 +28,8 @@ UNIMPLEMENTED: dict[str, tuple[Any, str]] = {
 OTHER_VERSIONS_OFF: dict[str, tuple[Any, str]] = {"mica_config": (None, "MiCA initialisation")}
 
 # init_lora_weights values of PEFT that lorakit does not implement -> the method
-UNIMPLEMENTED_INITS = {"eva": "EVA initialisation", "corda": "CorDA initialisation", "loftq": "LoftQ initialisation",
-                       "orthogonal": "orthogonal initialisation", "lora_ga": "LoRA-GA initialisation",
-                       "mica": "MiCA initialisation", "pissa_niter": "fast-SVD PiSSA initialisation"}
+UNIMPLEMENTED_INITS = {"orthogonal": "orthogonal initialisation", "mica": "MiCA initialisation",
+                       "pissa_niter": "fast-SVD PiSSA initialisation"}
 
 # keys of adapter_config.json that describe the file or the run, not the numbers: skipped on read
 METADATA_KEYS = {"peft_type", "peft_version", "runtime_config"}

@@ -30,6 +30,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--methods", default=None,
                    help="comma-separated subset of full,bitfit,prefix,adapter,lora,head; all if omitted")
     p.add_argument("--no-sweep", action="store_true", help="skip the LoRA rank × target sweep")
+    p.add_argument("--inits", default=None,
+                   help="also sweep LoRA initialisations: comma-separated lorakit train --init names (loftq, eva, "
+                        "corda, lora-ga, pissa, olora), each at r = 1, 2, 4, 8, 16 on query,value beside the default "
+                        "init; one table, rank × init")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads; torch's choice if omitted (1 is often fastest on a busy machine)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -46,8 +50,9 @@ def run(args: argparse.Namespace) -> int:
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     command = _command_line(args)
+    inits = [i.strip() for i in args.inits.split(",") if i.strip()] if args.inits else ()
     result = compare(args.out, budget=args.budget, seeds=args.seeds, methods=methods, sweep=not args.no_sweep,
-                     progress=not args.no_progress, command=command)
+                     progress=not args.no_progress, command=command, inits=inits)
     for path in result["paths"].values():
         print(path)
     return 0
@@ -60,6 +65,8 @@ def _command_line(args: argparse.Namespace) -> str:
         parts += ["--methods", args.methods]
     if args.no_sweep:
         parts.append("--no-sweep")
+    if args.inits:
+        parts += ["--inits", args.inits]
     if args.threads:
         parts += ["--threads", str(args.threads)]
     return shlex.join(parts)

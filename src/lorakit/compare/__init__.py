@@ -26,6 +26,7 @@ from lorakit.compare.runs import (
     TARGET_SETS,
     Budget,
     RunSpec,
+    init_specs,
     lora_spec,
     run_one,
     sweep_specs,
@@ -45,7 +46,7 @@ def majority_pct(ds) -> float:
 
 def compare(out_dir: str, budget: str | Budget = DEFAULT_BUDGET, seeds: int | Sequence[int] = 1,
             methods: Sequence[str] | None = None, sweep: bool = True, progress: bool = True,
-            command: str | None = None) -> dict[str, Any]:
+            command: str | None = None, inits: Sequence[str] = ()) -> dict[str, Any]:
     """Run the comparison and write its results into ``out_dir``.
 
     Args:
@@ -55,6 +56,8 @@ def compare(out_dir: str, budget: str | Budget = DEFAULT_BUDGET, seeds: int | Se
         methods: restrict the lineup to these method names (``full``, ``bitfit``, ``adapter``,
             ``prefix``, ``lora``, ``head``); default all.
         sweep: also run the LoRA rank × target sweep.
+        inits: also run the init sweep: LoRA on query,value at r = 1, 2, 4, 8, 16 with the default init
+            and with each of these (``lorakit train --init`` names: loftq, eva, corda, lora-ga, pissa, olora).
         progress: a tqdm bar over runs.
         command: the command line to record (default: this process's argv).
 
@@ -82,7 +85,9 @@ def compare(out_dir: str, budget: str | Budget = DEFAULT_BUDGET, seeds: int | Se
         raise ValueError(f"unknown method(s) {sorted(set(methods) - known)}; valid: {sorted(known)}")
     lineup = [s for s in LINEUP if methods is None or s.method in methods]
     grid = sweep_specs(budget) if sweep else []
-    unique = list({s.key: s for s in [*lineup, *grid]}.values())  # the sweep's r=8 q,v point is the lineup's LoRA
+    init_grid = init_specs(inits) if inits else []
+    # the sweep's r=8 q,v point is the lineup's LoRA (and the init sweep's default-init points are the sweep's)
+    unique = list({s.key: s for s in [*lineup, *grid, *init_grid]}.values())
 
     start = time.perf_counter()
     runs: list[dict[str, Any]] = []
@@ -93,6 +98,8 @@ def compare(out_dir: str, budget: str | Budget = DEFAULT_BUDGET, seeds: int | Se
 
     def report(task, plots: bool = False) -> None:  # after every run: an interrupted comparison keeps its table
         sweep_runs = [{**r, "label": s.label} for s in grid for r in runs if r["label"] == by_key[s.key]]
+        init_runs = [{**r, "label": s.label, "kwargs": dict(s.kwargs)} for s in init_grid for r in runs
+                     if r["label"] == by_key[s.key]]
         result.clear()
         result.update({
             "command": command or f"lorakit.compare.compare({out_dir!r}, budget={budget.name!r}, seeds={seed_list})",
@@ -105,6 +112,7 @@ def compare(out_dir: str, budget: str | Budget = DEFAULT_BUDGET, seeds: int | Se
             "elapsed_seconds": time.perf_counter() - start,
             "methods": aggregate(runs, [s.label for s in lineup]),
             "sweep": aggregate(sweep_runs, [s.label for s in grid]),
+            "inits": aggregate(init_runs, [s.label for s in init_grid]),
             "runs": runs,
         })
         result["paths"] = write(result, out_dir, plots=plots)

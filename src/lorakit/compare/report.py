@@ -193,7 +193,25 @@ def markdown(result: dict[str, Any]) -> str:
                      if (rank, t) in cell else "—" for t in targets]
             out.append(f"| {rank} | " + " | ".join(cells) + " |")
         out += ["", "![sweep](sweep.png)", ""]
+    out += init_table(result.get("inits") or [])
     return "\n".join(out)
+
+
+def init_table(rows: list[dict[str, Any]]) -> list[str]:
+    """The init sweep as Markdown lines: rank × init, test accuracy (%); [] without one."""
+    if not rows:
+        return []
+    inits = list(dict.fromkeys(r["kwargs"].get("init") or "default" for r in rows))
+    cell = {(r["kwargs"]["r"], r["kwargs"].get("init") or "default"): r for r in rows}
+    out = ["## LoRA rank × initialisation (query,value)", "",
+           "Test accuracy (%); lr 1e-3, alpha = 2r. `default`: A Kaiming-uniform, B = 0. The data-aware inits "
+           "are calibrated on the training set (`lorakit train --init`: corda and lora-ga on 256 examples, eva "
+           "until its components converge).", "",
+           "| r | " + " | ".join(inits) + " |", "|---:|" + "---:|" * len(inits)]
+    for rank in sorted({k[0] for k in cell}):
+        out.append(f"| {rank} | " + " | ".join(_pm(cell[(rank, i)], "accuracy") if (rank, i) in cell else "—"
+                                                for i in inits) + " |")
+    return out + [""]
 
 
 def plot_methods(methods: list[dict[str, Any]], path: str) -> None:

@@ -37,9 +37,26 @@ class RunSpec:
         return (self.method, self.kwargs, self.lr)
 
 
-def lora_spec(r: int, targets: str, lr: float = 1e-3) -> RunSpec:
-    return RunSpec(f"LoRA r={r} {targets}", "lora",
-                   (("r", r), ("target_modules", _freeze(TARGET_SETS[targets]))), lr)
+def lora_spec(r: int, targets: str, lr: float = 1e-3, init: str | None = None) -> RunSpec:
+    """LoRA at rank ``r`` on a :data:`TARGET_SETS` entry; ``init``: a ``lorakit train --init`` name
+    (the calibration data is the task's training set, see :mod:`lorakit.train.inits`)."""
+    extra = (("init", init),) if init else ()
+    return RunSpec(f"LoRA r={r} {targets}" + (f" init={init}" if init else ""), "lora",
+                   (("r", r), ("target_modules", _freeze(TARGET_SETS[targets])), *extra), lr)
+
+
+# The init sweep: does an initialisation change accuracy at r = 1..16? (query,value, the default job's targets)
+INIT_RANKS = (1, 2, 4, 8, 16)
+INIT_TARGETS = "query,value"
+
+
+def init_specs(inits) -> list[RunSpec]:
+    """The default init and each of ``inits`` (``lorakit train --init`` names) at every rank of :data:`INIT_RANKS`."""
+    from lorakit.train.inits import init_value
+
+    for name in inits:
+        init_value(name)  # an unknown name: ValueError before anything runs
+    return [lora_spec(r, INIT_TARGETS, init=i) for i in (None, *inits) for r in INIT_RANKS]
 
 
 def _freeze(value: Any) -> Any:
@@ -119,8 +136,16 @@ def run_one(spec: RunSpec, seed: int, task, budget: Budget) -> dict[str, Any]:
     from lorakit.train import TrainConfig, evaluate, fit
 
     model = copy.deepcopy(task.model)
-    method = get_method(spec.method, **{k: list(v) if isinstance(v, tuple) else v for k, v in spec.kwargs})
-    method.apply(model)
+    kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in spec.kwargs}
+    init = kwargs.pop("init", None)
+    method = get_method(spec.method, **kwargs)
+    if init is None:
+        method.apply(model)
+    else:  # LoRA with a data-aware init: calibrated on the training set (lorakit train --init)
+        from lorakit.train.inits import inject_with_init, with_init
+
+        inject_with_init(model, with_init(method.config(model), init, None), task.train,
+                         batch_size=budget.batch_size, seed=seed)
     cfg = TrainConfig(epochs=budget.epochs, lr=spec.lr, seed=seed, batch_size=budget.batch_size, progress=False)
     t0, c0 = time.perf_counter(), time.process_time()
     metrics = fit(model, task.train, task.eval, cfg)

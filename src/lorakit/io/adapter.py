@@ -17,7 +17,7 @@ from torch import nn
 
 from lorakit.adapters import set_adapter_grads
 from lorakit.config import LoraConfig
-from lorakit.inject import inject_into
+from lorakit.inits import inject_for_loading
 from lorakit.io import distributed
 from lorakit.io.peft_format import (
     CONFIG_NAME,
@@ -150,7 +150,7 @@ def load_adapter(model: nn.Module, directory: PathLike, adapter_name: str = "def
     with transaction(model) as txn:
         try:
             with distributed.new_parameters_whole(model):  # an FSDP2-sharded model: no stray DTensor copies
-                inject_into(txn, cfg, adapter_name, strict_targets=False)
+                inject_for_loading(txn, cfg, adapter_name, strict_targets=False)  # data-aware inits: allocated
         except (ValueError, TypeError) as e:
             raise type(e)(f"cannot apply the adapter in {str(d)!r} to this {type(model).__name__}: {e}") from e
         _load_tensors(txn, adapter_name, tensors, source=str(source), fresh=fresh)

@@ -33,7 +33,7 @@ from torch import nn
 
 from lorakit.adapters import adapter_names, set_adapter, wrappers
 from lorakit.config import LoraConfig
-from lorakit.inject import inject_into
+from lorakit.inits import inject_for_loading
 from lorakit.io.peft_format import PathLike, effective_config, read_tensors
 from lorakit.io.safe_write import _umask, ensure_dir, write_files_atomically, write_text_file
 from lorakit.layers import LoraLayer
@@ -230,7 +230,7 @@ def load_full(model: nn.Module, path: PathLike) -> nn.Module:
     with transaction(model) as txn:
         if fresh:
             for n, cfg in configs.items():
-                inject_into(txn, cfg, n)
+                inject_for_loading(txn, cfg, n, warn=False)  # the stored base is the one the adapters need
         _load_all(model, tensors, meta.get("aliases", {}), str(weights))  # checks every key and shape first
         set_adapter(model, meta["active"])
     return model

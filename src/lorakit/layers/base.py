@@ -33,6 +33,7 @@ def init_lora_pair(A: torch.Tensor, B: torch.Tensor, init: Union[bool, str], r: 
     """PEFT's default inits: ``True`` A Kaiming-uniform (a=√5), B = 0; ``"gaussian"`` A ~ N(0, 1/r),
     B = 0; a ``lora_bias`` bias of B = 0. Either way the adapted model starts exactly at the base
     model. ``False`` (and the SVD/QR inits, handled by the layer) leave the tensors as they are."""
+    init = True if init == "eva" else init  # EVA: A is overwritten from the data (initialize_lora_eva_weights)
     with torch.no_grad():
         if init is True:
             nn.init.kaiming_uniform_(A, a=math.sqrt(5))

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lorakit.config import LoraConfig
+from lorakit.config import WEIGHT_INITS, LoraConfig
 from lorakit.layers import mixed
 from lorakit.layers.base import LoraLayer, init_lora_pair
 from lorakit.layers.factors import CONV_FACTORS
@@ -47,7 +47,7 @@ class Conv(LoraLayer):
         self.lora_magnitude_vector = nn.ParameterDict()  # DoRA: m, (1, out, 1, ...)
 
     def _create(self, name: str, r: int, cfg: LoraConfig) -> None:
-        if cfg.init_lora_weights in ("pissa", "olora"):
+        if cfg.init_lora_weights in WEIGHT_INITS:
             raise ValueError(f"init_lora_weights={cfg.init_lora_weights!r} is implemented for Linear layers only")
         b = self.base_layer
         if r % b.groups != 0:

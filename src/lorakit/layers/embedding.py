@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.config import LoraConfig
+from lorakit.config import WEIGHT_INITS, LoraConfig
 from lorakit.layers import mixed
 from lorakit.layers.base import LoraLayer
 from lorakit.layers.registry import LayerKind, register
@@ -47,7 +47,7 @@ class Embedding(LoraLayer):
         if cfg.lora_bias:
             raise ValueError("lora_bias=True is not supported on nn.Embedding (as in PEFT); exclude the embedding "
                              "or set lora_bias=False")
-        if cfg.init_lora_weights in ("pissa", "olora"):
+        if cfg.init_lora_weights in WEIGHT_INITS:
             raise ValueError(f"init_lora_weights={cfg.init_lora_weights!r} is implemented for Linear layers only, "
                              "not nn.Embedding")
         num, dim = self.base_layer.num_embeddings, self.base_layer.embedding_dim

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.config import LoraConfig
+from lorakit.config import WEIGHT_INITS, LoraConfig
 from lorakit.layers import mixed
 from lorakit.layers.base import LoraLayer, init_lora_pair
 from lorakit.layers.factors import Down, Up
@@ -69,6 +69,10 @@ class Linear(LoraLayer):
             if not self.base_weight().is_meta:  # on meta there is nothing to decompose: a later load fills both
                 with torch.no_grad():
                     self._init_from_weight(name, init)
+        elif init in WEIGHT_INITS:  # LoftQ, CorDA, LoRA-GA: lorakit.inits
+            from lorakit.inits import init_linear
+
+            init_linear(self, name, cfg)
         else:  # init False keeps nn.Linear's own (non-zero) init: the adapter is not a no-op
             init_lora_pair(A, B, init, self.r[name], self.lora_B[name].bias)
         if cfg.use_dora:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.config import LoraConfig
+from lorakit.config import WEIGHT_INITS, LoraConfig
 from lorakit.layers.base import LoraLayer, init_lora_pair
 from lorakit.layers.linear import Linear
 from lorakit.layers.registry import LayerKind, register
@@ -85,7 +85,7 @@ class MultiheadAttention(LoraLayer):
         if cfg.use_dora or cfg.lora_bias:
             which = "use_dora" if cfg.use_dora else "lora_bias"
             raise ValueError(f"{which} is not supported on nn.MultiheadAttention; set {which}=False")
-        if cfg.init_lora_weights in ("pissa", "olora"):
+        if cfg.init_lora_weights in WEIGHT_INITS:
             raise ValueError(f"init_lora_weights={cfg.init_lora_weights!r} is not supported on nn.MultiheadAttention")
         super().add_adapter(name, r, lora_alpha, cfg, dtype=dtype)
         self.out_proj_lora.add_adapter(name, r, lora_alpha, cfg, dtype=dtype)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lorakit.config import LoraConfig
+from lorakit.config import WEIGHT_INITS, LoraConfig
 from lorakit.layers.base import init_lora_pair
 from lorakit.layers.replacing import ReplacingLayer
 
@@ -93,7 +93,7 @@ class ParamWrapper(ReplacingLayer):
             if bad:
                 raise ValueError(f"target_parameters does not work with {field}={getattr(cfg, field)!r} (as in PEFT: "
                                  "the update acts on a weight, not on an input); set it to its default")
-        if cfg.init_lora_weights in ("pissa", "olora"):
+        if cfg.init_lora_weights in WEIGHT_INITS:
             raise ValueError(f"init_lora_weights={cfg.init_lora_weights!r} is not supported with target_parameters")
         self.lora_A[name] = ParamFactor(self.in_features, r * self.num_experts, bias=False)
         self.lora_B[name] = ParamFactor(r * self.num_experts, self.out_features, bias=False)

@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from lorakit.config import LoraConfig
+from lorakit.config import WEIGHT_INITS, LoraConfig
 from lorakit.layers.linear import Linear
 from lorakit.layers.quant_formats import QuantFormat, quant_format
 from lorakit.layers.registry import LayerKind, register
@@ -47,7 +47,7 @@ class QuantizedLinear(Linear):
     """LoRA wrapper of a quantized ``nn.Linear`` (see the module docstring).
 
     Raises:
-        ValueError: (``add_adapter``) an init that writes into W (PiSSA, OLoRA): W is quantized.
+        ValueError: (``add_adapter``) an init that writes into W (PiSSA, OLoRA, LoftQ, CorDA, LoRA-GA): W is quantized.
     """
 
     def __init__(self, base_layer: nn.Module, fmt: QuantFormat) -> None:
@@ -62,9 +62,13 @@ class QuantizedLinear(Linear):
         """As :meth:`LoraLayer.add_adapter`, with float factors: fp32 by default; a non-float
         ``dtype`` (the storage dtype, asked for by ``autocast_adapter_dtype=False``) becomes the
         compute dtype."""
-        if cfg.init_lora_weights in ("pissa", "olora"):
-            raise ValueError(f"init_lora_weights={cfg.init_lora_weights!r} writes the residual W - s·B·A into the base "
-                             f"weight, which is {self.quant.describe(self.base_layer)} here; use True or 'gaussian'")
+        if cfg.init_lora_weights in WEIGHT_INITS:
+            hint = ("LoftQ needs the full-precision W: inject it into the unquantized model (its base then holds "
+                    "Q(W'), which quantizes to NF4 exactly)" if cfg.init_lora_weights == "loftq"
+                    else "use True or 'gaussian'")
+            what = self.quant.describe(self.base_layer)
+            raise ValueError(f"init_lora_weights={cfg.init_lora_weights!r} writes the residual W - s·B·A (LoftQ: "
+                             f"Q(W')) into the base weight, which is {what} here; {hint}")
         if dtype is None:
             dtype = torch.float32
         elif not dtype.is_floating_point:

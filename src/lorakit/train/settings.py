@@ -82,6 +82,8 @@ class JobSettings:
     use_rslora: bool = False
     use_dora: bool = False
     init_lora_weights: bool | str = True
+    init: str | None = None  # --init: a data-aware or weight-reading init, calibrated on the training set
+    init_samples: int | None = None  # examples for CorDA's / LoRA-GA's calibration (None: 256)
     target_parameters: list[str] | str | None = None  # nn.Parameters (MoE expert tensors); given alone: only those
     # the training loop (TrainConfig's fields and defaults)
     epochs: float = _t("epochs")
