@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 import lorakit as lk  # noqa: E402
-from lorakit.benchmark import _best_of  # noqa: E402
+from lorakit.compare.vs_peft import _best_of  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

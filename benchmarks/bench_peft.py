@@ -2,7 +2,7 @@
 
     python benchmarks/bench_peft.py [--rounds 5] [--threads 2]
 
-The measurements live in ``lorakit.benchmark`` (also ``lorakit bench``); this script only names
+The measurements live in ``lorakit.compare.vs_peft`` (also ``lorakit bench``); this script only names
 the output file after the device: ``results/peft_cpu_<threads>threads.json``.
 """
 
@@ -16,7 +16,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from lorakit.benchmark import run  # noqa: E402
+from lorakit.compare.vs_peft import run  # noqa: E402
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

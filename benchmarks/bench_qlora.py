@@ -4,7 +4,7 @@ Model: the 1.1B LLaMA shape (TinyLlama: hidden 2048, 22 layers, MLP 5632, 32 hea
 vocab 32000), random init, written once as a bf16 checkpoint. Each kind runs in a fresh subprocess:
 
 - ``qlora``: loaded through BitsAndBytesConfig (NF4, double quant, bf16 compute; the rest bf16),
-  ``lorakit.quantize.prepare_for_kbit_training`` (norms and head fp32, embeddings bf16), lorakit LoRA;
+  ``lorakit.models.quantized.prepare_for_kbit_training`` (norms and head fp32, embeddings bf16), lorakit LoRA;
 - ``lora_bf16``: the same checkpoint in bf16, lorakit LoRA (fp32 master factors, computed in bf16);
 - ``peft_qlora``: the same 4-bit load, ``peft.prepare_model_for_kbit_training`` (every non-quantized
   parameter fp32, embeddings included; gradient checkpointing off like the others), PEFT LoRA.
@@ -13,7 +13,7 @@ LoRA r=16, alpha 32 on q,k,v,o,gate,up,down; one train step = forward with ``lab
 own loss), backward, AdamW step (its state created in this step), on ``--batch`` × ``--seq`` random
 tokens. Measured:
 
-- weights' bytes on the device (``lorakit.quantize.weight_bytes``: 4-bit codes + statistics, and
+- weights' bytes on the device (``lorakit.models.quantized.weight_bytes``: 4-bit codes + statistics, and
   everything else: embeddings, norms, head, LoRA factors);
 - peak tensor memory of the step: on CPU, the high-water mark of tensor bytes allocated during the
   step (torch.profiler allocation events) plus the bytes live before it (weights) — what
@@ -80,7 +80,7 @@ def load(kind: str, ckpt: str, device: str):
     hf_logging.disable_progress_bar()
     if kind == "lora_bf16":
         return AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16, device_map={"": device})
-    from lorakit.quantize import load_kwargs
+    from lorakit.models.quantized import load_kwargs
 
     return AutoModelForCausalLM.from_pretrained(ckpt, **load_kwargs("nf4", "causal-lm", device))
 
@@ -91,7 +91,7 @@ def worker(kind: str, ckpt: str, device: str, seq: int, batch: int, threads: int
     torch.set_num_threads(threads)
     from bench_train import peak_tensor_mb
 
-    from lorakit.quantize import prepare_for_kbit_training, weight_bytes
+    from lorakit.models.quantized import prepare_for_kbit_training, weight_bytes
 
     def rss() -> float:  # the process's peak resident set so far, MB
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -187,3 +187,37 @@ def write_reverse_sft(path, n: int = 60) -> str:
             word = "".join(chr(97 + int(c)) for c in torch.randint(0, 5, (k,), generator=g))
             f.write(json.dumps({"prompt": f"{word}=", "completion": word[::-1]}) + "\n")
     return str(path)
+
+
+EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]  # the fused expert tensors of transformers v5 MoE
+
+
+def moe(kind: str) -> nn.Module:
+    """A 2-layer, 4-expert model of ``kind`` (seed 0)."""
+    import transformers as tf
+
+    common = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                  vocab_size=VOCAB, max_position_embeddings=64, num_experts_per_tok=2)
+    torch.manual_seed(0)
+    if kind == "qwen3_moe":
+        return tf.Qwen3MoeForCausalLM(tf.Qwen3MoeConfig(intermediate_size=64, moe_intermediate_size=16,
+                                                         num_experts=4, **common)).eval()
+    if kind == "mixtral":
+        return tf.MixtralForCausalLM(tf.MixtralConfig(intermediate_size=16, num_local_experts=4, **common)).eval()
+    cfg = tf.GptOssConfig(intermediate_size=16, num_local_experts=4, layer_types=["full_attention"] * 2,
+                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, **common)
+    return tf.GptOssForCausalLM(cfg).eval()
+
+
+BERT_SHAPE = (32, 2, 4, 64, 2)  # hidden, layers, heads, feed-forward width, classes
+
+
+def tiny_bert(impl: str = "eager") -> nn.Module:
+    """A 2-layer BERT sequence classifier of shape :data:`BERT_SHAPE` (seed 0)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    D, L, H, FF, LABELS = BERT_SHAPE
+    torch.manual_seed(0)
+    cfg = BertConfig(hidden_size=D, num_hidden_layers=L, num_attention_heads=H, intermediate_size=FF,
+                     vocab_size=100, max_position_embeddings=32, num_labels=LABELS, attn_implementation=impl)
+    return BertForSequenceClassification(cfg).eval()

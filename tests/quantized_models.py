@@ -47,7 +47,7 @@ def load_bnb(directory: str, kind: str, dtype: torch.dtype | None = None, *, hel
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    from lorakit.quantize import bnb_config
+    from lorakit.models.quantized import bnb_config
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
@@ -67,7 +67,7 @@ def torchao_nf4():
     torchao NF4Tensors, the rest bf16."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lorakit.quantize import quantize_nf4_
+    from lorakit.models.quantized import quantize_nf4_
 
     if "base" not in _NF4_BASE:
         torch.manual_seed(0)

@@ -13,8 +13,8 @@ import torch
 import transformers as tf
 
 import lorakit as lk
+from io_models import base_model, logits, perturb_adapters, perturb_trainable
 from lorakit.cli import main
-from test_io_models import base_model, logits, perturb_adapters, perturb_trainable
 
 
 @pytest.fixture(scope="module")

@@ -262,7 +262,7 @@ def test_merge_shows_no_transformers_progress_bars(llama_dir, sft_file, tmp_path
 
 
 def test_bench_json_has_no_warning_above_it(monkeypatch, capsys):
-    import lorakit.benchmark
+    import lorakit.compare.vs_peft
 
     def fake_run(rounds, threads):  # what the real run does first: PEFT on a transformers model
         import peft
@@ -273,7 +273,7 @@ def test_bench_json_has_no_warning_above_it(monkeypatch, capsys):
         peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
         return {"ratios": {"x": 1.0}}
 
-    monkeypatch.setattr(lorakit.benchmark, "run", fake_run)
+    monkeypatch.setattr(lorakit.compare.vs_peft, "run", fake_run)
     monkeypatch.delenv("PYTHONWARNINGS", raising=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -13,7 +13,7 @@ import lorakit as lk  # noqa: E402
 from lorakit.cli import main  # noqa: E402
 from lorakit.layers import QuantizedLinear, wrappers  # noqa: E402
 from lorakit.models import tiny_llama  # noqa: E402
-from lorakit.quantize import load_quantized, prepare_for_kbit_training  # noqa: E402
+from lorakit.models.quantized import load_quantized, prepare_for_kbit_training  # noqa: E402
 from lorakit.train.job import run_job  # noqa: E402
 
 import models  # noqa: E402

@@ -10,7 +10,8 @@ import torch
 from lorakit.compare.measure import paired_latency, size_on_disk, training_memory
 from lorakit.compare.report import aggregate, markdown, verdict
 from lorakit.methods import get_method
-from test_methods import tiny_bert
+
+from models import tiny_bert
 
 torch.set_num_threads(1)
 MiB = 2**20

@@ -185,7 +185,7 @@ def test_sigterm_to_torchrun_stops_every_rank_after_one_step_with_a_checkpoint(l
 QUANT_WORKER = '''
 import sys, torch, torch.distributed as dist
 import lorakit as lk
-from lorakit.quantize import load_quantized, prepare_for_kbit_training
+from lorakit.models.quantized import load_quantized, prepare_for_kbit_training
 from lorakit.train.distributed import shard_model
 dist.init_process_group("gloo")
 model = prepare_for_kbit_training(load_quantized(sys.argv[1], "causal-lm", "nf4")[0])  # as lorakit train --quantize

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import re
 import runpy
-import subprocess
 import sys
 
 import pytest
@@ -20,9 +19,8 @@ from safetensors.torch import load_file, save_file
 
 import lorakit as lk
 from lorakit.models import tiny_llama
+from runners import ROOT, torchrun
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SRC = os.path.join(ROOT, "src")
 # r=3 over 2 ranks: uneven dim-0 shards (2 + 1 rows); embed_tokens targeted: its base weight goes in the file too
 FULL = {"r": 3, "lora_alpha": 6.0, "target_modules": ["q_proj", "v_proj", "embed_tokens"],
         "modules_to_save": ["lm_head"]}
@@ -44,12 +42,6 @@ def build(cfg: dict | None, seed: int = 1):
 
 def ids() -> torch.Tensor:
     return torch.randint(4, 90, (2, 9), generator=torch.Generator().manual_seed(3))  # (B, T)
-
-
-def torchrun(*args: str, cwd, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
 
 
 def readme_example() -> str:

@@ -159,7 +159,7 @@ def test_trainer_accepts_a_quantized_base_with_lorakit_adapters():
     pytest.importorskip("bitsandbytes")
     from transformers.trainer_utils import validate_quantization_for_training
 
-    from lorakit.quantize import load_quantized, prepare_for_kbit_training
+    from lorakit.models.quantized import load_quantized, prepare_for_kbit_training
 
     model, _ = load_quantized("tiny-llama", "causal-lm", "nf4")
     prepare_for_kbit_training(model)

@@ -12,8 +12,8 @@ import transformers as tf
 from safetensors.torch import load_file, save_file
 
 import lorakit as lk
+from io_models import base_model, logits, perturb_trainable
 from lorakit.layers import LoraLayer
-from test_io_models import base_model, logits, perturb_trainable
 
 
 @pytest.fixture(scope="module")

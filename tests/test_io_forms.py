@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import lorakit as lk
-from test_io_models import base_model, logits, perturb_adapters, perturb_trainable
+from io_models import base_model, logits, perturb_adapters, perturb_trainable
 
 ATOL = 1e-5
 

@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 
 import lorakit as lk
-from test_io_models import base_model, logits, perturb_adapters, perturb_trainable
+from io_models import base_model, logits, perturb_adapters, perturb_trainable
 
 ATOL = 1e-5  # fp32
 

@@ -9,8 +9,8 @@ import safetensors.torch
 import torch
 
 import lorakit as lk
+from io_models import base_model, perturb_adapters
 from lorakit.io import safe_write
-from test_io_models import base_model, perturb_adapters
 
 
 def _adapted(seed=0):

@@ -4,21 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2ForSequenceClassification
+from transformers import GPT2Config, GPT2ForSequenceClassification
 
 import lorakit as lk
 from lorakit.methods import METHODS, Bottleneck, Method, get_method
 
+from models import BERT_SHAPE, tiny_bert
+
 torch.set_num_threads(1)
 
-D, L, H, FF, LABELS = 32, 2, 4, 64, 2  # hidden, layers, heads, feed-forward width, classes
-
-
-def tiny_bert(impl: str = "eager") -> BertForSequenceClassification:
-    torch.manual_seed(0)
-    cfg = BertConfig(hidden_size=D, num_hidden_layers=L, num_attention_heads=H, intermediate_size=FF,
-                     vocab_size=100, max_position_embeddings=32, num_labels=LABELS, attn_implementation=impl)
-    return BertForSequenceClassification(cfg).eval()
+D, L, H, FF, LABELS = BERT_SHAPE  # hidden, layers, heads, feed-forward width, classes
 
 
 def batch() -> dict[str, torch.Tensor]:

@@ -16,10 +16,10 @@ from safetensors.torch import load_file, save_file
 
 import lorakit as lk
 from lorakit.layers.experts import ExpertsWrapper
-from test_distributed_io import torchrun
-from test_peft_params import EXPERTS, moe
+from runners import torchrun
 
 import models
+from models import EXPERTS, moe
 
 GRADS = ("lora_A", "lora_B")
 

@@ -17,9 +17,9 @@ from transformers.integrations.moe import use_experts_implementation
 import lorakit as lk
 from lorakit.layers import Linear
 from lorakit.layers.experts import ExpertsWrapper
-from test_peft_params import EXPERTS, moe
 
 import models
+from models import EXPERTS, moe
 
 
 def adapters(kind: str = "qwen3_moe", impl: str = "grouped_mm", names=("a", "b", "c")) -> nn.Module:

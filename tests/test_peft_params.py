@@ -18,25 +18,7 @@ import lorakit as lk
 from lorakit.layers.experts import ExpertsWrapper
 
 import models
-
-EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
-
-
-def moe(kind: str) -> nn.Module:
-    """A 2-layer, 4-expert model of ``kind`` (seed 0)."""
-    import transformers as tf
-
-    common = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                  vocab_size=models.VOCAB, max_position_embeddings=64, num_experts_per_tok=2)
-    torch.manual_seed(0)
-    if kind == "qwen3_moe":
-        return tf.Qwen3MoeForCausalLM(tf.Qwen3MoeConfig(intermediate_size=64, moe_intermediate_size=16,
-                                                         num_experts=4, **common)).eval()
-    if kind == "mixtral":
-        return tf.MixtralForCausalLM(tf.MixtralConfig(intermediate_size=16, num_local_experts=4, **common)).eval()
-    cfg = tf.GptOssConfig(intermediate_size=16, num_local_experts=4, layer_types=["full_attention"] * 2,
-                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, **common)
-    return tf.GptOssForCausalLM(cfg).eval()
+from models import EXPERTS, moe
 
 
 def _pair(base: nn.Module, **kw):

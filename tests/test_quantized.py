@@ -19,7 +19,7 @@ pytest.importorskip("torchao")
 import lorakit as lk  # noqa: E402
 from lorakit.layers import QuantizedLinear, wrappers  # noqa: E402
 from lorakit.layers.quant_formats import quant_format  # noqa: E402
-from lorakit.quantize import prepare_for_kbit_training, weight_bytes  # noqa: E402
+from lorakit.models.quantized import prepare_for_kbit_training, weight_bytes  # noqa: E402
 
 import quantized_models as qm  # noqa: E402
 

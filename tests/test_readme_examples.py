@@ -15,7 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "PYTHONPATH": os.path.join(ROOT, "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
        "OMP_NUM_THREADS": "1"}
 TORCHRUN_MARK = "<!-- torchrun example"
-NEEDS = {"lorakit.quantize": "bitsandbytes", "trl": "trl", "datasets": "datasets"}
+NEEDS = {"lorakit.models.quantized": "bitsandbytes", "trl": "trl", "datasets": "datasets"}
 
 
 def readme_blocks() -> list[tuple[int, str]]:

@@ -354,7 +354,7 @@ def test_import_lorakit_loads_only_the_core():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
     count, mods, heavy = int(out[0]), out[1].split(","), out[2]
     apps = ("lorakit.train", "lorakit.data", "lorakit.models", "lorakit.methods", "lorakit.compare", "lorakit.cli",
-            "lorakit.benchmark", "lorakit.quantize")
+            "lorakit.compare.vs_peft", "lorakit.models.quantized")
     assert not [m for m in mods if m.startswith(apps)], mods
     assert heavy == ""
     # the core: config, layers (one file per layer type, and per concern: merging, routed, replacing, registry,

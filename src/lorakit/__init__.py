@@ -22,7 +22,7 @@ from lorakit.config import LoraConfig
 from lorakit.hotswap import hotswap_adapter
 from lorakit.inject import find_targets, inject, unload
 from lorakit.io import load_adapter, load_full, save_adapter, save_full, save_merged
-from lorakit.layers.mixed import adapters_updated
+from lorakit.layers.mixed_kernels import adapters_updated
 from lorakit.merge import combine_adapters, merge, merge_and_unload, unmerge
 
 __version__ = "0.1.0"

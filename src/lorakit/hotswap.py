@@ -36,7 +36,7 @@ from lorakit.config import LoraConfig
 from lorakit.io.keymap import PREFIX, parse_in_memory_key
 from lorakit.io.peft_format import CONFIG_NAME, load_plan, read_config_dict, read_tensors, weights_path
 from lorakit.layers import LoraLayer, TrainableTokens, wrappers
-from lorakit.layers.mixed import adapters_updated
+from lorakit.layers.mixed_kernels import adapters_updated
 from lorakit.state import require_state
 from lorakit.transaction import transaction
 

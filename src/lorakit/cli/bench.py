@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     # PEFT calls transformers APIs that transformers has deprecated (FutureWarning): nothing a user of this
     # command can act on, and it would land above the JSON; the memory subprocesses inherit the filter
     os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [os.environ.get("PYTHONWARNINGS"), "ignore::FutureWarning"]))
-    from lorakit.benchmark import run as run_bench
+    from lorakit.compare.vs_peft import run as run_bench
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)

@@ -42,10 +42,9 @@ def describe(directory: str | Path) -> dict[str, Any]:
         FileNotFoundError / NotADirectoryError / ValueError: as ``lorakit.load_adapter`` for the same files.
     """
     from lorakit.config import LoraConfig
-    from lorakit.io.consumers import consumer_report
+    from lorakit.io.consumers import consumer_report, vllm_report
     from lorakit.io.keymap import PREFIX, parse_file_key
     from lorakit.io.peft_format import CONFIG_NAME, read_config_dict, resolve_adapter_dir, weights_path
-    from lorakit.io.serving import vllm_report
     from lorakit.matching import matches_any
 
     d = resolve_adapter_dir(directory)

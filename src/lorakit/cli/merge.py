@@ -125,7 +125,7 @@ def _load_base(args: argparse.Namespace, adapter_dir: Path, task_type: str | Non
         raise FileNotFoundError(f"--base {base!r} is not a directory, a built-in name {list(BUILTIN)} or a Hub id")
     kwargs = {}
     if quantize != "none":
-        from lorakit.quantize import load_kwargs
+        from lorakit.models.quantized import load_kwargs
 
         kwargs = load_kwargs(quantize, task)
     cls = model_class(base_dir, task_type)
@@ -149,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
     n_base = sum(p.numel() for p in model.parameters())
     lk.load_adapter(model, adapter_dir, adapter_name=args.adapter_name)
     lk.set_adapter(model, args.adapter_name)
-    from lorakit.quantize import DTYPES
+    from lorakit.models.quantized import DTYPES
 
     dtype = DTYPES[args.dtype] if args.dtype else (DTYPES["bf16"] if quantize != "none" else None)
     out = lk.save_merged(model, args.out, dtype=dtype)

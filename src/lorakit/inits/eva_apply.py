@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from lorakit.layers import LoraLayer, wrappers
-from lorakit.layers.mixed import adapters_updated
+from lorakit.layers.mixed_kernels import adapters_updated
 from lorakit.transaction import Transaction, transaction
 
 

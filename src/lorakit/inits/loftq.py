@@ -18,7 +18,7 @@ assigns ``A = R', B = L`` whatever the scaling ``s = lora_alpha/r`` is, so for `
 at ``Q + s·L·R'`` (huggingface/peft#1982, acknowledged); lorakit divides both factors by ``√s``, so that
 ``s·B·A = L·R'`` always. With ``lora_alpha = r`` (PEFT's LoftQ examples) the two are the same tensors.
 
-The base weight then holds ``Q_T`` in its float dtype: quantizing it (``lorakit.quantize``, bitsandbytes
+The base weight then holds ``Q_T`` in its float dtype: quantizing it (``lorakit.models.quantized``, bitsandbytes
 NF4 with the same blocks) reproduces it exactly, which is how LoftQ's quantized model is made.
 """
 

@@ -6,6 +6,6 @@
 """
 
 from lorakit.io.adapter import load_adapter, save_adapter
-from lorakit.io.forms import load_full, save_full, save_merged
+from lorakit.io.merged_and_full import load_full, save_full, save_merged
 
 __all__ = ["save_adapter", "load_adapter", "save_merged", "save_full", "load_full"]

@@ -35,7 +35,7 @@ from lorakit.io.peft_format import (
     weights_path,
 )
 from lorakit.io.safe_write import write_files_atomically, write_text_file
-from lorakit.layers.mixed import adapters_updated
+from lorakit.layers.mixed_kernels import adapters_updated
 from lorakit.state import get_state, require_state
 from lorakit.transaction import Transaction, transaction
 

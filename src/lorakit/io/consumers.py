@@ -353,3 +353,19 @@ def consumer_report(config: Mapping[str, Any], shapes: Mapping[str, tuple[int, .
     """``{consumer: {"ok", "problems", "notes"}}`` for every consumer (what ``lorakit inspect`` prints)."""
     view = AdapterView(config, shapes)
     return {name: verdict(c, view).as_dict() for name, c in CONSUMERS.items()}
+
+
+def vllm_report(config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
+    """Whether vLLM can serve an adapter, from its ``adapter_config.json`` and tensor shapes
+    (``lorakit inspect --check vllm`` and its JSON).
+
+    Returns:
+        ``{"servable": bool, "problems": [...], "notes": [...], "max_lora_rank": int | None}``:
+        problems make vLLM refuse the adapter; notes are server flags it needs. ``max_lora_rank`` is
+        the smallest allowed ``--max-lora-rank`` for ``max(r, *rank_pattern.values())``.
+    """
+    view = AdapterView(config, shapes)
+    v = verdict(VLLM, view)
+    rank = vllm_max_rank(view)
+    allowed = next((m for m in VLLM_MAX_LORA_RANKS if rank is not None and m >= rank), None)
+    return {"servable": v.ok, "problems": v.problems, "notes": v.notes, "max_lora_rank": allowed}

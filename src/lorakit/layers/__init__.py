@@ -15,13 +15,13 @@ from lorakit.layers.conv import Conv
 from lorakit.layers.embedding import Embedding
 from lorakit.layers.linear import Linear
 from lorakit.layers.mha import MultiheadAttention
+from lorakit.layers.modules_to_save import ModulesToSave
 from lorakit.layers.param import ParamWrapper
 from lorakit.layers.protocol import AdapterLayer
 from lorakit.layers.quant_formats import check_quantized, unsupported_quantization
 from lorakit.layers.quantized import QuantizedLinear
 from lorakit.layers.registry import kind_of, supported_names
 from lorakit.layers.routing import BASE_ROW
-from lorakit.layers.saved import ModulesToSave
 from lorakit.layers.tokens import TokensWrapper, TrainableTokens
 
 Wrapper = AdapterLayer  # LoraLayer (every kind) or ModulesToSave

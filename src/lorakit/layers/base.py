@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from lorakit.config import LoraConfig
-from lorakit.layers import mixed
+from lorakit.layers import mixed_kernels
 from lorakit.layers.merging import Merging
 from lorakit.layers.routed import Routed
 from lorakit.layers.routing import blocks_open
@@ -138,24 +138,24 @@ class LoraLayer(Merging, Routed, nn.Module):
                 holder[name] = holder[name].to(device=device, dtype=dtype) if isinstance(holder, nn.ModuleDict) else \
                     nn.Parameter(holder[name].detach().to(device=device, dtype=dtype))
         self._init(name, cfg)
-        mixed.adapters_updated()
+        mixed_kernels.adapters_updated()
 
     def set_scale(self, name: str, lora_alpha: float, cfg: LoraConfig) -> None:
         """A new ``lora_alpha`` (and so scaling) for adapter ``name``, e.g. after a hot swap."""
         self.lora_alpha[name] = lora_alpha
         self.scaling[name] = cfg.scaling(self.r[name], lora_alpha)
-        mixed.adapters_updated()
+        mixed_kernels.adapters_updated()
 
     def _apply(self, fn, recurse: bool = True):
         """``.to()`` / ``.cuda()`` / ``.half()``: the factors are new tensors, so cached stacks are stale."""
         out = super()._apply(fn, recurse)
-        mixed.adapters_updated()
+        mixed_kernels.adapters_updated()
         return out
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         """``load_state_dict`` writes into the factors: cached stacks are stale."""
         super()._load_from_state_dict(*args, **kwargs)
-        mixed.adapters_updated()
+        mixed_kernels.adapters_updated()
 
     def delete_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
@@ -167,7 +167,7 @@ class LoraLayer(Merging, Routed, nn.Module):
         for d in (self.r, self.lora_alpha, self.scaling):
             d.pop(name, None)
         self.active_adapters = [a for a in self.active_adapters if a != name]
-        mixed.adapters_updated()
+        mixed_kernels.adapters_updated()
 
     def set_active(self, names: Sequence[str]) -> None:
         self.active_adapters = [n for n in names if n in self.r]

@@ -126,5 +126,5 @@ def unpack(packed: torch.Tensor, quant_state: Any, what: str = "Linear4bit") -> 
         f"cannot read the 4-bit weight of {what}: bitsandbytes repacked it for its CPU kernel (at an inference "
         f"forward) and no way back to its standard layout reproduces the packed bytes ({'; '.join(tried)}), so "
         "lorakit would compute and merge with a wrong W. Load the model again and add LoRA (lorakit.inject, or "
-        "lorakit.quantize.prepare_for_kbit_training) before any eval-mode forward, or set "
+        "lorakit.models.quantized.prepare_for_kbit_training) before any eval-mode forward, or set "
         "`layer.support_avx512bf16_for_cpu = False` on every bitsandbytes Linear4bit before running inference")

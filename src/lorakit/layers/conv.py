@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from lorakit.config import WEIGHT_INITS, LoraConfig
-from lorakit.layers import mixed
+from lorakit.layers import mixed_kernels
 from lorakit.layers.base import LoraLayer, init_lora_pair
 from lorakit.layers.factors import CONV_FACTORS
 from lorakit.layers.registry import LayerKind, register
@@ -152,7 +152,7 @@ class Conv(LoraLayer):
             return super().mixed_forward(x, result, route)
         dtype = self.lora_A[next(n for n in route.names if n in self.r)].weight.dtype if self.peft_numerics \
             else x.dtype
-        return mixed.conv_gather(self.base_layer, x, result, self._row_blocks(route, dtype, x.device))
+        return mixed_kernels.conv_gather(self.base_layer, x, result, self._row_blocks(route, dtype, x.device))
 
     def _dense_B(self, name: str) -> torch.Tensor:
         """lora_B as a dense (out, r) matrix: for groups G, output o's block of r/G columns, zeros elsewhere."""

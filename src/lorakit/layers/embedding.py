@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.config import WEIGHT_INITS, LoraConfig
-from lorakit.layers import mixed
+from lorakit.layers import mixed_kernels
 from lorakit.layers.base import LoraLayer
 from lorakit.layers.registry import LayerKind, register
 from lorakit.layers.routing import Route
@@ -123,7 +123,7 @@ class Embedding(LoraLayer):
         dtype = self.lora_embedding_A[next(n for n in route.names if n in self.r)].dtype if self.peft_numerics \
             else result.dtype
         stack, idx = self._stack(route, dtype), route.slots(x.device)
-        return mixed.embedding_gather(x, result, stack, idx, self._row_blocks(route, dtype, x.device)[1])
+        return mixed_kernels.embedding_gather(x, result, stack, idx, self._row_blocks(route, dtype, x.device)[1])
 
     # ------------------------------------------------------------------ merging (DoRA)
     def _dora_norm(self, name: str, w0: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.config import WEIGHT_INITS, LoraConfig
-from lorakit.layers import mixed
+from lorakit.layers import mixed_kernels
 from lorakit.layers.base import LoraLayer, init_lora_pair
 from lorakit.layers.factors import Down, Up
 from lorakit.layers.registry import LayerKind, register
@@ -187,7 +187,7 @@ class Linear(LoraLayer):
                 for n in route.names if n in self.r)):
             return super().mixed_forward(x, result, route)
         dtype = self.lora_A[next(n for n in route.names if n in self.r)].weight.dtype if self.peft_numerics else x.dtype
-        return mixed.linear_gather(x, result, self._row_blocks(route, dtype, x.device))
+        return mixed_kernels.linear_gather(x, result, self._row_blocks(route, dtype, x.device))
 
     # ------------------------------------------------------------------ merging (DoRA)
     def _dora_norm(self, name: str, w0: torch.Tensor) -> torch.Tensor:

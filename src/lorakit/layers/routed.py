@@ -1,5 +1,5 @@
 """One adapter per batch row (``lorakit.mixed_batch``): how a LoRA layer finds its rows' routing and
-calls its batched kernel (``lorakit.layers.mixed``), with the stack of its factors cached and checked.
+calls its batched kernel (``lorakit.layers.mixed_kernels``), with the stack of its factors cached and checked.
 
 The routing is per thread (``lorakit.layers.routing``); a layer asks for it only while a block is
 open, so outside ``mixed_batch`` a forward costs one integer test.
@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from lorakit.layers import mixed
+from lorakit.layers import mixed_kernels
 from lorakit.layers.routing import Route, route_for
 
 
@@ -46,7 +46,7 @@ class Routed:
     def mixed_forward(self, x: torch.Tensor, result: torch.Tensor, route: Route) -> torch.Tensor:
         """One adapter per row (x: (N, ...), ``len(route.rows) == N``); the reference implementation:
         rows sharing an adapter go through ``_add_term`` together. Layer types override it with a
-        batched kernel (``lorakit.layers.mixed``) where one computes the same function."""
+        batched kernel (``lorakit.layers.mixed_kernels``) where one computes the same function."""
         out = result.clone()
         for name in route.names:
             if name not in self.r:
@@ -61,9 +61,9 @@ class Routed:
         this layer lacks the adapter; [] for layer types without a batched kernel."""
         return []
 
-    def _stack(self, route: Route, dtype: torch.dtype) -> mixed.Stack:
-        """This layer's stacked factors for ``route`` in ``dtype`` (cached; see ``lorakit.layers.mixed``)."""
-        return mixed.stacked(self, route, lambda: self.stack_pairs(route),
+    def _stack(self, route: Route, dtype: torch.dtype) -> mixed_kernels.Stack:
+        """This layer's stacked factors for ``route`` in ``dtype`` (cached; see ``lorakit.layers.mixed_kernels``)."""
+        return mixed_kernels.stacked(self, route, lambda: self.stack_pairs(route),
                              lambda: [self.term_scale(n) if n in self.r else 0.0 for n in route.order], dtype,
                              lambda: self._stack_sources(route.order))
 
@@ -74,7 +74,7 @@ class Routed:
 
     def _row_blocks(self, route: Route, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row's (A, B) blocks for ``route``: (N, K, r), (N, r, M) with r padded to a multiple of 8."""
-        return mixed.row_blocks(self, self._stack(route, dtype), route.slots(device))
+        return mixed_kernels.row_blocks(self, self._stack(route, dtype), route.slots(device))
 
     def _stack_sources(self, order: Sequence[str]) -> list[torch.Tensor]:
         """The parameters a stack over ``order`` is built from, looked up now (not kept references)."""
@@ -83,7 +83,7 @@ class Routed:
     def check_stack(self, order: Sequence[str]) -> None:
         """Entering a mixed-batch block over adapters ``order``: drop a cached stack whose factors
         changed since it was built — replaced, re-pointed, written in place or through ``.data``."""
-        mixed.check(self, self._stack_sources(order))
+        mixed_kernels.check(self, self._stack_sources(order))
 
     def _route_flag(self, route: Route, what: str, compute) -> bool:
         """A per-layer fact about a route (e.g. "needs the loop"), computed once per block."""

@@ -13,7 +13,7 @@ from lorakit.methods.base import DEFAULT_HEADS, Method, head_names, trainable_st
 from lorakit.methods.houlsby import Bottleneck, HoulsbyAdapters
 from lorakit.methods.lora import LoRA
 from lorakit.methods.prefix import PrefixSelfAttention, PrefixTuning, extend_mask
-from lorakit.methods.simple import BitFit, FullFineTuning, LinearProbe
+from lorakit.methods.selective import BitFit, FullFineTuning, LinearProbe
 
 # name -> the class implementing it; keyword arguments of get_method go to the class.
 METHODS: dict[str, type] = {

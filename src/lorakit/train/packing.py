@@ -37,7 +37,7 @@ def packing_problem(model: nn.Module, device: torch.device | str | None = None) 
     boundary does not). The model is put in eval mode for the probe (no dropout) and restored.
     Autograd stays on (nothing is back-propagated): on some CPUs bitsandbytes repacks a 4-bit
     weight in place at an eval-mode forward whose input does not require grad, unless the layer is
-    held (LoRA-wrapped, or :func:`lorakit.quantize.prepare_for_kbit_training`); the probe must not
+    held (LoRA-wrapped, or :func:`lorakit.models.quantized.prepare_for_kbit_training`); the probe must not
     change an unprepared model either.
     """
     config = getattr(model, "config", None)

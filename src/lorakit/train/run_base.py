@@ -42,8 +42,8 @@ def load_base(spec: BaseSpec, device: str = "cpu") -> tuple[nn.Module, object]:
     """``(model, tokenizer)`` of ``spec``'s base, loaded as training loads it.
 
     A quantized spec is loaded by bitsandbytes with the keywords of ``lorakit train --quantize``
-    (:func:`lorakit.quantize.load_quantized`, on ``device``) and prepared as for training
-    (:func:`lorakit.quantize.prepare_for_kbit_training`: norms and head in fp32, bitsandbytes' CPU
+    (:func:`lorakit.models.quantized.load_quantized`, on ``device``) and prepared as for training
+    (:func:`lorakit.models.quantized.prepare_for_kbit_training`: norms and head in fp32, bitsandbytes' CPU
     repacking held), so the adapter computes with the very function it was trained on.
 
     Raises:
@@ -51,7 +51,7 @@ def load_base(spec: BaseSpec, device: str = "cpu") -> tuple[nn.Module, object]:
         ImportError: a quantized spec without bitsandbytes.
     """
     if spec.quantize:
-        from lorakit.quantize import load_quantized, prepare_for_kbit_training
+        from lorakit.models.quantized import load_quantized, prepare_for_kbit_training
 
         model, tok = load_quantized(spec.model, spec.task, spec.quantize, label_names=spec.labels, seed=spec.seed,
                                     device=str(device), attn_implementation=spec.attn_implementation)

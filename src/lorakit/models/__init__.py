@@ -257,7 +257,7 @@ def load_model(name_or_path: str, task: str, *, num_labels: int = 2, label_names
 
     For ``seq-cls`` the classification head is new: it is initialised after
     ``torch.manual_seed(seed)``, so the same seed gives the same head. ``load_kwargs``: more
-    ``from_pretrained`` keywords (a quantized load, see :func:`lorakit.quantize.load_kwargs`); the
+    ``from_pretrained`` keywords (a quantized load, see :func:`lorakit.models.quantized.load_kwargs`); the
     built-in ``tiny-llama`` is then written to a temporary directory and loaded from it.
 
     Raises:

@@ -192,7 +192,7 @@ def bench_memory() -> dict[str, dict[str, float]]:
     env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))}
     out = {}
     for kind in ("peft", "lorakit"):
-        proc = subprocess.run([sys.executable, "-m", "lorakit.benchmark", "--memory", kind, "--threads",
+        proc = subprocess.run([sys.executable, "-m", "lorakit.compare.vs_peft", "--memory", kind, "--threads",
                                str(torch.get_num_threads())], capture_output=True, text=True, check=True, env=env)
         out[kind] = json.loads(proc.stdout.strip().splitlines()[-1])
     return out

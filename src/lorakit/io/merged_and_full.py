@@ -37,7 +37,7 @@ from lorakit.inits import inject_for_loading
 from lorakit.io.peft_format import PathLike, effective_config, read_tensors
 from lorakit.io.safe_write import _umask, ensure_dir, write_files_atomically, write_text_file
 from lorakit.layers import LoraLayer
-from lorakit.layers.mixed import adapters_updated
+from lorakit.layers.mixed_kernels import adapters_updated
 from lorakit.merge import merge_and_unload, untie_adapted_weights
 from lorakit.state import get_state, require_state
 from lorakit.transaction import transaction
