@@ -1,6 +1,6 @@
 """Every ```python block of README.md runs as written, and each ``# prints: TEXT`` comment in it is what
 the block prints (the numbers a reader sees are the numbers the code gives). The torchrun example is
-run on two ranks by tests/test_distributed_io.py."""
+run on two ranks by tests/io/test_distributed_io.py."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def readme_blocks() -> list[tuple[int, str]]:
 
 def test_the_readme_has_its_examples_and_the_torchrun_one_is_run_elsewhere():
     assert len(readme_blocks()) >= 3
-    with open(os.path.join(ROOT, "tests", "test_distributed_io.py"), encoding="utf-8") as f:
+    with open(os.path.join(ROOT, "tests", "io", "test_distributed_io.py"), encoding="utf-8") as f:
         assert TORCHRUN_MARK in f.read()
 
 
