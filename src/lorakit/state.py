@@ -47,8 +47,12 @@ class AdapterState:
         self.activate(model, self.active or [name])
 
     def set_config(self, name: str, cfg: LoraConfig) -> None:
-        """A new config for an existing adapter (a hot swap's new alpha)."""
+        """A new config for an existing adapter (a hot swap's new alpha, EVA's ranks, a file's recorded init)."""
         self.configs[name] = cfg
+
+    def set_targets(self, name: str, targets: Sequence[str]) -> None:
+        """The modules an existing adapter adapts (EVA drops the layers it gave rank 0)."""
+        self.targets[name] = list(targets)
 
     def remove(self, model: nn.Module, name: str) -> list[str]:
         """Forget adapter ``name``; if it was active the first remaining adapter becomes active.

@@ -112,7 +112,7 @@ def inject_for_loading(txn: Transaction, cfg: LoraConfig, adapter_name: str, *, 
     if alloc is cfg:
         return recorded
     recorded = dataclasses.replace(recorded, init_lora_weights=cfg.init_lora_weights)
-    get_state(txn.model).configs[adapter_name] = recorded
+    get_state(txn.model).set_config(adapter_name, recorded)
     if warn and cfg.init_lora_weights in DATA_ATTRS:
         warnings.warn(f"this adapter was trained with init_lora_weights={cfg.init_lora_weights!r}, which moved the "
                       "base weights (W - s·B0·A0) using data that is not in its files; it is loaded as a plain adapter "

@@ -105,9 +105,9 @@ def apply_eva_state_dict(model: nn.Module, eva_state_dict: dict[str, torch.Tenso
         targets = kept + missing
         if not targets:
             raise ValueError("EVA gave every layer rank 0; nothing would be adapted (use more data or a larger r)")
-        state.configs[adapter_name] = dataclasses.replace(cfg, target_modules=targets, rank_pattern=rank_pattern,
-                                                          alpha_pattern=alpha_pattern)
-        state.targets[adapter_name] = [t for t in state.targets[adapter_name] if t not in removed]
+        state.set_config(adapter_name, dataclasses.replace(cfg, target_modules=targets, rank_pattern=rank_pattern,
+                                                           alpha_pattern=alpha_pattern))
+        state.set_targets(adapter_name, [t for t in state.targets[adapter_name] if t not in removed])
         adapters_updated()
     if missing:
         warnings.warn(f"EVA initialises Linear layers; these keep the default init (A Kaiming-uniform, B = 0): "
