@@ -182,10 +182,10 @@ def test_predict_reads_a_data_file_with_trains_readers_and_scores_it(cls_base, t
 
 
 def test_generate_and_predict_take_a_peft_adapter_directory_with_base(cls_base, tmp_path, capsys):
+    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, BertForSequenceClassification
 
     from lorakit.train.inference import load_trained
-    from peft import LoraConfig, get_peft_model
 
     # a causal-LM adapter written by PEFT for a local base directory
     model, tok = tiny_llama(hidden_size=32, num_layers=1, seed=2)

@@ -6,12 +6,12 @@ import json
 import subprocess
 import sys
 
+import peft
 import pytest
 import torch
 import transformers as tf
 
 import lorakit as lk
-import peft
 from io_models import base_model, logits, perturb_adapters, perturb_trainable
 from lorakit.cli import main
 from runners import SRC

@@ -251,9 +251,8 @@ def test_bench_json_has_no_warning_above_it(monkeypatch, capsys):
     import lorakit.compare.vs_peft
 
     def fake_run(rounds, threads):  # what the real run does first: PEFT on a transformers model
-        import transformers as tf
-
         import peft
+        import transformers as tf
 
         model = tf.LlamaForCausalLM(tf.LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                                    num_attention_heads=2, vocab_size=32))

@@ -50,9 +50,8 @@ def test_train_quantize_nf4_lowers_the_loss_and_saves_a_peft_adapter(run):
 
 
 def test_the_adapter_loads_onto_a_quantized_base_in_lorakit_and_peft_and_onto_a_plain_one(run, llama_dir):
-    from transformers import AutoModelForCausalLM
-
     from peft import PeftModel
+    from transformers import AutoModelForCausalLM
 
     x = qm.ids()
     ours = lk.load_adapter(qm.load_bnb(llama_dir, "nf4"), run / "adapter")

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import warnings
 
+import peft
 import pytest
 import torch
 import transformers as tf
 from safetensors.torch import load_file, save_file
 
 import lorakit as lk
-import peft
 from io_models import base_model, logits, perturb_trainable
 from lorakit.layers import LoraLayer
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import peft
 import pytest
 import torch
 import transformers as tf
@@ -11,7 +12,6 @@ from safetensors.torch import load_file
 from torch import nn
 
 import lorakit as lk
-import peft
 from io_models import base_model, logits, perturb_adapters, perturb_trainable
 
 ATOL = 1e-5

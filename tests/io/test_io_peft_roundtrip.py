@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import warnings
 
+import peft
 import pytest
 import torch
 from safetensors import safe_open
 
 import lorakit as lk
-import peft
 from io_models import base_model, logits, perturb_adapters, perturb_trainable
 
 ATOL = 1e-5  # fp32

@@ -8,13 +8,13 @@ from __future__ import annotations
 import copy
 import warnings
 
+import peft
 import pytest
 import torch
 from torch import nn
 from transformers.integrations.moe import use_experts_implementation
 
 import lorakit as lk
-import peft
 from lorakit.layers import Linear
 from lorakit.layers.experts import ExpertsWrapper
 

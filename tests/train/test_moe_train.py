@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import json
 
+import peft
 import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import lorakit as lk
-import peft
 from lorakit.cli import main
 from lorakit.layers.experts import ExpertsWrapper
 from lorakit.models import char_tokenizer

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import copy
 
+import peft
 import pytest
 import torch
 from safetensors.torch import load_file
 from torch import nn
 
 import lorakit as lk
-import peft
 from lorakit.layers.experts import ExpertsWrapper
 
 import models

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import copy
 
+import peft
 import pytest
 import torch
 
 import lorakit as lk
-import peft
 import peft_models as pm
 from lorakit.combine import COMBINATION_TYPES
 

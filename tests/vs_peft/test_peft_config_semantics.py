@@ -9,9 +9,9 @@ import json
 
 import pytest
 import torch
+from peft import LoraConfig, PeftModel, get_peft_model
 
 import lorakit as lk
-from peft import LoraConfig, PeftModel, get_peft_model
 
 import models
 

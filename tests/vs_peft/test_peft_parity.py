@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import copy
 
+import peft
 import pytest
 import torch
 from peft.tuners.lora import LoraLayer as PeftLoraLayer
 
 import lorakit as lk
-import peft
 
 import models
 

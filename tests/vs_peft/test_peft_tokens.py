@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import copy
 
+import peft
 import pytest
 import torch
 from safetensors.torch import load_file
 from torch import nn
 
 import lorakit as lk
-import peft
 import peft_models as pm
 from lorakit.layers import TokensWrapper
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import copy
 
+import peft
 import pytest
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.other import AuxiliaryTrainingWrapper
 
 import lorakit as lk
-import peft
 import peft_models as pm
 from peft_models import cases
 

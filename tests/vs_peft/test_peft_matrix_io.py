@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import copy
 
+import peft
 import pytest
 import torch
 from safetensors.torch import load_file
 
 import lorakit as lk
-import peft
 import peft_models as pm
 from peft_models import cases
 

@@ -19,12 +19,12 @@ from __future__ import annotations
 import copy
 import pickle
 
+import peft
 import pytest
 import torch
 from torch import nn
 
 import lorakit as lk
-import peft
 import peft_models as pm
 from peft_models import cases
 
